@@ -1,0 +1,7 @@
+"""``python -m filter …`` works like ``mailgate …``."""
+
+import sys
+
+from filter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,372 @@
+"""Composition: build everything from the policy, serve, reload, drain, fork workers (L6).
+
+One process runs one event loop (uvloop when installed). ``server.workers = N`` forks
+N worker processes that share the listening ports (SO_REUSEPORT); the parent keeps
+the metrics/health listener, aggregates metrics across workers (prometheus-client
+multiprocess mode), forwards SIGHUP/SIGTERM and restarts a worker that dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from filter import __version__
+from filter.checks.registry import build_checks
+from filter.frontend import Frontend, Runtime
+from filter.httpapi import start_http_api
+from filter.limits import ConnectionLimiter
+from filter.logs import event, setup_logging
+from filter.metrics import Metrics, default_metrics, mark_process_dead
+from filter.model import UpstreamError
+from filter.pipeline import Pipeline
+from filter.policy import LoadedPolicy, PolicyError, load_policy
+from filter.policy.schema import Policy
+from filter.relay import Upstream
+from filter.units import Address
+
+log = logging.getLogger("mailgate.app")
+
+LISTEN_BACKLOG = 1024
+
+
+def tls_context(policy: Policy) -> ssl.SSLContext | None:
+    """Server-side TLS for STARTTLS, or None when not configured."""
+    tls = policy.server.tls
+    if not (tls.cert_file and tls.key_file):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def build_runtime(policy: Policy, metrics: Metrics, generation: int = 1) -> Runtime:
+    checks = build_checks(policy)
+    pipeline = Pipeline(checks, policy.server.check_timeout, metrics)
+    return Runtime(policy, pipeline, tls_context(policy), generation)
+
+
+def bind_socket(addr: Address, reuse_port: bool) -> socket.socket:
+    """A listening socket; IPv6 wildcard listeners stay IPv6-only so ``0.0.0.0`` can coexist."""
+    infos = socket.getaddrinfo(
+        addr.host or None, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class UpstreamCapabilities:
+    """The extensions the upstream offered last time we talked to it (shared by sessions)."""
+
+    def __init__(self) -> None:
+        self.extensions: set[str] = set()
+        self.checked_at = 0.0
+
+    def get(self) -> set[str]:
+        return self.extensions
+
+    def update(self, up: Upstream) -> None:
+        self.extensions = set(up.capabilities.extensions)
+        self.checked_at = time.monotonic()
+
+
+async def probe_upstream(policy: Policy, caps: UpstreamCapabilities | None = None) -> str | None:
+    """Connect, EHLO, QUIT; return None if the upstream answers, else the problem."""
+    up = new_upstream(policy, caps)
+    try:
+        await up.open(None, None)
+    except UpstreamError as exc:
+        return f"upstream {policy.upstream.address}: {exc.detail}"
+    await up.quit()
+    return None
+
+
+def new_upstream(policy: Policy, caps: UpstreamCapabilities | None) -> Upstream:
+    u = policy.upstream
+    return Upstream(
+        u.address.host,
+        u.address.port,
+        policy.server.effective_hostname,
+        u.timeout,
+        u.connect_timeout,
+        on_capabilities=caps.update if caps else None,
+    )
+
+
+async def probe_store(policy: Policy) -> str | None:
+    """PING the store; None when it answers."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(
+        policy.redis.url, socket_timeout=1.5, socket_connect_timeout=1.5
+    )
+    try:
+        await client.ping()
+    except Exception as exc:  # any failure means "not ready", with its reason
+        return f"store: {type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+    return None
+
+
+class Server:
+    """The serving process: listeners, sessions, reload and graceful shutdown."""
+
+    def __init__(
+        self, loaded: LoadedPolicy, config: Path, metrics: Metrics, worker: int | None = None
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.worker = worker
+        self.runtime = build_runtime(loaded.policy, metrics)
+        srv = loaded.policy.server
+        self.limiter = ConnectionLimiter(srv.max_connections, srv.max_connections_per_ip)
+        self.caps = UpstreamCapabilities()
+        self.frontend = Frontend(
+            lambda: self.runtime,
+            metrics,
+            self.limiter,
+            lambda policy: new_upstream(policy, self.caps),
+            self.caps.get,
+        )
+        self.servers: list[asyncio.Server] = []
+        self.stopping = asyncio.Event()
+
+    @property
+    def policy(self) -> Policy:
+        return self.runtime.policy
+
+    async def start(self, sockets: list[socket.socket], http: bool) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            server = await loop.create_server(self.frontend.protocol_factory, sock=sock)
+            self.servers.append(server)
+        if http:
+            m = self.policy.metrics.listen
+            self.servers.append(
+                await start_http_api((m.host, m.port), self.metrics, self.readiness)
+            )
+        self.metrics.count_reload(True, self.runtime.generation)
+        problem = await probe_upstream(self.policy, self.caps)
+        if problem:
+            log.warning("upstream not answering at start: %s", problem)
+
+    async def readiness(self) -> list[str]:
+        problems = [
+            p
+            for p in await asyncio.gather(
+                probe_upstream(self.policy, self.caps), probe_store(self.policy)
+            )
+            if p
+        ]
+        if self.frontend.draining:
+            problems.append("shutting down")
+        return problems
+
+    def reload(self) -> bool:
+        """SIGHUP: load and validate the policy; keep the old one on any error."""
+        try:
+            loaded = load_policy(self.config)
+            runtime = build_runtime(loaded.policy, self.metrics, self.runtime.generation + 1)
+        except PolicyError as exc:
+            for issue in exc.issues:
+                log.error("policy reload refused: %s", issue)
+            self.metrics.count_reload(False)
+            event(log, "policy_reload", logging.ERROR, outcome="error", errors=len(exc.issues))
+            return False
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error("policy reload refused: %s", exc)
+            self.metrics.count_reload(False)
+            return False
+        old = self.runtime.policy
+        for key in ("listen", "workers", "proxy_protocol"):
+            if getattr(old.server, key) != getattr(runtime.policy.server, key):
+                log.warning("server.%s changed: takes effect after a restart", key)
+        if old.metrics != runtime.policy.metrics:
+            log.warning("metrics.listen changed: takes effect after a restart")
+        srv = runtime.policy.server
+        self.limiter.resize(srv.max_connections, srv.max_connections_per_ip)
+        self.runtime = runtime
+        self.metrics.count_reload(True, runtime.generation)
+        event(log, "policy_reload", outcome="ok", generation=runtime.generation)
+        return True
+
+    async def drain(self) -> None:
+        """Stop accepting, let sessions finish up to shutdown_grace, then end them."""
+        for server in self.servers:
+            server.close()
+        self.frontend.interrupt_idle()
+        tasks = set(self.frontend.tasks)
+        event(log, "shutdown", sessions=len(tasks), grace=self.policy.server.shutdown_grace)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.policy.server.shutdown_grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+    async def serve(self, sockets: list[socket.socket], http: bool) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.start(sockets, http)
+        addrs = ", ".join(str(a) for a in self.policy.server.listen)
+        event(
+            log,
+            "started",
+            version=__version__,
+            listen=addrs,
+            upstream=str(self.policy.upstream.address),
+            metrics=str(self.policy.metrics.listen) if http else "",
+            worker=self.worker if self.worker is not None else "",
+            pid=os.getpid(),
+        )
+        await self.stopping.wait()
+        await self.drain()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+
+
+def _run(coro_factory: Callable[[], object]) -> None:
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        runner.run(coro_factory())  # type: ignore[arg-type]
+
+
+def serve(loaded: LoadedPolicy, config: Path) -> int:
+    """``mailgate serve``: bind, then run one process or a parent with workers."""
+    policy = loaded.policy
+    setup_logging(policy.logging.format, policy.logging.level)
+    workers = policy.server.workers
+    try:
+        sockets = [bind_socket(a, reuse_port=workers > 1) for a in policy.server.listen]
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        return 1
+    metrics = default_metrics()
+    metrics.build_info.labels(version=__version__).set(1)
+    if workers == 1:
+        server = Server(loaded, config, metrics)
+        _run(lambda: server.serve(sockets, http=True))
+        return 0
+    return _supervise(loaded, config, metrics, sockets)
+
+
+def _supervise(
+    loaded: LoadedPolicy, config: Path, metrics: Metrics, sockets: list[socket.socket]
+) -> int:
+    """Parent of ``server.workers`` processes: fork, forward signals, restart, aggregate."""
+    children: dict[int, int] = {}
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # child: its own loop, no HTTP listener
+            code = 0
+            try:
+                server = Server(loaded, config, metrics, worker=index)
+                _run(lambda: server.serve(sockets, http=False))
+            except BaseException:
+                log.exception("worker %d crashed", index)
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    for i in range(loaded.policy.server.workers):
+        spawn(i)
+
+    async def parent() -> None:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        policy_holder = {"policy": loaded.policy}
+
+        def forward(sig: signal.Signals) -> None:
+            for pid in list(children):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+
+        def on_hup() -> None:
+            try:
+                policy_holder["policy"] = load_policy(config).policy
+                metrics.count_reload(True)
+            except PolicyError as exc:
+                for issue in exc.issues:
+                    log.error("policy reload refused: %s", issue)
+            forward(signal.SIGHUP)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+        def on_stop(sig: signal.Signals) -> None:
+            stopping.set()
+            forward(sig)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_stop, sig)
+
+        async def readiness() -> list[str]:
+            policy = policy_holder["policy"]
+            found = await asyncio.gather(probe_upstream(policy), probe_store(policy))
+            return [p for p in found if p] + (["shutting down"] if stopping.is_set() else [])
+
+        m = loaded.policy.metrics.listen
+        http = await start_http_api((m.host, m.port), metrics, readiness)
+        event(log, "supervisor_started", workers=len(children), pid=os.getpid())
+        while children:
+            await asyncio.sleep(0.2)
+            while True:
+                try:
+                    pid, _status = os.waitpid(-1, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks
+                except ChildProcessError:
+                    pid = 0
+                if pid == 0:
+                    break
+                index = children.pop(pid, None)
+                mark_process_dead(pid)
+                if index is not None and not stopping.is_set():
+                    log.error("worker %d (pid %d) died; restarting it", index, pid)
+                    spawn(index)
+        http.close()
+
+    _run(parent)
+    return 0
+
+
+def main_serve(config: Path) -> int:
+    try:
+        loaded = load_policy(config)
+    except PolicyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    return serve(loaded, config)

@@ -1,0 +1,71 @@
+"""Message header block handling: split into fields, drop some, render new ones. Pure.
+
+Works on raw bytes so that everything mailgate does not touch reaches the upstream
+byte for byte (DKIM signatures stay valid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+MAX_HEADER_BLOCK = 1024 * 1024  # beyond this the "header" is not a header
+
+
+def header_end(content: bytes) -> int | None:
+    """Offset just past the header block's last CRLF (the blank line follows), or None.
+
+    A message starting with CRLF has no header block (offset 0).
+    """
+    if content.startswith(b"\r\n"):
+        return 0
+    i = content.find(b"\r\n\r\n")
+    return None if i < 0 else i + 2
+
+
+def split_fields(block: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Yield ``(lower-case name, raw field including folded lines and CRLF)``.
+
+    Lines that are neither a field nor a continuation are yielded with an empty name,
+    so nothing is lost when the block is rebuilt.
+    """
+    start = 0
+    n = len(block)
+    while start < n:
+        end = block.find(b"\r\n", start)
+        end = n if end < 0 else end + 2
+        # Absorb continuation lines (starting with SP or HTAB).
+        while end < n and block[end : end + 1] in (b" ", b"\t"):
+            nxt = block.find(b"\r\n", end)
+            end = n if nxt < 0 else nxt + 2
+        raw = block[start:end]
+        colon = raw.find(b":")
+        name = raw[:colon].strip().lower() if colon > 0 else b""
+        yield name, raw
+        start = end
+
+
+def field_value(raw: bytes) -> str:
+    """Unfolded value of a raw field, decoded leniently for inspection."""
+    _, _, value = raw.partition(b":")
+    unfolded = value.replace(b"\r\n", b"").strip()
+    return unfolded.decode("utf-8", "replace")
+
+
+def filter_block(block: bytes, drop: Callable[[bytes, bytes], bool]) -> bytes:
+    """The header block without the fields for which ``drop(name, raw)`` is true."""
+    return b"".join(raw for name, raw in split_fields(block) if not (name and drop(name, raw)))
+
+
+def render_field(name: str, value: str) -> bytes:
+    """One header field, folded at spaces to stay under 78 characters per line."""
+    words = value.split(" ")
+    lines: list[str] = []
+    line = f"{name}:"
+    for word in words:
+        if len(line) + 1 + len(word) > 76 and line.strip() and line != f"{name}:":
+            lines.append(line)
+            line = "\t" + word
+        else:
+            line = f"{line} {word}"
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")

@@ -1,0 +1,43 @@
+"""Connection limits: total and per client address (L1, pure bookkeeping).
+
+Counts what is open in this process; with several workers each enforces its share
+(the kernel spreads connections across SO_REUSEPORT listeners).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+class ConnectionLimiter:
+    """Admits a connection unless the total or the client's own count is at its limit."""
+
+    def __init__(self, max_total: int, max_per_ip: int) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self._per_ip: Counter[str] = Counter()
+
+    def acquire(self, ip: str) -> str | None:
+        """Count the connection in and return None, or return why it is refused."""
+        if self.total >= self.max_total:
+            return "refused_limit"
+        if self._per_ip[ip] >= self.max_per_ip:
+            return "refused_per_ip"
+        self.total += 1
+        self._per_ip[ip] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        self._per_ip[ip] -= 1
+        if self._per_ip[ip] <= 0:
+            del self._per_ip[ip]
+
+    def count(self, ip: str) -> int:
+        return self._per_ip[ip]
+
+    def resize(self, max_total: int, max_per_ip: int) -> None:
+        """Apply new limits from a reloaded policy; open connections are kept."""
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip

@@ -1,0 +1,342 @@
+"""Prometheus metrics: every metric mailgate exposes is declared here, once.
+
+One place so that names match the contract, and so that every label has a
+closed set of values: a label fed an address, domain or reply text would make
+one time series per sender and exhaust the Prometheus server. Helpers below
+clamp anything outside a label's set to ``"other"`` instead of trusting the
+caller.
+
+Multiprocess (``server.workers > 1``): prometheus_client switches to mmap'd
+per-process files when ``PROMETHEUS_MULTIPROC_DIR`` is set *before* it is
+imported, so the app must set it before importing this module and clear the
+directory at start. ``exposition()`` then merges the files of all workers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
+
+from filter import __version__
+
+__all__ = [
+    "CHECK_RESULTS",
+    "CONNECTION_RESULTS",
+    "DNS_OUTCOMES",
+    "DNS_RTYPES",
+    "GREYLIST_RESULTS",
+    "MESSAGE_ACTIONS",
+    "MULTIPROC_ENV",
+    "OTHER",
+    "RELOAD_OUTCOMES",
+    "REPLY_STAGES",
+    "UPSTREAM_STAGES",
+    "WOULD_ACTIONS",
+    "Metrics",
+    "bounded",
+    "code_class",
+    "default_metrics",
+    "exposition",
+    "mark_process_dead",
+    "multiprocess_enabled",
+]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+OTHER = "other"
+
+# Closed label value sets. Dashboards and alerts may rely on these words.
+CONNECTION_RESULTS = ("accepted", "refused_limit", "refused_per_ip", "pregreet", "proxy_error")
+MESSAGE_ACTIONS = ("accept", "add_header", "greylist", "tempfail", "reject")
+WOULD_ACTIONS = ("greylist", "tempfail", "reject")
+# RFC 8601 result words, plus "skipped" for a check that did not run.
+CHECK_RESULTS = (
+    "pass",
+    "fail",
+    "softfail",
+    "neutral",
+    "none",
+    "temperror",
+    "permerror",
+    "policy",
+    "skipped",
+)
+# new: first sighting, tempfailed; early: retried before the delay;
+# passed: retried in the window; allowlisted: exempt; error: store failed.
+GREYLIST_RESULTS = ("new", "early", "passed", "allowlisted", "error")
+DNS_RTYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME", "NS", "SOA")
+DNS_OUTCOMES = ("ok", "nxdomain", "nodata", "servfail", "timeout", "error")
+UPSTREAM_STAGES = (
+    "connect",
+    "greeting",
+    "xclient",
+    "ehlo",
+    "mail",
+    "rcpt",
+    "data",
+    "timeout",
+    "protocol",
+)
+REPLY_STAGES = ("connect", "helo", "mail", "rcpt", "data", "other")
+CODE_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+RELOAD_OUTCOMES = ("ok", "error")
+# Check names come from code, not input, but a plug-in with a new name must
+# not be able to add series without a code change here.
+CHECK_NAMES = ("spf", "dkim", "dmarc", "arc", "dnsbl", "greylist", "rdns", "helo", "lists")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_UPSTREAM_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+_SIZE_BUCKETS = tuple(float(1024 * 4**i) for i in range(9))  # 1 KiB .. 64 MiB
+_SESSION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+
+def bounded(value: str, allowed: Iterable[str]) -> str:
+    """``value`` if it is one of ``allowed``, else ``"other"``."""
+    return value if value in allowed else OTHER
+
+
+def code_class(code: int) -> str:
+    """Map an SMTP reply code to ``"2xx"``..``"5xx"`` (``"other"`` if invalid)."""
+    if 200 <= code <= 599:
+        return f"{code // 100}xx"
+    return OTHER
+
+
+def multiprocess_enabled() -> bool:
+    """Whether metrics live in per-process files (``server.workers > 1``)."""
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Metrics:
+    """The metric objects, registered on one registry.
+
+    Tests pass a fresh ``CollectorRegistry``; production uses
+    ``default_metrics()``. Attributes are plain prometheus_client metrics;
+    prefer the helper methods where a label value is computed at run time.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        reg = REGISTRY if registry is None else registry
+        self.registry = reg
+        # The per-series "*_created" gauges would double the series count and
+        # nothing reads them from the 0.0.4 text format; the switch is
+        # process-wide, which is fine since mailgate owns its process.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        # Counter names omit "_total": prometheus_client appends it.
+        self.connections = Counter(
+            "mailgate_connections",
+            "SMTP connections by what happened at connect.",
+            ["result"],
+            registry=reg,
+        )
+        self.active_sessions = Gauge(
+            "mailgate_active_sessions",
+            "SMTP sessions currently open.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.messages = Counter(
+            "mailgate_messages",
+            "Messages by final action (after monitor mode).",
+            ["action"],
+            registry=reg,
+        )
+        self.would_action = Counter(
+            "mailgate_would_action",
+            "Monitor mode: actions that would have been taken in enforce mode.",
+            ["action"],
+            registry=reg,
+        )
+        self.check_results = Counter(
+            "mailgate_check_results",
+            "Check outcomes by check and RFC 8601 result word.",
+            ["check", "result"],
+            registry=reg,
+        )
+        self.check_duration = Histogram(
+            "mailgate_check_duration_seconds",
+            "Time a check took, including its DNS and store lookups.",
+            ["check"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.greylist = Counter(
+            "mailgate_greylist",
+            "Greylist decisions.",
+            ["result"],
+            registry=reg,
+        )
+        self.dns_query_duration = Histogram(
+            "mailgate_dns_query_duration_seconds",
+            "DNS queries that went to the network (cache misses).",
+            ["rtype", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.upstream_errors = Counter(
+            "mailgate_upstream_errors",
+            "Failures talking to the downstream MTA, by stage.",
+            ["stage"],
+            registry=reg,
+        )
+        self.upstream_duration = Histogram(
+            "mailgate_upstream_duration_seconds",
+            "Downstream MTA reply latency by stage.",
+            ["stage"],
+            buckets=_UPSTREAM_BUCKETS,
+            registry=reg,
+        )
+        self.store_errors = Counter(
+            "mailgate_store_errors",
+            "Failed store (Redis) operations.",
+            registry=reg,
+        )
+        self.policy_reloads = Counter(
+            "mailgate_policy_reloads",
+            "Policy reloads by outcome.",
+            ["outcome"],
+            registry=reg,
+        )
+        self.policy_generation = Gauge(
+            "mailgate_policy_generation",
+            "Generation number of the loaded policy (increments per good reload).",
+            registry=reg,
+            multiprocess_mode="max",
+        )
+        self.smtp_replies = Counter(
+            "mailgate_smtp_replies",
+            "Replies sent to SMTP clients by stage and code class.",
+            ["stage", "code_class"],
+            registry=reg,
+        )
+        self.message_size = Histogram(
+            "mailgate_message_size_bytes",
+            "Size of received message data.",
+            buckets=_SIZE_BUCKETS,
+            registry=reg,
+        )
+        self.session_duration = Histogram(
+            "mailgate_session_duration_seconds",
+            "SMTP session length from connect to close.",
+            buckets=_SESSION_BUCKETS,
+            registry=reg,
+        )
+        # A Gauge, not an Info: Info would expose "mailgate_build_info_info".
+        self.build_info = Gauge(
+            "mailgate_build_info",
+            "Always 1; the version label says which build runs.",
+            ["version"],
+            registry=reg,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(version=__version__).set(1)
+        self._preinitialise()
+
+    def _preinitialise(self) -> None:
+        """Create the fixed label combinations at 0, so rate() and alerts see
+        them before the first event instead of a missing series."""
+        for result in CONNECTION_RESULTS:
+            self.connections.labels(result=result)
+        for action in MESSAGE_ACTIONS:
+            self.messages.labels(action=action)
+        for action in WOULD_ACTIONS:
+            self.would_action.labels(action=action)
+        for result in GREYLIST_RESULTS:
+            self.greylist.labels(result=result)
+        for stage in UPSTREAM_STAGES:
+            self.upstream_errors.labels(stage=stage)
+        for outcome in RELOAD_OUTCOMES:
+            self.policy_reloads.labels(outcome=outcome)
+        for stage in REPLY_STAGES:
+            for cls in CODE_CLASSES:
+                self.smtp_replies.labels(stage=stage, code_class=cls)
+
+    # Helpers for labels computed at run time: clamp, never trust.
+
+    def count_connection(self, result: str) -> None:
+        self.connections.labels(result=bounded(result, CONNECTION_RESULTS)).inc()
+
+    def count_message(self, action: str) -> None:
+        self.messages.labels(action=bounded(action, MESSAGE_ACTIONS)).inc()
+
+    def count_would_action(self, action: str) -> None:
+        self.would_action.labels(action=bounded(action, WOULD_ACTIONS)).inc()
+
+    def count_check(self, check: str, result: str, seconds: float | None = None) -> None:
+        name = bounded(check, CHECK_NAMES)
+        self.check_results.labels(check=name, result=bounded(result, CHECK_RESULTS)).inc()
+        if seconds is not None:
+            self.check_duration.labels(check=name).observe(seconds)
+
+    def count_greylist(self, result: str) -> None:
+        self.greylist.labels(result=bounded(result, GREYLIST_RESULTS)).inc()
+
+    def observe_dns(self, rtype: str, outcome: str, seconds: float) -> None:
+        self.dns_query_duration.labels(
+            rtype=bounded(rtype.upper(), DNS_RTYPES), outcome=bounded(outcome, DNS_OUTCOMES)
+        ).observe(seconds)
+
+    def count_upstream_error(self, stage: str) -> None:
+        self.upstream_errors.labels(stage=bounded(stage, UPSTREAM_STAGES)).inc()
+
+    def observe_upstream(self, stage: str, seconds: float) -> None:
+        self.upstream_duration.labels(stage=bounded(stage, UPSTREAM_STAGES)).observe(seconds)
+
+    def count_reply(self, stage: str, code: int) -> None:
+        self.smtp_replies.labels(
+            stage=bounded("helo" if stage == "ehlo" else stage, REPLY_STAGES),
+            code_class=code_class(code),
+        ).inc()
+
+    def count_reload(self, ok: bool, generation: int | None = None) -> None:
+        self.policy_reloads.labels(outcome="ok" if ok else "error").inc()
+        if ok and generation is not None:
+            self.policy_generation.set(generation)
+
+
+_default: Metrics | None = None
+
+
+def default_metrics() -> Metrics:
+    """The process-wide Metrics on prometheus_client's global registry.
+
+    Lazy, so importing this module registers nothing (tests build their own),
+    and a singleton, since registering the same names twice is an error.
+    """
+    global _default
+    if _default is None:
+        _default = Metrics()
+    return _default
+
+
+def exposition(registry: CollectorRegistry | None = None) -> tuple[bytes, str]:
+    """Render metrics as Prometheus text: ``(body, content_type)``.
+
+    In multiprocess mode the in-memory registry holds only this process's
+    view, so a fresh registry with a MultiProcessCollector reads every
+    worker's files instead. The 0.0.4 text format is chosen because all our
+    names are legacy-valid and every Prometheus version understands it.
+    """
+    if multiprocess_enabled():
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged), CONTENT_TYPE_PLAIN_0_0_4
+    reg = REGISTRY if registry is None else registry
+    return generate_latest(reg), CONTENT_TYPE_PLAIN_0_0_4
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (call from the parent on child exit)."""
+    if multiprocess_enabled():
+        _mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -1,0 +1,95 @@
+"""Runs a stage's checks: concurrently, each with a timeout, failures isolated (L4).
+
+A check that raises or overruns becomes ``temperror`` with a ``<NAME>_TEMPERROR``
+symbol, a log line and a metric; it never crashes the session and never passes
+silently. Checks of one stage that need each other run in dependency waves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from filter.checks import Check, Context
+from filter.metrics import Metrics
+from filter.model import Stage
+from filter.results import CheckResult, Symbol
+
+log = logging.getLogger("mailgate.pipeline")
+
+
+class Pipeline:
+    """The enabled checks, grouped by stage in dependency order."""
+
+    def __init__(
+        self, checks: Sequence[Check], timeout: float, metrics: Metrics | None = None
+    ) -> None:
+        self.checks = list(checks)
+        self.timeout = timeout
+        self.metrics = metrics
+        names = {c.name for c in self.checks}
+        if len(names) != len(self.checks):
+            raise ValueError("two checks share a name")
+        self._waves = {stage: self._plan(stage) for stage in Stage}
+
+    def _plan(self, stage: Stage) -> list[list[Check]]:
+        pending = [c for c in self.checks if c.stage is stage]
+        done: set[str] = {c.name for c in self.checks if c.stage < stage}
+        waves: list[list[Check]] = []
+        while pending:
+            ready = [
+                c for c in pending if all(n in done or n not in self._names() for n in c.needs)
+            ]
+            if not ready:
+                cycle = ", ".join(c.name for c in pending)
+                raise ValueError(f"checks with circular needs at {stage.label}: {cycle}")
+            waves.append(ready)
+            done.update(c.name for c in ready)
+            pending = [c for c in pending if c not in ready]
+        return waves
+
+    def _names(self) -> set[str]:
+        return {c.name for c in self.checks}
+
+    def has_stage(self, stage: Stage) -> bool:
+        return bool(self._waves[stage])
+
+    async def run(self, stage: Stage, ctx: Context) -> list[CheckResult]:
+        """Run ``stage``'s checks; their results are also added to ``ctx.results``."""
+        out: list[CheckResult] = []
+        for wave in self._waves[stage]:
+            if len(wave) == 1:
+                results = [await self._run_one(wave[0], ctx)]
+            else:
+                results = list(await asyncio.gather(*(self._run_one(c, ctx) for c in wave)))
+            for r in results:
+                ctx.results[r.check] = r  # type: ignore[index]
+            out.extend(results)
+        return out
+
+    async def _run_one(self, check: Check, ctx: Context) -> CheckResult:
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await check.run(ctx)
+        except TimeoutError:
+            result = _temperror(check.name, f"timed out after {self.timeout:g}s")
+            log.warning("check=%s session=%s outcome=timeout", check.name, ctx.client.session_id)
+        except Exception as exc:  # isolation is the point: any bug becomes temperror
+            result = _temperror(check.name, f"internal error: {type(exc).__name__}")
+            log.exception(
+                "check=%s session=%s outcome=exception", check.name, ctx.client.session_id
+            )
+        elapsed = time.monotonic() - t0
+        if self.metrics is not None:
+            self.metrics.count_check(check.name, result.result, elapsed)
+        return CheckResult(
+            result.check, result.result, result.symbols, result.decision, result.data, elapsed
+        )
+
+
+def _temperror(name: str, detail: str) -> CheckResult:
+    symbol = Symbol(f"{name.upper()}_TEMPERROR", 0.0, detail)
+    return CheckResult(name, "temperror", (symbol,), None, {"error": detail})

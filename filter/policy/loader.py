@@ -1,0 +1,184 @@
+"""Read the main policy file and its ``local.d`` drop-ins, merge, validate.
+
+Errors are collected, not raised one at a time: ``mailgate policy check`` shows
+every problem in one run, each against the file that set the offending value,
+as ``file: key: message``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filter.policy.schema import Policy, policy_from_dict
+
+CONFIG_ENV = "MAILGATE_CONFIG"
+_REPO_POLICY = Path(__file__).resolve().parents[2] / "policies" / "mailgate.toml"
+
+
+@dataclass(frozen=True)
+class PolicyIssue:
+    """One problem in the policy, located by file and dotted key (``-`` when no key applies)."""
+
+    file: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.message}"
+
+
+class PolicyError(Exception):
+    """The policy was refused; ``issues`` lists every problem found."""
+
+    def __init__(self, issues: list[PolicyIssue]) -> None:
+        super().__init__("\n".join(str(issue) for issue in issues))
+        self.issues = issues
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A validated policy, the files it came from (in merge order) and the raw merged TOML."""
+
+    policy: Policy
+    files: tuple[Path, ...]
+    merged: dict[str, Any]
+
+
+def default_config_path() -> Path:
+    """``$MAILGATE_CONFIG``, else ``policies/mailgate.toml`` under the CWD, else the checkout's."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    local = Path("policies") / "mailgate.toml"
+    if local.is_file():
+        return local
+    return _REPO_POLICY
+
+
+def dropin_files(main: Path) -> list[Path]:
+    """``<dir of main>/local.d/*.toml`` in file-name order; hidden files are editor leftovers."""
+    directory = main.parent / "local.d"
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.glob("*.toml") if not p.name.startswith(".") and p.is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def _read_toml(path: Path, issues: list[PolicyIssue]) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        issues.append(PolicyIssue(str(path), "-", f"cannot read: {exc.strerror or exc}"))
+    except tomllib.TOMLDecodeError as exc:
+        issues.append(PolicyIssue(str(path), "-", f"TOML syntax error: {exc}"))
+    except UnicodeDecodeError as exc:
+        issues.append(PolicyIssue(str(path), "-", f"not UTF-8: {exc}"))
+    return None
+
+
+def merge_into(
+    base: dict[str, Any],
+    override: Mapping[str, Any],
+    origin: str,
+    origins: dict[str, str],
+    prefix: str = "",
+) -> None:
+    """Lay ``override`` over ``base``: tables merge key by key, everything else replaces.
+
+    ``origins`` records, per dotted key (tables included), the file that last set it.
+    """
+    for name, value in override.items():
+        key = f"{prefix}.{name}" if prefix else name
+        origins[key] = origin
+        current = base.get(name)
+        if isinstance(value, dict) and isinstance(current, dict):
+            merge_into(current, value, origin, origins, key)
+        else:
+            if isinstance(current, dict):
+                _forget(origins, key)
+            base[name] = _copy(value)
+            if isinstance(value, dict):
+                _record(value, origin, origins, key)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _record(table: Mapping[str, Any], origin: str, origins: dict[str, str], prefix: str) -> None:
+    for name, value in table.items():
+        key = f"{prefix}.{name}"
+        origins[key] = origin
+        if isinstance(value, dict):
+            _record(value, origin, origins, key)
+
+
+def _forget(origins: dict[str, str], prefix: str) -> None:
+    for key in [k for k in origins if k.startswith(prefix + ".")]:
+        del origins[key]
+
+
+def origin_of(key: str, origins: Mapping[str, str], fallback: str = "-") -> str:
+    """The file that set ``key`` or, failing that, its closest enclosing table."""
+    while key:
+        if key in origins:
+            return origins[key]
+        cut = max(key.rfind("."), key.rfind("["))
+        key = key[:cut] if cut > 0 else ""
+    return origins.get("", fallback)
+
+
+def build_policy(data: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> Policy:
+    """Validate merged TOML data; ``origins`` maps dotted keys to files (``""``: the fallback)."""
+    origins = origins or {}
+    policy, problems = policy_from_dict(data)
+    issues = [PolicyIssue(origin_of(key, origins), key, message) for key, message in problems]
+    if policy is not None:
+        issues.extend(_file_issues(policy, origins))
+    if issues or policy is None:
+        raise PolicyError(issues)
+    return policy
+
+
+def _file_issues(policy: Policy, origins: Mapping[str, str]) -> list[PolicyIssue]:
+    """Files the policy names must be readable now, not at the first STARTTLS."""
+    issues = []
+    tls = policy.server.tls
+    for name, path in (("cert_file", tls.cert_file), ("key_file", tls.key_file)):
+        if not path:
+            continue
+        key = f"server.tls.{name}"
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            message = f"cannot read {path}: {exc.strerror or exc}"
+            issues.append(PolicyIssue(origin_of(key, origins), key, message))
+    return issues
+
+
+def load_policy(path: str | Path) -> LoadedPolicy:
+    """Read ``path`` and its ``local.d`` drop-ins; ``PolicyError`` lists every problem."""
+    main = Path(path)
+    issues: list[PolicyIssue] = []
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {"": str(main)}
+    files = [main, *dropin_files(main)]
+    for file in files:
+        data = _read_toml(file, issues)
+        if data is not None:
+            merge_into(merged, data, str(file), origins)
+    if issues:
+        raise PolicyError(issues)
+    policy = build_policy(merged, origins)
+    return LoadedPolicy(policy, tuple(files), merged)

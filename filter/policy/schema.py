@@ -1,0 +1,729 @@
+"""The policy schema: typed, frozen, validated; the only place defaults live.
+
+Each TOML table is a frozen dataclass whose attribute names are the TOML keys.
+Each field declares its *kind* (duration, size, address list, enum, ...) in
+``dataclasses.field(metadata=...)`` through the small helpers below, so adding a
+key is one line here: the generic walker (:func:`policy_from_dict`) validates
+it, :func:`to_toml_data` dumps it for ``policy show``, and a unit test checks
+that the shipped ``policies/mailgate.toml`` mentions it.
+
+Cross-field rules live in a ``problems()`` method on the dataclass they concern;
+the walker calls it once every field of that table parsed.
+
+This module is pure: no file or network access (the loader checks that TLS
+files are readable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from types import MappingProxyType
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+from filter.units import (
+    Address,
+    Network,
+    format_duration,
+    format_size,
+    is_hostname,
+    is_ip,
+    parse_address,
+    parse_duration,
+    parse_network,
+    parse_size,
+    show_value,
+)
+
+# (dotted key, message); the loader turns these into "file: key: message".
+Problem = tuple[str, str]
+TomlValue = bool | int | float | str | list[Any] | dict[str, Any]
+
+T = TypeVar("T")
+KIND = "mailgate.kind"
+
+
+class _Invalid:
+    """Marker for "this value failed validation; the problem is already recorded"."""
+
+
+INVALID = _Invalid()
+
+
+def join_key(prefix: str, name: str) -> str:
+    """Dotted TOML key path, e.g. ``join_key("server", "tls")`` -> ``"server.tls"``."""
+    return f"{prefix}.{name}" if prefix else name
+
+
+# --- kinds ------------------------------------------------------------------
+
+
+class Kind:
+    """How one TOML value becomes a typed Python value, and back for ``policy show``."""
+
+    def parse(self, raw: object, key: str, problems: list[Problem]) -> Any:
+        """Typed value, or ``INVALID`` after appending to ``problems``."""
+        try:
+            return self.convert(raw)
+        except ValueError as exc:
+            problems.append((key, str(exc)))
+            return INVALID
+
+    def convert(self, raw: object) -> Any:
+        """Typed value from a TOML value; ``ValueError`` with an admin-readable message."""
+        raise NotImplementedError
+
+    def dump(self, value: Any) -> TomlValue:
+        """TOML value the admin would write for ``value``."""
+        return cast(TomlValue, value)
+
+
+@dataclass(frozen=True)
+class BoolKind(Kind):
+    """``true`` / ``false`` only: ``"yes"`` or ``1`` are mistakes worth reporting."""
+
+    def convert(self, raw: object) -> bool:
+        if not isinstance(raw, bool):
+            raise ValueError(f"expected true or false, got {show_value(raw)}")
+        return raw
+
+
+@dataclass(frozen=True)
+class IntKind(Kind):
+    """An integer within ``[minimum, maximum]``."""
+
+    minimum: int | None = None
+    maximum: int | None = None
+
+    def convert(self, raw: object) -> int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ValueError(f"expected an integer, got {show_value(raw)}")
+        _check_range(raw, self.minimum, self.maximum, str)
+        return raw
+
+
+@dataclass(frozen=True)
+class FloatKind(Kind):
+    """A finite number; TOML integers are accepted (``reject = 15``)."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def convert(self, raw: object) -> float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ValueError(f"expected a number, got {show_value(raw)}")
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {raw!r}")
+        _check_range(value, self.minimum, self.maximum, repr)
+        return value
+
+
+@dataclass(frozen=True)
+class StrKind(Kind):
+    """A string, optionally constrained by a predicate with a description of what it wants."""
+
+    check: Callable[[str], bool] | None = None
+    wants: str = ""
+    allow_empty: bool = True
+
+    def convert(self, raw: object) -> str:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a string, got {show_value(raw)}")
+        if raw == "":
+            if not self.allow_empty:
+                raise ValueError("must not be empty")
+            return raw
+        if self.check is not None and not self.check(raw):
+            raise ValueError(f"expected {self.wants}, got {show_value(raw)}")
+        return raw
+
+
+@dataclass(frozen=True)
+class EnumKind(Kind):
+    """One of a fixed set of words; a near miss gets a "did you mean" hint."""
+
+    choices: tuple[str, ...]
+
+    def convert(self, raw: object) -> str:
+        if isinstance(raw, str) and raw in self.choices:
+            return raw
+        options = ", ".join(f'"{c}"' for c in self.choices)
+        message = f"expected one of {options}, got {show_value(raw)}"
+        if isinstance(raw, str):
+            message += _did_you_mean(raw, self.choices)
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class DurationKind(Kind):
+    """Seconds as a float; TOML holds a number or a string like ``"5m"``."""
+
+    minimum: float = 0.0
+    maximum: float | None = None
+
+    def convert(self, raw: object) -> float:
+        seconds = parse_duration(cast(Any, raw))  # rejects wrong types with its own message
+        _check_range(seconds, self.minimum, self.maximum, format_duration)
+        return seconds
+
+    def dump(self, value: Any) -> TomlValue:
+        return format_duration(cast(float, value))
+
+
+@dataclass(frozen=True)
+class SizeKind(Kind):
+    """Bytes as an int; TOML holds an integer or a string like ``"25MiB"``."""
+
+    minimum: int = 0
+    maximum: int | None = None
+
+    def convert(self, raw: object) -> int:
+        size = parse_size(cast(Any, raw))  # rejects wrong types with its own message
+        _check_range(size, self.minimum, self.maximum, format_size)
+        return size
+
+    def dump(self, value: Any) -> TomlValue:
+        text = format_size(cast(int, value))
+        return int(text) if text.isdigit() else text
+
+
+@dataclass(frozen=True)
+class AddressKind(Kind):
+    """``"host:port"``; ``default_port`` allows a bare host, ``ip_only`` forbids names."""
+
+    default_port: int | None = None
+    ip_only: bool = False
+
+    def convert(self, raw: object) -> Address:
+        address = parse_address(cast(str, raw), self.default_port)
+        if self.ip_only and not is_ip(address.host):
+            raise ValueError(f"expected an IP address, not a host name, got {show_value(raw)}")
+        return address
+
+    def dump(self, value: Any) -> TomlValue:
+        address = cast(Address, value)
+        if self.default_port is not None and address.port == self.default_port:
+            return f"[{address.host}]" if ":" in address.host else address.host
+        return str(address)
+
+
+@dataclass(frozen=True)
+class NetworkKind(Kind):
+    """A CIDR network; a bare IP means its host network."""
+
+    def convert(self, raw: object) -> Network:
+        return parse_network(cast(str, raw))
+
+    def dump(self, value: Any) -> TomlValue:
+        return str(value)
+
+
+@dataclass(frozen=True)
+class ListKind(Kind):
+    """An array of one kind, as a tuple; duplicates are reported (they are always a slip)."""
+
+    item: Kind
+    min_items: int = 0
+
+    def parse(self, raw: object, key: str, problems: list[Problem]) -> Any:
+        if not isinstance(raw, list):
+            problems.append((key, f"expected an array, got {show_value(raw)}"))
+            return INVALID
+        if len(raw) < self.min_items:
+            problems.append((key, f"needs at least {self.min_items} entr{_ies(self.min_items)}"))
+            return INVALID
+        values: list[Any] = []
+        for i, item in enumerate(raw):
+            value = self.item.parse(item, f"{key}[{i}]", problems)
+            if value is not INVALID and value in values:
+                problems.append((f"{key}[{i}]", f"{show_value(item)} is listed twice"))
+            values.append(value)
+        if any(v is INVALID for v in values):
+            return INVALID
+        return tuple(values)
+
+    def dump(self, value: Any) -> TomlValue:
+        return [self.item.dump(v) for v in cast(tuple[Any, ...], value)]
+
+
+@dataclass(frozen=True)
+class TableKind(Kind):
+    """A nested TOML table mapped onto a schema dataclass."""
+
+    cls: type[Any]
+
+    def parse(self, raw: object, key: str, problems: list[Problem]) -> Any:
+        return build_table(self.cls, raw, key, problems)
+
+    def dump(self, value: Any) -> TomlValue:
+        return to_toml_data(value)
+
+
+@dataclass(frozen=True)
+class TableListKind(Kind):
+    """An array of tables (``[[dnsbl.zones]]``); replaced as a whole when merging."""
+
+    cls: type[Any]
+
+    def parse(self, raw: object, key: str, problems: list[Problem]) -> Any:
+        if not isinstance(raw, list):
+            problems.append((key, f"expected an array of tables, got {show_value(raw)}"))
+            return INVALID
+        values = [
+            build_table(self.cls, item, f"{key}[{i}]", problems) for i, item in enumerate(raw)
+        ]
+        if any(v is INVALID for v in values):
+            return INVALID
+        return tuple(values)
+
+    def dump(self, value: Any) -> TomlValue:
+        return [to_toml_data(v) for v in cast(tuple[Any, ...], value)]
+
+
+SYMBOL_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
+@dataclass(frozen=True)
+class ScoreMapKind(Kind):
+    """``[scores]``: symbol -> score, laid over the schema's default scores."""
+
+    defaults: Mapping[str, float]
+
+    def parse(self, raw: object, key: str, problems: list[Problem]) -> Any:
+        if not isinstance(raw, dict):
+            problems.append((key, f"expected a table, got {show_value(raw)}"))
+            return INVALID
+        scores = dict(self.defaults)
+        ok = True
+        number = FloatKind()
+        for name, value in raw.items():
+            item_key = join_key(key, name)
+            if not SYMBOL_NAME.fullmatch(name):
+                problems.append(
+                    (item_key, "symbol names are upper case letters, digits and _, like SPF_PASS")
+                )
+                ok = False
+                continue
+            score = number.parse(value, item_key, problems)
+            if score is INVALID:
+                ok = False
+            else:
+                scores[name] = score
+        return MappingProxyType(scores) if ok else INVALID
+
+    def dump(self, value: Any) -> TomlValue:
+        return dict(cast(Mapping[str, float], value))
+
+
+# --- field helpers: one line per key in the dataclasses below ---------------
+
+
+def _field(default: T, kind: Kind) -> T:
+    # Typed as the value so the dataclass annotation type-checks; at runtime a Field.
+    return field(default=default, metadata={KIND: kind})
+
+
+def boolean(default: bool) -> bool:
+    return _field(default, BoolKind())
+
+
+def integer(default: int, minimum: int | None = None, maximum: int | None = None) -> int:
+    return _field(default, IntKind(minimum, maximum))
+
+
+def number(default: float, minimum: float | None = None, maximum: float | None = None) -> float:
+    return _field(float(default), FloatKind(minimum, maximum))
+
+
+def text(
+    default: str,
+    check: Callable[[str], bool] | None = None,
+    wants: str = "",
+    allow_empty: bool = True,
+) -> str:
+    return _field(default, StrKind(check, wants, allow_empty))
+
+
+def choice(default: str, *choices: str) -> str:
+    assert default in choices
+    return _field(default, EnumKind(choices))
+
+
+def duration(
+    default: float | str, minimum: float | str = 0.0, maximum: float | str | None = None
+) -> float:
+    upper = None if maximum is None else parse_duration(maximum)
+    return _field(parse_duration(default), DurationKind(parse_duration(minimum), upper))
+
+
+def size(default: int | str, minimum: int | str = 0) -> int:
+    return _field(parse_size(default), SizeKind(parse_size(minimum)))
+
+
+def address(default: str, default_port: int | None = None) -> Address:
+    return _field(parse_address(default, default_port), AddressKind(default_port))
+
+
+def addresses(
+    *defaults: str, default_port: int | None = None, ip_only: bool = False, min_items: int = 0
+) -> tuple[Address, ...]:
+    kind = ListKind(AddressKind(default_port, ip_only), min_items)
+    return _field(tuple(parse_address(d, default_port) for d in defaults), kind)
+
+
+def networks(*defaults: str) -> tuple[Network, ...]:
+    return _field(tuple(parse_network(d) for d in defaults), ListKind(NetworkKind()))
+
+
+def table(cls: type[Any]) -> dict[str, Kind]:
+    """Field metadata for a nested table: ``field(default_factory=Cls, metadata=table(Cls))``."""
+    return {KIND: TableKind(cls)}
+
+
+def tables(cls: type[T], *defaults: T) -> tuple[T, ...]:
+    return _field(tuple(defaults), TableListKind(cls))
+
+
+def score_map(defaults: Mapping[str, float]) -> Mapping[str, float]:
+    frozen = MappingProxyType(dict(defaults))
+    kind = ScoreMapKind(frozen)
+    # hash=False: a mapping is not hashable; equality still compares the scores.
+    return cast(
+        Mapping[str, float],
+        field(default_factory=lambda: frozen, hash=False, metadata={KIND: kind}),
+    )
+
+
+# --- value checks used by the schema -----------------------------------------
+
+
+def _is_token(value: str) -> bool:
+    """An RFC 8601 authserv-id we can emit unquoted: no spaces, no ``;`` or quotes."""
+    return not re.search(r'[\s;"()\\]', value)
+
+
+def _is_redis_url(value: str) -> bool:
+    parts = urlsplit(value)
+    if parts.scheme == "unix":
+        return bool(parts.path)
+    return parts.scheme in ("redis", "rediss", "redis+sentinel") and bool(parts.netloc)
+
+
+# --- the schema ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TLSPolicy:
+    """``[server.tls]``: STARTTLS is offered only when both files are set."""
+
+    cert_file: str = text("")
+    key_file: str = text("")
+
+    def problems(self) -> Iterable[Problem]:
+        if bool(self.cert_file) != bool(self.key_file):
+            missing = "key_file" if self.cert_file else "cert_file"
+            yield missing, "cert_file and key_file must be set together (or both left empty)"
+
+
+@dataclass(frozen=True)
+class ServerPolicy:
+    """``[server]``: the listener clients (or Postfix, in filter mode) connect to."""
+
+    listen: tuple[Address, ...] = addresses("0.0.0.0:25", "[::]:25", min_items=1)
+    # "" means the machine's FQDN at startup (see effective_hostname): a fixed
+    # default would be wrong everywhere, and resolving here would make the
+    # defaults depend on the host.
+    hostname: str = text("", is_hostname, "a host name like mx.example.org")
+    mode: str = choice("enforce", "enforce", "monitor")
+    trusted_networks: tuple[Network, ...] = networks("127.0.0.1/32", "::1/128")
+    max_message_size: int = size("25MiB", minimum=1)
+    max_recipients: int = integer(100, minimum=1)
+    max_connections: int = integer(1000, minimum=1)
+    max_connections_per_ip: int = integer(20, minimum=1)
+    command_timeout: float = duration("5m", minimum="1s")
+    session_timeout: float = duration("30m", minimum="1s")
+    max_errors: int = integer(10, minimum=1)
+    greet_pause: float = duration(0, maximum="1m")
+    check_timeout: float = duration("20s", minimum="100ms")
+    shutdown_grace: float = duration("30s")
+    proxy_protocol: bool = boolean(False)
+    xforward_hosts: tuple[Network, ...] = networks()
+    workers: int = integer(1, minimum=1, maximum=256)
+    tls: TLSPolicy = field(default_factory=TLSPolicy, metadata=table(TLSPolicy))
+
+    @property
+    def effective_hostname(self) -> str:
+        """``hostname``, or the machine's FQDN when it is empty."""
+        return self.hostname or _machine_fqdn()
+
+    def problems(self) -> Iterable[Problem]:
+        if self.session_timeout < self.command_timeout:
+            yield "session_timeout", "must be at least command_timeout"
+        if self.greet_pause >= self.command_timeout:
+            yield "greet_pause", "must be shorter than command_timeout"
+
+
+@cache
+def _machine_fqdn() -> str:
+    """Looked up once per process: ``getfqdn`` may wait on DNS."""
+    return socket.getfqdn()
+
+
+@dataclass(frozen=True)
+class UpstreamPolicy:
+    """``[upstream]``: the Postfix smtpd that mailgate relays to in lockstep."""
+
+    address: Address = address("127.0.0.1:10025")  # noqa: RUF009 (returns a Field)
+    xclient: bool = boolean(True)
+    timeout: float = duration("2m", minimum="1s")
+    connect_timeout: float = duration("10s", minimum="100ms")
+
+
+@dataclass(frozen=True)
+class DNSPolicy:
+    """``[dns]``: resolvers for every check; empty uses /etc/resolv.conf."""
+
+    nameservers: tuple[Address, ...] = addresses(default_port=53, ip_only=True)
+    timeout: float = duration("3s", minimum="100ms", maximum="1m")
+
+
+@dataclass(frozen=True)
+class RedisPolicy:
+    """``[redis]``: the store for greylisting and other shared state."""
+
+    url: str = text(
+        "redis://127.0.0.1:6379/0",
+        _is_redis_url,
+        "a redis://, rediss://, unix:// or redis+sentinel:// URL",
+        allow_empty=False,
+    )
+    key_prefix: str = text(
+        "mailgate:", lambda s: not re.search(r"\s", s), "a prefix without spaces"
+    )
+    on_error: str = choice("accept", "accept", "tempfail")
+
+
+@dataclass(frozen=True)
+class MetricsPolicy:
+    """``[metrics]``: Prometheus and health endpoints (always on; bind to loopback to hide)."""
+
+    listen: Address = address("127.0.0.1:9464")  # noqa: RUF009 (returns a Field)
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    """``[auth]``: naming in the Authentication-Results header."""
+
+    authserv_id: str = text("", _is_token, "a token without spaces, ';' or quotes")
+
+
+@dataclass(frozen=True)
+class ActionsPolicy:
+    """``[actions]``: score thresholds, checked from the top (reject first)."""
+
+    reject: float = number(15.0)
+    add_header: float = number(6.0)
+    greylist: float = number(4.0)
+
+    def problems(self) -> Iterable[Problem]:
+        if not self.greylist <= self.add_header <= self.reject:
+            yield (
+                "",
+                "thresholds must satisfy greylist <= add_header <= reject, got "
+                f"greylist = {self.greylist}, add_header = {self.add_header}, "
+                f"reject = {self.reject}",
+            )
+
+
+@dataclass(frozen=True)
+class CheckToggle:
+    """``[spf]``, ``[dkim]``, ``[arc]``: a check that only needs switching on or off."""
+
+    enabled: bool = boolean(True)
+
+
+@dataclass(frozen=True)
+class DMARCPolicy:
+    """``[dmarc]``."""
+
+    enabled: bool = boolean(True)
+    honor_reject: bool = boolean(True)
+
+
+@dataclass(frozen=True)
+class DNSBLZone:
+    """One ``[[dnsbl.zones]]`` entry; ``zone`` is required."""
+
+    zone: str = cast(str, field(metadata={KIND: StrKind(is_hostname, "a DNS zone name", False)}))
+    score: float = number(0.0)
+    reject: bool = boolean(False)
+
+
+@dataclass(frozen=True)
+class DNSBLPolicy:
+    """``[dnsbl]``: client IP lookups, started at connect."""
+
+    enabled: bool = boolean(True)
+    zones: tuple[DNSBLZone, ...] = tables(DNSBLZone, DNSBLZone("zen.spamhaus.org", 10.0, True))
+
+    def problems(self) -> Iterable[Problem]:
+        seen: set[str] = set()
+        for i, zone in enumerate(self.zones):
+            name = zone.zone.lower().rstrip(".")
+            if name in seen:
+                yield f"zones[{i}].zone", f'"{zone.zone}" is listed twice'
+            seen.add(name)
+
+
+@dataclass(frozen=True)
+class GreylistPolicy:
+    """``[greylist]``: triplet greylisting kept in the store."""
+
+    enabled: bool = boolean(True)
+    apply: str = choice("always", "always", "score")
+    delay: float = duration("5m")
+    retry_window: float = duration("2d", minimum="1m")
+    max_age: float = duration("35d", minimum="1h")
+    ipv4_prefix: int = integer(24, minimum=8, maximum=32)
+    ipv6_prefix: int = integer(64, minimum=32, maximum=128)
+
+    def problems(self) -> Iterable[Problem]:
+        if self.delay >= self.retry_window:
+            yield "delay", "must be shorter than retry_window"
+        if self.max_age < self.retry_window:
+            yield "max_age", "must be at least retry_window"
+
+
+@dataclass(frozen=True)
+class LoggingPolicy:
+    """``[logging]``: format and verbosity of the log lines on stderr."""
+
+    format: str = choice("kv", "kv", "json")
+    level: str = choice("info", "debug", "info", "warning", "error")
+
+
+# Default symbol scores; later checks add theirs here (and to mailgate.toml).
+DEFAULT_SCORES: Mapping[str, float] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The whole validated policy; a session keeps the snapshot it started with."""
+
+    server: ServerPolicy = field(default_factory=ServerPolicy, metadata=table(ServerPolicy))
+    upstream: UpstreamPolicy = field(default_factory=UpstreamPolicy, metadata=table(UpstreamPolicy))
+    dns: DNSPolicy = field(default_factory=DNSPolicy, metadata=table(DNSPolicy))
+    redis: RedisPolicy = field(default_factory=RedisPolicy, metadata=table(RedisPolicy))
+    metrics: MetricsPolicy = field(default_factory=MetricsPolicy, metadata=table(MetricsPolicy))
+    auth: AuthPolicy = field(default_factory=AuthPolicy, metadata=table(AuthPolicy))
+    actions: ActionsPolicy = field(default_factory=ActionsPolicy, metadata=table(ActionsPolicy))
+    spf: CheckToggle = field(default_factory=CheckToggle, metadata=table(CheckToggle))
+    dkim: CheckToggle = field(default_factory=CheckToggle, metadata=table(CheckToggle))
+    dmarc: DMARCPolicy = field(default_factory=DMARCPolicy, metadata=table(DMARCPolicy))
+    arc: CheckToggle = field(default_factory=CheckToggle, metadata=table(CheckToggle))
+    dnsbl: DNSBLPolicy = field(default_factory=DNSBLPolicy, metadata=table(DNSBLPolicy))
+    greylist: GreylistPolicy = field(default_factory=GreylistPolicy, metadata=table(GreylistPolicy))
+    logging: LoggingPolicy = field(default_factory=LoggingPolicy, metadata=table(LoggingPolicy))
+    scores: Mapping[str, float] = score_map(DEFAULT_SCORES)
+
+    def score(self, symbol: str, default: float = 0.0) -> float:
+        """Score of ``symbol`` from ``[scores]``, else ``default``."""
+        return self.scores.get(symbol, default)
+
+    @property
+    def authserv_id(self) -> str:
+        """``auth.authserv_id``, else the server's host name (RFC 8601 suggests the host)."""
+        return self.auth.authserv_id or self.server.effective_hostname
+
+
+DEFAULT_POLICY = Policy()
+
+
+# --- the generic walker --------------------------------------------------------
+
+
+def _ies(n: int) -> str:
+    return "y" if n == 1 else "ies"
+
+
+def _check_range(value: Any, minimum: Any, maximum: Any, show: Callable[[Any], str]) -> None:
+    if minimum is not None and value < minimum:
+        raise ValueError(f"must be at least {show(minimum)}, got {show(value)}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"must be at most {show(maximum)}, got {show(value)}")
+
+
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def kind_of(f: dataclasses.Field[Any]) -> Kind:
+    """The declared kind of a schema field."""
+    return cast(Kind, f.metadata[KIND])
+
+
+def build_table(cls: type[T], raw: object, key: str, problems: list[Problem]) -> T | _Invalid:
+    """Validate one TOML table into ``cls``; every problem found is appended, not just the first."""
+    if not isinstance(raw, dict):
+        problems.append((key or "-", f"expected a table, got {show_value(raw)}"))
+        return INVALID
+    schema_fields = dataclasses.fields(cast(Any, cls))
+    names = [f.name for f in schema_fields]
+    for name in raw:
+        if name not in names:
+            problems.append((join_key(key, name), "unknown key" + _did_you_mean(name, names)))
+    values: dict[str, Any] = {}
+    ok = True
+    for f in schema_fields:
+        if f.name in raw:
+            value = kind_of(f).parse(raw[f.name], join_key(key, f.name), problems)
+            if value is INVALID:
+                ok = False
+            else:
+                values[f.name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append((join_key(key, f.name), "required key is missing"))
+            ok = False
+    if not ok:
+        return INVALID
+    obj = cls(**values)
+    check = getattr(obj, "problems", None)
+    if check is not None:
+        for sub, message in check():
+            problems.append((join_key(key, sub) if sub else key, message))
+    return obj
+
+
+def policy_from_dict(data: Mapping[str, Any]) -> tuple[Policy | None, list[Problem]]:
+    """Validate merged TOML data; the policy is ``None`` whenever there are problems."""
+    problems: list[Problem] = []
+    result = build_table(Policy, dict(data), "", problems)
+    if problems or isinstance(result, _Invalid):
+        return None, problems
+    return result, problems
+
+
+def to_toml_data(obj: Any) -> dict[str, TomlValue]:
+    """The TOML data an admin would write for a schema object (human units)."""
+    return {f.name: kind_of(f).dump(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def schema_keys(cls: type[Any] = Policy, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, tables included; arrays of tables are not descended."""
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        key = join_key(prefix, f.name)
+        keys.append(key)
+        kind = kind_of(f)
+        if isinstance(kind, TableKind):
+            keys.extend(schema_keys(kind.cls, key))
+    return keys

@@ -1,0 +1,143 @@
+"""Every SMTP reply mailgate words itself, in one catalogue.
+
+Checks and the verdict pick a reply from here; nothing else formats reply text. Texts
+are generic towards the client (internal detail goes to the log), as Postfix does for
+its before-queue proxy failures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply: code, optional RFC 3463 enhanced status, and text (may hold newlines)."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    def lines(self) -> list[str]:
+        """The reply's text lines (one per line of a multi-line reply)."""
+        return self.text.split("\n") if self.text else [""]
+
+    def to_bytes(self) -> bytes:
+        """Wire form with continuation lines ``250-`` and CRLF endings."""
+        lines = self.lines()
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def __str__(self) -> str:
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        return f"{self.code} {prefix}{' / '.join(self.lines())}"
+
+    @property
+    def is_positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def code_class(self) -> str:
+        """``2xx``/``3xx``/``4xx``/``5xx`` for bounded metric labels."""
+        return f"{self.code // 100}xx"
+
+    def with_text(self, text: str) -> Reply:
+        return Reply(self.code, self.enhanced, text)
+
+
+def banner(hostname: str, final: bool = True) -> Reply:
+    """The greeting; ``final=False`` gives the ``220-`` first line of a pregreet test."""
+    return Reply(220, "", f"{hostname} ESMTP mailgate")
+
+
+def closing(hostname: str) -> Reply:
+    return Reply(221, "2.0.0", f"{hostname} closing connection")
+
+
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+RESET_OK = Reply(250, "2.0.0", "Ok")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+HELP = Reply(214, "2.0.0", "See RFC 5321")
+STARTTLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+
+# 421: the session ends after these.
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+UPSTREAM_LOST = Reply(421, "4.3.0", "Service temporarily unavailable, try again later")
+
+# Transient failures that keep the session.
+UPSTREAM_UNAVAILABLE = Reply(451, "4.3.0", "Service temporarily unavailable, try again later")
+CHECK_TEMPFAIL = Reply(451, "4.7.1", "Temporary failure evaluating the message, try again later")
+STORE_TEMPFAIL = Reply(451, "4.3.0", "Temporary local problem, try again later")
+GREYLISTED = Reply(451, "4.7.1", "Greylisted, try again later")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
+
+# Protocol errors.
+SYNTAX_ERROR = Reply(500, "5.5.2", "Error: command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: command line too long")
+BARE_NEWLINE_COMMAND = Reply(500, "5.5.2", "Error: bare <CR> received in command")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Error: bad sequence of commands")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(554, "5.5.1", "Error: no valid recipients")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NO_AUTH = Reply(503, "5.5.1", "Error: authentication not enabled")
+PREGREET = Reply(554, "5.5.1", "Protocol error: client talked before the greeting")
+PROXY_ERROR = Reply(421, "4.7.0", "Protocol error in PROXY header")
+
+
+def syntax(usage: str) -> Reply:
+    """501 with a usage hint, e.g. ``syntax("MAIL FROM:<address>")``."""
+    return Reply(501, "5.5.4", f"Syntax: {usage}")
+
+
+def bad_parameter(detail: str) -> Reply:
+    return Reply(555, "5.5.4", f"Unsupported option: {detail}")
+
+
+def bad_address(detail: str) -> Reply:
+    return Reply(501, "5.1.7" if "sender" in detail else "5.1.3", f"Bad address syntax: {detail}")
+
+
+# Message content.
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
+BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received in message (RFC 5321 2.3.8)")
+DATA_LINE_TOO_LONG = Reply(550, "5.5.6", "Error: message line too long (RFC 5321 4.5.3.1.6)")
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Error: message header too large")
+
+# Policy decisions (the verdict picks these).
+REJECT_SPAM = Reply(550, "5.7.1", "Message rejected as spam")
+REJECT_DMARC = Reply(550, "5.7.1", "Message rejected: DMARC policy of the sender domain")
+REJECT_SPF = Reply(550, "5.7.23", "Message rejected: SPF validation failed")
+REJECT_DNSBL = Reply(554, "5.7.1", "Service unavailable; client host blocked")
+TEMPFAIL_SCORE = Reply(451, "4.7.1", "Message deferred, try again later")
+
+
+def greylisted(retry_after_seconds: float) -> Reply:
+    """451 that tells a well-behaved client when the retry will be accepted."""
+    secs = max(1, int(retry_after_seconds + 0.999))
+    return GREYLISTED.with_text(f"Greylisted, try again in {secs} seconds")
+
+
+def upstream_protocol_error() -> Reply:
+    """An upstream reply that makes no sense (e.g. 2xx where 354 was due): generic 451."""
+    return UPSTREAM_UNAVAILABLE

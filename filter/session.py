@@ -1,0 +1,556 @@
+"""One SMTP session's meaning: stages -> checks -> verdict -> relay -> reply (L4).
+
+The front end parses bytes into commands and calls these methods; this module
+decides what they mean and what the client hears. It knows nothing about sockets:
+the upstream is anything with the ``UpstreamPort`` shape (the relay provides it).
+
+The rules that keep mail safe live here:
+- a ``250`` for a message is the upstream's own ``250``, never ours;
+- MAIL and RCPT reach the upstream only after mailgate's checks for that stage;
+- DATA reaches the upstream only after the verdict; a refused message is never
+  completed upstream (RSET, or the connection is dropped);
+- any upstream failure becomes ``451 4.3.0`` (``421`` where the session must end).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from filter import replies
+from filter.checks import Context
+from filter.headers import render_field
+from filter.message import MessageBuffer
+from filter.metrics import Metrics
+from filter.model import ClientInfo, Envelope, Recipient, Stage, UpstreamError
+from filter.netaddr import ip_in, normalize_ip
+from filter.pipeline import Pipeline
+from filter.policy.schema import Policy
+from filter.replies import Reply
+from filter.results import Action, CheckResult
+from filter.smtpdata import DataProblems
+from filter.smtpsyntax import PathArg, SyntaxProblem, is_domain_or_literal, parse_path
+from filter.verdict import Verdict, decide
+from filter.xtext import parse_attributes
+
+log = logging.getLogger("mailgate.session")
+
+_QUEUE_ID = re.compile(r"queued as ([A-Za-z0-9]+)")
+# Headers mailgate owns on accepted mail; copies arriving from outside are dropped.
+OWN_HEADERS = (b"x-spam-flag", b"x-spam-score", b"x-spam-status")
+
+
+class UpstreamPort(Protocol):
+    """The relay as the session sees it (see ``filter.relay.Upstream``)."""
+
+    in_transaction: bool
+
+    @property
+    def is_open(self) -> bool: ...
+    async def open(
+        self, xclient: Mapping[str, str] | None, xforward: Mapping[str, str] | None
+    ) -> None: ...
+    async def mail(self, address: str, params: Iterable[str]) -> Reply: ...
+    async def rcpt(self, address: str, params: Iterable[str]) -> Reply: ...
+    async def data(self, chunks: Iterable[bytes]) -> Reply: ...
+    async def rset(self) -> None: ...
+    async def quit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+@dataclass
+class Transaction:
+    envelope: Envelope
+    results: list[CheckResult] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    upstream_failed: bool = False
+
+
+def new_session_id() -> str:
+    """Short random id carried in logs, in headers and to Postfix."""
+    return secrets.token_hex(6).upper()
+
+
+class Session:
+    """The state and rules of one client connection."""
+
+    def __init__(
+        self,
+        client: ClientInfo,
+        policy: Policy,
+        pipeline: Pipeline,
+        upstream_factory: Callable[[], UpstreamPort],
+        metrics: Metrics,
+        extensions: Callable[[], set[str]],
+    ) -> None:
+        self.client = client
+        self.policy = policy
+        self.pipeline = pipeline
+        self._new_upstream = upstream_factory
+        self.metrics = metrics
+        self._upstream_extensions = extensions
+        self.upstream: UpstreamPort | None = None
+        self._upstream_identity: tuple[object, ...] | None = None
+        self.session_results: dict[Stage, list[CheckResult]] = {}
+        self.txn: Transaction | None = None
+        self.helo_seen = False
+        self.esmtp = False
+        self.errors = 0
+        self.messages = 0
+        self._identity_dirty = True  # connect/helo checks must (re)run for this identity
+        self.client.trusted = ip_in(client.ip, policy.server.trusted_networks)
+        self.hostname = policy.server.effective_hostname
+
+    # -- identity and session-level checks -------------------------------------------------
+    @property
+    def xforward_allowed(self) -> bool:
+        return self.client.source != "xforward" and self._peer_allowed_xforward
+
+    _peer_allowed_xforward = False
+
+    def allow_xforward(self, peer_ip: str) -> None:
+        """Front end: the socket peer is one of ``server.xforward_hosts``."""
+        self._peer_allowed_xforward = ip_in(peer_ip, self.policy.server.xforward_hosts)
+
+    async def on_connect(self) -> None:
+        """Start connect-stage checks as soon as the client is known (DNSBL at connect)."""
+        await self._run_identity_stages(through=Stage.CONNECT)
+
+    async def _run_identity_stages(self, through: Stage) -> None:
+        if self.client.trusted:
+            self._identity_dirty = False
+            return
+        for stage in (Stage.CONNECT, Stage.HELO):
+            if stage > through:
+                break
+            if stage in self.session_results and not self._identity_dirty:
+                continue
+            if stage is Stage.HELO and not self.client.helo:
+                continue
+            ctx = self._context()
+            self.session_results[stage] = await self.pipeline.run(stage, ctx)
+        if through >= Stage.HELO:
+            self._identity_dirty = False
+
+    def _context(self, **kw: object) -> Context:
+        results = {r.check: r for rs in self.session_results.values() for r in rs}
+        if self.txn:
+            results.update({r.check: r for r in self.txn.results})
+        return Context(client=self.client, policy=self.policy, results=results, **kw)  # type: ignore[arg-type]
+
+    # -- commands ------------------------------------------------------------------------------
+    def ehlo_extensions(self, tls_available: bool) -> list[str]:
+        """What we advertise: only what we handle and the upstream honours."""
+        upstream = self._upstream_extensions()
+        ext = ["PIPELINING", f"SIZE {self.policy.server.max_message_size}"]
+        if tls_available and not self.client.tls:
+            ext.append("STARTTLS")
+        ext += ["ENHANCEDSTATUSCODES", "8BITMIME"]
+        if "DSN" in upstream:
+            ext.append("DSN")
+        if "SMTPUTF8" in upstream:
+            ext.append("SMTPUTF8")
+        if self._peer_allowed_xforward:
+            ext.append("XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE")
+        return ext
+
+    async def helo(self, verb: str, name: str, tls_available: bool) -> Reply:
+        if not name or " " in name.strip():
+            return self._error(replies.syntax(f"{verb} hostname"))
+        if len(name) > 255:
+            return self._error(replies.syntax(f"{verb} hostname"))
+        await self._end_transaction()
+        self.helo_seen = True
+        self.esmtp = verb == "EHLO"
+        if self.client.source != "xforward" or not self.client.helo:
+            self.client.helo = name
+            self.client.proto = "ESMTP" if self.esmtp else "SMTP"
+            self.session_results.pop(Stage.HELO, None)
+        if not is_domain_or_literal(name):
+            log.debug("session=%s non-FQDN HELO %r", self.client.session_id, name)
+        await self._run_identity_stages(through=Stage.HELO)
+        if not self.esmtp:
+            return Reply(250, "", self.hostname)
+        lines = [self.hostname, *self.ehlo_extensions(tls_available)]
+        return Reply(250, "", "\n".join(lines))
+
+    def xforward(self, arg: str) -> Reply:
+        """Postfix's before-queue proxy tells us the real client (filter mode)."""
+        if not self._peer_allowed_xforward:
+            return self._error(Reply(550, "5.7.0", "Error: insufficient authorization"))
+        if self.txn is not None:
+            return self._error(Reply(503, "5.5.1", "Error: XFORWARD not allowed in a transaction"))
+        try:
+            attrs = parse_attributes(arg)
+        except ValueError as exc:
+            return self._error(Reply(501, "5.5.4", f"Bad XFORWARD attribute: {exc}"))
+        if not attrs:
+            return self._error(replies.syntax("XFORWARD attribute=value..."))
+        c = self.client
+        for key, value in attrs.items():
+            unavailable = value.startswith("[") and value.upper() in (
+                "[UNAVAILABLE]",
+                "[TEMPUNAVAIL]",
+            )
+            if key == "ADDR" and not unavailable:
+                raw = value[5:] if value.upper().startswith("IPV6:") else value
+                try:
+                    c.ip = normalize_ip(raw)
+                except ValueError:
+                    return self._error(Reply(501, "5.5.4", "Bad XFORWARD ADDR syntax"))
+            elif key == "NAME":
+                c.hostname = None if unavailable else value.lower().rstrip(".")
+            elif key == "HELO":
+                c.helo = None if unavailable else value
+            elif key == "PROTO" and not unavailable:
+                c.proto = value.upper()
+            elif key == "PORT" and value.isdigit():
+                c.port = int(value)
+        c.source = "xforward"
+        c.trusted = ip_in(c.ip, self.policy.server.trusted_networks)
+        self._identity_dirty = True
+        self.session_results.clear()
+        return replies.OK
+
+    async def mail(self, arg: str) -> Reply:
+        if not self.helo_seen:
+            return self._error(replies.NEED_HELO)
+        if self.txn is not None:
+            return self._error(replies.NESTED_MAIL)
+        try:
+            path = parse_path(arg, "FROM")
+        except SyntaxProblem as exc:
+            return self._error(Reply(501, "5.5.4", f"Syntax: MAIL FROM:<address> ({exc})"))
+        problem = self._check_mail_params(path)
+        if problem is not None:
+            return self._error(problem)
+        if self._identity_dirty:
+            await self._run_identity_stages(through=Stage.HELO)
+        envelope = Envelope(
+            mail_from=path.address,
+            mail_params=list(path.raw_params),
+            message_id=f"{self.client.session_id}.{self.messages + 1}",
+            smtputf8="SMTPUTF8" in path.params,
+        )
+        txn = Transaction(envelope)
+        self.txn = txn
+        if not self.client.trusted:
+            txn.results += await self.pipeline.run(Stage.MAIL, self._context(envelope=envelope))
+        reply = await self._upstream_call("mail", lambda up: up.mail(path.address, path.raw_params))
+        if reply.code != 250:
+            self.txn = None
+            if reply.code >= 400:
+                self.errors += 1
+        return reply
+
+    def _check_mail_params(self, path: PathArg) -> Reply | None:
+        upstream = self._upstream_extensions()
+        for key, value in path.params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    return replies.syntax("SIZE=<number>")
+                if int(value) > self.policy.server.max_message_size:
+                    return replies.MESSAGE_TOO_BIG
+            elif key == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    return replies.bad_parameter(f"BODY={value}")
+            elif key == "SMTPUTF8":
+                if "SMTPUTF8" not in upstream or value is not None:
+                    return replies.bad_parameter("SMTPUTF8")
+            elif key in ("RET", "ENVID") and "DSN" in upstream:
+                if value is None:
+                    return replies.syntax(f"{key}=<value>")
+            else:
+                return replies.bad_parameter(key)
+        if not path.address.isascii() and "SMTPUTF8" not in path.params:
+            return Reply(553, "5.6.7", "Error: SMTPUTF8 is required for this address")
+        return None
+
+    async def rcpt(self, arg: str) -> Reply:
+        txn = self.txn
+        if txn is None:
+            return self._error(replies.NEED_MAIL)
+        if txn.upstream_failed:
+            return self._error(replies.UPSTREAM_UNAVAILABLE)
+        if len(txn.envelope.recipients) >= self.policy.server.max_recipients:
+            return self._error(replies.TOO_MANY_RECIPIENTS)
+        try:
+            path = parse_path(arg, "TO")
+        except SyntaxProblem as exc:
+            return self._error(Reply(501, "5.5.4", f"Syntax: RCPT TO:<address> ({exc})"))
+        if not path.address:
+            return self._error(Reply(501, "5.1.3", "Error: null recipient"))
+        upstream = self._upstream_extensions()
+        for key, value in path.params.items():
+            if key not in ("NOTIFY", "ORCPT") or "DSN" not in upstream or value is None:
+                return self._error(replies.bad_parameter(key))
+        if not path.address.isascii() and not txn.envelope.smtputf8:
+            return self._error(Reply(553, "5.6.7", "Error: SMTPUTF8 is required for this address"))
+        recipient = Recipient(path.address, list(path.raw_params))
+        if not self.client.trusted:
+            ctx = self._context(envelope=txn.envelope, recipient=recipient)
+            rcpt_results = await self.pipeline.run(Stage.RCPT, ctx)
+            verdict = decide(self._all_results(rcpt_results), self.policy, Stage.RCPT)
+            self._count_would(verdict)
+            if verdict.refuses and verdict.reply is not None:
+                self._log_refusal(verdict, recipient)
+                self.metrics.count_message(verdict.action.value)
+                return self._error(verdict.reply)
+            txn.results += [
+                r for r in rcpt_results if r.check not in {x.check for x in txn.results}
+            ]
+        reply = await self._upstream_call("rcpt", lambda up: up.rcpt(path.address, path.raw_params))
+        if reply.code == 250 or reply.code == 251:
+            txn.envelope.recipients.append(recipient)
+        elif reply.code >= 400:
+            self.errors += 1
+        return reply
+
+    def data_start(self) -> Reply:
+        txn = self.txn
+        if txn is None:
+            return self._error(replies.NEED_MAIL)
+        if txn.upstream_failed:
+            return self._error(replies.UPSTREAM_UNAVAILABLE)
+        if not txn.envelope.recipients:
+            return self._error(replies.NEED_RCPT)
+        return replies.START_DATA
+
+    async def data_end(self, message: MessageBuffer, problems: DataProblems) -> Reply:
+        """The whole message is in: judge it, then relay it or refuse it."""
+        txn = self.txn
+        assert txn is not None
+        self.txn = None
+        self.messages += 1
+        t_checks = time.monotonic()
+        verdict: Verdict | None = None
+        try:
+            self.metrics.message_size.observe(message.size)
+            refusal = _content_problem(problems)
+            if refusal is not None:
+                await self._abort_upstream_txn()
+                self._log_message(txn, message, None, refusal, "refused", t_checks)
+                self.metrics.count_message(Action.REJECT.value)
+                return refusal
+            if self.client.trusted:
+                verdict = Verdict(Action.ACCEPT, 0.0, (), None, "trusted client")
+                headers = b""
+            else:
+                ctx = self._context(envelope=txn.envelope, message=message)
+                txn.results += await self.pipeline.run(Stage.DATA, ctx)
+                verdict = decide(self._all_results([]), self.policy, Stage.DATA)
+                self._count_would(verdict)
+                headers = self._spam_headers(verdict)
+            t_checks = time.monotonic() - t_checks
+            if verdict.refuses and verdict.reply is not None:
+                await self._abort_upstream_txn()
+                self.metrics.count_message(verdict.action.value)
+                self._log_message(txn, message, verdict, verdict.reply, "refused", t_checks)
+                return verdict.reply
+            drop = None if self.client.trusted else _drop_own_headers
+            chunks = message.iter_chunks(prepend=headers, drop=drop)
+            t_up = time.monotonic()
+            reply = await self._upstream_call("data", lambda up: up.data(chunks))
+            self.metrics.observe_upstream("data", time.monotonic() - t_up)
+            outcome = "relayed" if reply.code == 250 else "upstream_refused"
+            if reply.code == 250:
+                self.metrics.count_message(verdict.action.value)
+            self._log_message(txn, message, verdict, reply, outcome, t_checks)
+            return reply
+        finally:
+            message.close()
+
+    async def rset(self) -> Reply:
+        await self._end_transaction()
+        return replies.RESET_OK
+
+    async def quit(self) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """End of session: nothing unfinished may complete upstream."""
+        if self.upstream is not None:
+            if self.upstream.in_transaction:
+                self.upstream.abort()
+            else:
+                await self.upstream.quit()
+            self.upstream = None
+
+    def abort(self) -> None:
+        """Client gone or timed out: drop the upstream connection without a word."""
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        self.txn = None
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _error(self, reply: Reply) -> Reply:
+        self.errors += 1
+        return reply
+
+    async def _end_transaction(self) -> None:
+        if self.txn is not None:
+            self.txn = None
+            await self._abort_upstream_txn()
+
+    async def _abort_upstream_txn(self) -> None:
+        up = self.upstream
+        if up is not None and up.is_open and up.in_transaction:
+            await up.rset()
+
+    def _all_results(self, extra: list[CheckResult]) -> list[CheckResult]:
+        out = [r for rs in self.session_results.values() for r in rs]
+        if self.txn:
+            out += self.txn.results
+        return out + extra
+
+    def _identity(self) -> tuple[object, ...]:
+        c = self.client
+        return (c.ip, c.port, c.hostname, c.helo, c.proto)
+
+    async def _ensure_upstream(self) -> UpstreamPort:
+        identity = self._identity()
+        up = self.upstream
+        if up is not None and (not up.is_open or identity != self._upstream_identity):
+            await up.quit()
+            up = None
+        if up is None:
+            up = self._new_upstream()
+            self.upstream = up
+            xclient, xforward = self._introductions()
+            t0 = time.monotonic()
+            await up.open(xclient, xforward)
+            self.metrics.observe_upstream("connect", time.monotonic() - t0)
+            self._upstream_identity = identity
+        return up
+
+    def _introductions(self) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+        c = self.client
+        addr = f"IPV6:{c.ip}" if ":" in c.ip else c.ip
+        name = c.hostname or "[UNAVAILABLE]"
+        helo = c.helo or "[UNAVAILABLE]"
+        common = {"ADDR": addr, "NAME": name, "HELO": helo, "PROTO": c.proto}
+        xclient = {**common, "PORT": str(c.port)} if self.policy.upstream.xclient else None
+        xforward = {**common, "PORT": str(c.port), "IDENT": c.session_id, "SOURCE": "REMOTE"}
+        return xclient, xforward
+
+    async def _upstream_call(self, stage: str, call: Callable[[UpstreamPort], object]) -> Reply:
+        try:
+            up = await self._ensure_upstream()
+            reply = await call(up)  # type: ignore[misc]
+        except UpstreamError as exc:
+            self.metrics.count_upstream_error(exc.stage)
+            log.warning(
+                "session=%s upstream failure stage=%s detail=%s",
+                self.client.session_id,
+                exc.stage,
+                exc.detail,
+            )
+            if self.upstream is not None:
+                self.upstream.abort()
+                self.upstream = None
+            if self.txn is not None:
+                self.txn.upstream_failed = True
+            self.errors += 1
+            return replies.UPSTREAM_UNAVAILABLE
+        assert isinstance(reply, Reply)
+        if reply.code == 421 and self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+            if self.txn is not None:
+                self.txn.upstream_failed = True
+            # The upstream is going away; the client keeps its session but retries later.
+            return replies.UPSTREAM_UNAVAILABLE.with_text(reply.text or "try again later")
+        return reply
+
+    def _count_would(self, verdict: Verdict) -> None:
+        if verdict.would is not None:
+            self.metrics.count_would_action(verdict.would.value)
+
+    def _spam_headers(self, verdict: Verdict) -> bytes:
+        a = self.policy.actions
+        tests = ",".join(s.name for s in verdict.symbols) or "none"
+        flag = "Yes" if verdict.action is Action.ADD_HEADER else "No"
+        out = b""
+        if verdict.action is Action.ADD_HEADER:
+            out += render_field("X-Spam-Flag", "YES")
+        out += render_field("X-Spam-Score", f"{verdict.score:g}")
+        out += render_field(
+            "X-Spam-Status",
+            f"{flag}, score={verdict.score:g} required={a.add_header:g} tests={tests}",
+        )
+        return out
+
+    def _log_refusal(self, verdict: Verdict, recipient: Recipient) -> None:
+        txn = self.txn
+        log.info(
+            "",
+            extra={
+                "mailgate_fields": {
+                    "event": "rcpt_refused",
+                    "session": self.client.session_id,
+                    "client": self.client.ip,
+                    "helo": self.client.helo,
+                    "from": txn.envelope.mail_from if txn else "",
+                    "rcpt": recipient.address,
+                    "action": verdict.action.value,
+                    "score": verdict.score,
+                    "symbols": [s.name for s in verdict.symbols],
+                    "reason": verdict.reason,
+                    "reply": str(verdict.reply),
+                }
+            },
+        )
+
+    def _log_message(
+        self,
+        txn: Transaction,
+        message: MessageBuffer,
+        verdict: Verdict | None,
+        reply: Reply,
+        outcome: str,
+        t_checks: float,
+    ) -> None:
+        m = _QUEUE_ID.search(reply.text) if reply.code == 250 else None
+        env = txn.envelope
+        fields: dict[str, object] = {
+            "event": "message",
+            "id": env.message_id,
+            "session": self.client.session_id,
+            "client": self.client.ip,
+            "client_name": self.client.hostname,
+            "helo": self.client.helo,
+            "from": env.mail_from,
+            "rcpts": [r.address for r in env.recipients],
+            "size": message.size,
+            "action": verdict.action.value if verdict else "reject",
+            "score": verdict.score if verdict else None,
+            "symbols": [s.name for s in verdict.symbols] if verdict else [],
+            "outcome": outcome,
+            "reply": str(reply),
+            "queue_id": m.group(1) if m else None,
+            "t_checks_ms": round(t_checks * 1000, 2),
+            "t_total_ms": round((time.monotonic() - txn.started) * 1000, 2),
+        }
+        if verdict is not None and verdict.would is not None:
+            fields["would"] = verdict.would.value
+        log.info("", extra={"mailgate_fields": fields})
+
+
+def _content_problem(problems: DataProblems) -> Reply | None:
+    if problems.bare_newline:
+        return replies.BARE_NEWLINE
+    if problems.oversized:
+        return replies.MESSAGE_TOO_BIG
+    if problems.long_line:
+        return replies.DATA_LINE_TOO_LONG
+    return None
+
+
+def _drop_own_headers(name: bytes, raw: bytes) -> bool:
+    return name in OWN_HEADERS

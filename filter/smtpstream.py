@@ -1,0 +1,193 @@
+"""A byte stream over an asyncio transport, shaped for SMTP on both sides.
+
+Why not asyncio.StreamReader: SMTP needs to push back bytes read past the end of
+DATA (pipelined commands after the final dot), to drop buffered plaintext on
+STARTTLS (CVE-2011-0411 command injection), and to read lines with a hard length
+limit without buffering an attacker's endless line. This class does those three
+things and nothing else; it knows no SMTP verbs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+HIGH_WATER = 256 * 1024  # pause reading when this much is buffered and unread
+
+
+class StreamClosed(ConnectionError):
+    """The peer closed the connection (or it broke) while we waited for bytes."""
+
+
+class LineTooLong(ValueError):
+    """A line exceeded the limit; its bytes up to the next LF have been discarded."""
+
+
+class SMTPStream(asyncio.Protocol):
+    """Buffered reader and writer for one connection."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.connected = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.Protocol --------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but quack alike.
+        self.transport = transport  # type: ignore[assignment]
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        self._wake()
+        if len(self._buf) > HIGH_WATER and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+        if self._drain_waiter and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(StreamClosed("connection lost"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- reading -------------------------------------------------------------
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _wait(self) -> None:
+        if self._eof:
+            raise StreamClosed("connection closed by peer")
+        if self._paused and self.transport:
+            self._paused = False
+            self.transport.resume_reading()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    async def readline(self, limit: int) -> bytes:
+        """One line including its LF. Raises LineTooLong past ``limit`` bytes."""
+        start = 0
+        while True:
+            i = self._buf.find(b"\n", start)
+            if i >= 0:
+                if i + 1 > limit:
+                    del self._buf[: i + 1]
+                    raise LineTooLong(limit)
+                line = bytes(self._buf[: i + 1])
+                del self._buf[: i + 1]
+                return line
+            if len(self._buf) > limit:
+                await self._discard_line()
+                raise LineTooLong(limit)
+            start = len(self._buf)
+            await self._wait()
+
+    async def _discard_line(self) -> None:
+        while True:
+            i = self._buf.find(b"\n")
+            if i >= 0:
+                del self._buf[: i + 1]
+                return
+            self._buf.clear()
+            await self._wait()
+
+    async def read_some(self) -> bytes:
+        """Whatever is buffered (waiting for at least one byte)."""
+        while not self._buf:
+            await self._wait()
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front of the buffer (read past the end of DATA)."""
+        if data:
+            self._buf[0:0] = data
+
+    def discard_buffer(self) -> int:
+        """Drop unread bytes (plaintext pipelined after STARTTLS); return how many."""
+        n = len(self._buf)
+        self._buf.clear()
+        return n
+
+    # -- writing ---------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if not self._write_paused:
+            return
+        if self._eof:
+            raise StreamClosed("connection lost")
+        self._drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def closed(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    async def start_tls(
+        self, context: ssl.SSLContext, server_side: bool, handshake_timeout: float
+    ) -> None:
+        """Upgrade the connection in place; the protocol (this object) stays."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        new = await loop.start_tls(
+            self.transport,
+            self,
+            context,
+            server_side=server_side,
+            ssl_handshake_timeout=handshake_timeout,
+        )
+        if new is None:
+            raise StreamClosed("TLS handshake failed")
+        self.transport = new
+
+    def peername(self) -> tuple[str, int]:
+        assert self.transport is not None
+        peer = self.transport.get_extra_info("peername")
+        return (str(peer[0]), int(peer[1])) if peer else ("", 0)
+
+    def sockname(self) -> tuple[str, int]:
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("sockname")
+        return (str(sock[0]), int(sock[1])) if sock else ("", 0)

@@ -1,0 +1,136 @@
+"""Parsing of SMTP command lines and envelope paths (RFC 5321 4.1), sans I/O.
+
+Lenient where real clients deviate harmlessly (a space after ``FROM:``, lower-case
+verbs, source routes), strict where a value travels on to the upstream: no control
+characters anywhere, bounded lengths, and ESMTP parameters only in their RFC syntax,
+so nothing mailgate relays can inject a second command.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+MAX_PATH = 256  # RFC 5321 4.5.3.1.3, including the angle brackets
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+$")  # no SP, no "=", no controls
+_DOMAIN = re.compile(
+    r"^(?:\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]|"
+    r"(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?"
+    r"\.?)+)$"
+)
+
+
+class SyntaxProblem(ValueError):
+    """A command argument that does not parse; the message is safe to show the client."""
+
+
+@dataclass(frozen=True)
+class Command:
+    verb: str  # upper-cased
+    arg: str  # the rest of the line, leading blanks removed, CRLF stripped
+
+
+@dataclass(frozen=True)
+class PathArg:
+    """The argument of MAIL FROM / RCPT TO: the address without brackets, and parameters."""
+
+    address: str
+    params: dict[str, str | None] = field(default_factory=dict)
+    raw_params: tuple[str, ...] = ()
+
+
+def parse_command(line: bytes) -> Command:
+    """Split a received line (with its line ending) into verb and argument.
+
+    Raises SyntaxProblem for bytes that are not UTF-8 or carry control characters.
+    """
+    body = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SyntaxProblem("command is not valid UTF-8") from exc
+    if _CONTROL.search(text.replace("\t", " ")):
+        raise SyntaxProblem("control characters in command")
+    verb, _, arg = text.strip(" ").partition(" ")
+    return Command(verb.upper(), arg.strip(" "))
+
+
+def parse_path(arg: str, keyword: str) -> PathArg:
+    """Parse ``FROM:<addr> PARAM=VALUE…`` (keyword "FROM") or ``TO:<addr> …`` ("TO")."""
+    head = keyword + ":"
+    if arg[: len(head)].upper() != head:
+        raise SyntaxProblem(f"expected {keyword}:<address>")
+    rest = arg[len(head) :].lstrip(" ")
+    if not rest.startswith("<"):
+        # RFC 5321 requires brackets; Postfix accepts a bare address too. So do we,
+        # as long as it is a single token.
+        token, _, params_text = rest.partition(" ")
+        if not token or "<" in token or ">" in token:
+            raise SyntaxProblem("address must be enclosed in <>")
+        address = token
+    else:
+        close = rest.find(">")
+        if close < 0:
+            raise SyntaxProblem("missing > after the address")
+        address = rest[1:close]
+        params_text = rest[close + 1 :]
+        if params_text and not params_text.startswith(" "):
+            raise SyntaxProblem("garbage after the address")
+        if len(rest[: close + 1]) > MAX_PATH:
+            raise SyntaxProblem("address too long")
+    address = _strip_source_route(address)
+    _check_address(address)
+    params, raw = _parse_params(params_text)
+    return PathArg(address, params, raw)
+
+
+def _strip_source_route(address: str) -> str:
+    # "<@relay1,@relay2:user@example.org>": RFC 5321 4.1.1.3 says to ignore the route.
+    if address.startswith("@") and ":" in address:
+        return address.split(":", 1)[1]
+    return address
+
+
+def _check_address(address: str) -> None:
+    if not address:
+        return  # the null path <>
+    if " " in address or _CONTROL.search(address):
+        raise SyntaxProblem("invalid characters in address")
+    if address.startswith('"'):
+        end = address.rfind('"')
+        if end <= 0 or (not address[end + 1 :].startswith("@") and address[end + 1 :]):
+            raise SyntaxProblem("malformed quoted local part")
+        local, domain = address[: end + 1], address[end + 2 :]
+    else:
+        local, sep, domain = address.rpartition("@")
+        if not sep:
+            local, domain = address, ""
+    if len(local.encode()) > MAX_LOCAL_PART + 2 * local.startswith('"'):
+        raise SyntaxProblem("local part too long")
+    if domain and (len(domain.encode()) > MAX_DOMAIN or not _DOMAIN.match(domain)):
+        raise SyntaxProblem("invalid domain")
+
+
+def _parse_params(text: str) -> tuple[dict[str, str | None], tuple[str, ...]]:
+    params: dict[str, str | None] = {}
+    raw: list[str] = []
+    for token in text.split():
+        key, eq, value = token.partition("=")
+        if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
+            raise SyntaxProblem(f"malformed parameter {token[:40]!r}")
+        ukey = key.upper()
+        if ukey in params:
+            raise SyntaxProblem(f"duplicate parameter {ukey}")
+        params[ukey] = value if eq else None
+        raw.append(token)
+    return params, tuple(raw)
+
+
+def is_domain_or_literal(name: str) -> bool:
+    """Whether a HELO/EHLO argument is syntactically a domain or address literal."""
+    return bool(name) and len(name) <= MAX_DOMAIN and bool(_DOMAIN.match(name))

@@ -1,0 +1,227 @@
+"""Metric names and labels as the contract exposes them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from filter import __version__
+from filter.metrics import (
+    CONNECTION_RESULTS,
+    GREYLIST_RESULTS,
+    MESSAGE_ACTIONS,
+    MULTIPROC_ENV,
+    UPSTREAM_STAGES,
+    Metrics,
+    bounded,
+    code_class,
+    exposition,
+)
+
+# The contract's minimum, as exposed sample names -> type.
+CONTRACT = {
+    "mailgate_connections_total": "counter",
+    "mailgate_active_sessions": "gauge",
+    "mailgate_messages_total": "counter",
+    "mailgate_check_results_total": "counter",
+    "mailgate_greylist_total": "counter",
+    "mailgate_dns_query_duration_seconds": "histogram",
+    "mailgate_upstream_errors_total": "counter",
+    "mailgate_store_errors_total": "counter",
+    "mailgate_policy_reloads_total": "counter",
+    "mailgate_build_info": "gauge",
+}
+EXTRA = {
+    "mailgate_smtp_replies_total": "counter",
+    "mailgate_would_action_total": "counter",
+    "mailgate_check_duration_seconds": "histogram",
+    "mailgate_upstream_duration_seconds": "histogram",
+    "mailgate_message_size_bytes": "histogram",
+    "mailgate_session_duration_seconds": "histogram",
+    "mailgate_policy_generation": "gauge",
+}
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+def scrape(m: Metrics) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Sample name -> {sorted labels -> value}, via the Prometheus text parser."""
+    body, ctype = exposition(m.registry)
+    assert ctype.startswith("text/plain; version=0.0.4")
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def types(m: Metrics) -> dict[str, str]:
+    """Exposed base name (as the TYPE line says it) -> type."""
+    body, _ = exposition(m.registry)
+    found = {}
+    for line in body.decode().splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            found[name] = kind
+    return found
+
+
+def test_contract_names_and_types(metrics: Metrics) -> None:
+    exposed = types(metrics)
+    for name, kind in {**CONTRACT, **EXTRA}.items():
+        assert exposed.get(name) == kind, name
+    # Nothing outside our namespace, no "_info" suffix, no "_created" noise.
+    assert all(n.startswith("mailgate_") for n in exposed)
+    assert not any(n.endswith(("_info_info", "_created")) for n in exposed)
+
+
+def test_contract_names_through_the_parser(metrics: Metrics) -> None:
+    # Labelled histograms show no samples until observed.
+    metrics.observe_dns("A", "ok", 0.01)
+    metrics.count_check("spf", "pass", seconds=0.01)
+    metrics.observe_upstream("rcpt", 0.01)
+    families = {
+        f.name: f for f in text_string_to_metric_families(exposition(metrics.registry)[0].decode())
+    }
+    for name, kind in {**CONTRACT, **EXTRA}.items():
+        base = name.removesuffix("_total") if kind == "counter" else name
+        assert families[base].type == kind, name
+        names = {s.name for s in families[base].samples}
+        expected = f"{name}_bucket" if kind == "histogram" else name
+        assert expected in names, (name, names)
+
+
+def test_labels_preinitialised_to_zero(metrics: Metrics) -> None:
+    samples = scrape(metrics)
+    assert samples["mailgate_messages_total"] == {(("action", a),): 0.0 for a in MESSAGE_ACTIONS}
+    assert samples["mailgate_connections_total"] == {
+        (("result", r),): 0.0 for r in CONNECTION_RESULTS
+    }
+    assert set(samples["mailgate_greylist_total"]) == {(("result", r),) for r in GREYLIST_RESULTS}
+    assert set(samples["mailgate_upstream_errors_total"]) == {
+        (("stage", s),) for s in UPSTREAM_STAGES
+    }
+    assert set(samples["mailgate_policy_reloads_total"]) == {
+        (("outcome", "ok"),),
+        (("outcome", "error"),),
+    }
+    assert samples["mailgate_store_errors_total"] == {(): 0.0}
+    assert samples["mailgate_active_sessions"] == {(): 0.0}
+    assert (("code_class", "5xx"), ("stage", "rcpt")) in samples["mailgate_smtp_replies_total"]
+
+
+def test_build_info_is_one_with_version(metrics: Metrics) -> None:
+    assert scrape(metrics)["mailgate_build_info"] == {(("version", __version__),): 1.0}
+
+
+def test_helpers_count_and_clamp(metrics: Metrics) -> None:
+    metrics.count_message("reject")
+    metrics.count_message("192.0.2.1")  # never a free-text label value
+    metrics.count_connection("accepted")
+    metrics.count_check("spf", "pass", seconds=0.01)
+    metrics.count_check("evil.example", "whatever")
+    metrics.observe_dns("txt", "ok", 0.02)
+    metrics.observe_dns("HINFO", "weird", 0.02)
+    metrics.count_reply("ehlo", 250)
+    metrics.count_reply("rcpt", 554)
+    metrics.count_reply("nonsense", 999)
+    metrics.count_upstream_error("rcpt")
+    metrics.count_greylist("new")
+    metrics.count_would_action("reject")
+    metrics.count_reload(True, generation=3)
+    metrics.count_reload(False)
+    metrics.store_errors.inc()
+    metrics.active_sessions.inc()
+    s = scrape(metrics)
+    assert s["mailgate_messages_total"][(("action", "reject"),)] == 1
+    assert s["mailgate_messages_total"][(("action", "other"),)] == 1
+    assert s["mailgate_connections_total"][(("result", "accepted"),)] == 1
+    assert s["mailgate_check_results_total"] == {
+        (("check", "spf"), ("result", "pass")): 1,
+        (("check", "other"), ("result", "other")): 1,
+    }
+    assert s["mailgate_check_duration_seconds_count"] == {(("check", "spf"),): 1}
+    assert s["mailgate_dns_query_duration_seconds_count"] == {
+        (("outcome", "ok"), ("rtype", "TXT")): 1,
+        (("outcome", "other"), ("rtype", "other")): 1,
+    }
+    replies = s["mailgate_smtp_replies_total"]
+    assert replies[(("code_class", "2xx"), ("stage", "helo"))] == 1
+    assert replies[(("code_class", "5xx"), ("stage", "rcpt"))] == 1
+    assert replies[(("code_class", "other"), ("stage", "other"))] == 1
+    assert s["mailgate_upstream_errors_total"][(("stage", "rcpt"),)] == 1
+    assert s["mailgate_greylist_total"][(("result", "new"),)] == 1
+    assert s["mailgate_would_action_total"][(("action", "reject"),)] == 1
+    assert s["mailgate_policy_reloads_total"] == {
+        (("outcome", "ok"),): 1,
+        (("outcome", "error"),): 1,
+    }
+    assert s["mailgate_policy_generation"] == {(): 3}
+    assert s["mailgate_store_errors_total"] == {(): 1}
+    assert s["mailgate_active_sessions"] == {(): 1}
+
+
+def test_bounded_and_code_class() -> None:
+    assert bounded("a", ("a", "b")) == "a"
+    assert bounded("c", ("a", "b")) == "other"
+    assert [code_class(c) for c in (220, 354, 451, 550, 199, 600)] == [
+        "2xx",
+        "3xx",
+        "4xx",
+        "5xx",
+        "other",
+        "other",
+    ]
+
+
+def test_two_registries_do_not_clash() -> None:
+    Metrics(CollectorRegistry())
+    Metrics(CollectorRegistry())
+
+
+MULTIPROC_SCRIPT = """
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from filter.metrics import Metrics, exposition
+m = Metrics(CollectorRegistry())
+m.active_sessions.inc(2)
+m.count_message("accept")
+body, _ = exposition(m.registry)
+for fam in text_string_to_metric_families(body.decode()):
+    for s in fam.samples:
+        if s.name in ("mailgate_active_sessions", "mailgate_build_info") or (
+            s.name == "mailgate_messages_total" and s.labels.get("action") == "accept"
+        ):
+            print(s.name, s.value)
+"""
+
+
+def test_multiprocess_exposition(tmp_path: Path) -> None:
+    # prometheus_client picks its value store at import, so run a fresh interpreter.
+    env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", MULTIPROC_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert sorted(out.split("\n")) == sorted(
+        [
+            "mailgate_active_sessions 2.0",
+            "mailgate_messages_total 1.0",
+            "mailgate_build_info 1.0",
+            "",
+        ]
+    )
+    assert list(tmp_path.iterdir())  # values went to the shared directory
