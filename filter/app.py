@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -270,10 +271,19 @@ def serve(loaded: LoadedPolicy, config: Path) -> int:
     policy = loaded.policy
     setup_logging(policy.logging.format, policy.logging.level)
     workers = policy.server.workers
-    try:
-        sockets = [bind_socket(a, reuse_port=workers > 1) for a in policy.server.listen]
-    except OSError as exc:
-        log.error("cannot listen: %s", exc)
+    sockets: list[socket.socket] = []
+    for addr in policy.server.listen:
+        try:
+            sockets.append(bind_socket(addr, reuse_port=workers > 1))
+        except OSError as exc:
+            if addr.host == "::" and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                # The shipped default listens on [::]:25 too; a host without IPv6 still serves v4.
+                log.warning("skipping listener %s: no IPv6 on this host (%s)", addr, exc)
+                continue
+            log.error("cannot listen on %s: %s", addr, exc)
+            return 1
+    if not sockets:
+        log.error("no listener could be opened")
         return 1
     metrics = default_metrics()
     metrics.build_info.labels(version=__version__).set(1)

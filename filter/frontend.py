@@ -33,7 +33,7 @@ from filter.proxyproto import MAX_HEADER, ProxyProtocolError, parse_proxy_header
 from filter.replies import Reply
 from filter.session import Session, UpstreamPort, new_session_id
 from filter.smtpdata import DataReader
-from filter.smtpstream import SMTPStream, StreamClosed
+from filter.smtpstream import LineTooLong, SMTPStream, StreamClosed
 from filter.smtpsyntax import SyntaxProblem, parse_command
 
 log = logging.getLogger("mailgate.smtp")
@@ -219,12 +219,14 @@ class _Connection:
             while True:
                 idle = session.txn is None
                 if idle and self.fe.draining:
-                    self.send(replies.SHUTTING_DOWN)
-                    self.end_reason = "shutdown"
+                    await self._last_word()
                     return
                 self._set_idle(idle)
                 try:
                     line = await self._readline()
+                except LineTooLong:
+                    self.send(session._error(replies.LINE_TOO_LONG))
+                    continue
                 finally:
                     self._set_idle(False)
                 if not await self._dispatch(line):
@@ -253,6 +255,18 @@ class _Connection:
                 await _quietly(session.close())
             else:
                 session.abort()
+
+    async def _last_word(self) -> None:
+        """Draining after a transaction: a QUIT already on its way gets 221, else 421."""
+        with contextlib.suppress(TimeoutError, LineTooLong, StreamClosed):
+            async with asyncio.timeout(1.0):
+                line = await self.stream.readline(COMMAND_LINE_LIMIT)
+                if line.strip().upper() == b"QUIT":
+                    self.send(replies.closing(self.session.hostname))
+                    self.end_reason = "quit"
+                    return
+        self.send(replies.SHUTTING_DOWN)
+        self.end_reason = "shutdown"
 
     def _timeout(self) -> float:
         left = self.deadline - time.monotonic()

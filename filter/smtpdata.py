@@ -112,13 +112,21 @@ class DataReader:
         lines = segment.split(CRLF)
         # lines[0] is empty when the segment starts at a line start (leading CRLF).
         first = len(lines[0]) + (self._line_len if not starts_line else 0)
-        longest = max(first, max((len(x) for x in lines[1:]), default=0))
+        longest = max(first, max((_content_len(x) for x in lines[1:]), default=0))
         if longest > self.max_line:
             self.problems.long_line = True
         if continues:
-            self._line_len = len(lines[-1]) + (first if len(lines) == 1 else 0)
+            self._line_len = first if len(lines) == 1 else _content_len(lines[-1])
         else:
             self._line_len = 0
+
+
+def _content_len(line: bytes) -> int:
+    """Length of a wire line that starts at a line start, without its stuffing dot.
+
+    RFC 5321 4.5.3.1.6: the 1000-octet limit does not count the duplicated leading dot.
+    """
+    return len(line) - 1 if line.startswith(b".") else len(line)
 
 
 def stuff(content: bytes) -> bytes:

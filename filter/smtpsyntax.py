@@ -18,10 +18,13 @@ MAX_DOMAIN = 255
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+$")  # no SP, no "=", no controls
+_LETDIG = r"[A-Za-z0-9\u0080-\U0010ffff]"
+_LABEL = _LETDIG + r"(?:[A-Za-z0-9\u0080-\U0010ffff-]*" + _LETDIG + ")?"
+# Labels joined by mandatory dots: an optional dot between labels would let the regex
+# split a name into labels in exponentially many ways (ReDoS on a non-matching HELO).
+# \Z, not $: "$" also matches before a trailing newline.
 _DOMAIN = re.compile(
-    r"^(?:\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]|"
-    r"(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?"
-    r"\.?)+)$"
+    r"^(?:\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]|" + _LABEL + r"(?:\." + _LABEL + r")*\.?)\Z"
 )
 
 

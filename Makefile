@@ -1,0 +1,22 @@
+# mailgate developer entry points; every target bootstraps what it needs.
+VENV ?= .venv
+
+.PHONY: test run bench lint bootstrap
+
+test:
+	scripts/test.sh
+
+run:
+	scripts/run.sh
+
+bootstrap:
+	scripts/bootstrap.sh
+
+bench: bootstrap
+	scripts/ensure-redis.sh
+	$(VENV)/bin/python tests/perf/bench.py
+
+lint: bootstrap
+	$(VENV)/bin/ruff check
+	$(VENV)/bin/ruff format --check
+	$(VENV)/bin/mypy

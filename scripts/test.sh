@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole check, as CI runs it: bootstrap, Redis, ruff, mypy, pytest.
+# Every step runs even after a failure (one run shows all problems); exit is non-zero
+# if any failed.  pytest's exit 5 (no tests collected) counts as a failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/bootstrap.sh || { echo "test.sh: bootstrap failed" >&2; exit 1; }
+scripts/ensure-redis.sh || { echo "test.sh: Redis unavailable" >&2; exit 1; }
+
+failed=()
+run() {
+    local name="$1"
+    shift
+    echo "== $name: $*" >&2
+    "$@"
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        if [ "$name" = pytest ] && [ "$rc" -eq 5 ]; then
+            echo "test.sh: pytest collected no tests" >&2
+        fi
+        failed+=("$name (exit $rc)")
+    fi
+}
+
+run ruff .venv/bin/ruff check
+run mypy .venv/bin/mypy
+run pytest .venv/bin/python -m pytest tests -q -p no:cacheprovider
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "test.sh: FAILED: ${failed[*]}" >&2
+    exit 1
+fi
+echo "test.sh: all checks passed" >&2

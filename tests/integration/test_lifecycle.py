@@ -1,0 +1,156 @@
+"""Reload, graceful shutdown, metrics and health of a running mailgate."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import StartMailgate, message
+from tests.rig.client import RawSMTP, smtp_client
+from tests.rig.mailgate import MailgateProcess
+from tests.rig.upstream import ScriptedUpstream
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def _metrics(mg: MailgateProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    _, text = _get(f"http://127.0.0.1:{mg.metrics_port}/metrics")
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _send_one(mg: MailgateProcess) -> tuple[int, bytes]:
+    with smtp_client("127.0.0.1", mg.smtp_port) as c:
+        c.ehlo("client.example.org")
+        c.mail("a@example.org")
+        c.rcpt("bob@example.test")
+        return c.data(message())
+
+
+def test_metrics_move_with_traffic(mailgate: StartMailgate, upstream: ScriptedUpstream) -> None:
+    mg = mailgate()
+    before = _metrics(mg)
+    assert _send_one(mg)[0] == 250
+    upstream.refuse()
+    with smtp_client("127.0.0.1", mg.smtp_port) as c:
+        c.ehlo("client.example.org")
+        assert c.mail("a@example.org")[0] == 451
+    after = _metrics(mg)
+    key = ("mailgate_messages_total", (("action", "accept"),))
+    assert after[key] == before[key] + 1
+    conns = ("mailgate_connections_total", (("result", "accepted"),))
+    assert after[conns] >= before[conns] + 2
+    up_err = sum(v for (n, _), v in after.items() if n == "mailgate_upstream_errors_total")
+    assert up_err >= 1
+    assert after[("mailgate_build_info", (("version", "0.1.0"),))] == 1
+    _, text = _get(f"http://127.0.0.1:{mg.metrics_port}/metrics")
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    for name, kind in (
+        ("mailgate_active_sessions", "gauge"),
+        ("mailgate_policy_reloads", "counter"),
+        ("mailgate_store_errors", "counter"),
+        ("mailgate_dns_query_duration_seconds", "histogram"),
+        ("mailgate_greylist", "counter"),
+        ("mailgate_check_results", "counter"),
+        ("mailgate_upstream_errors", "counter"),
+        ("mailgate_messages", "counter"),
+        ("mailgate_connections", "counter"),
+    ):
+        assert families.get(name) == kind, name
+
+
+def test_health_and_readiness(mailgate: StartMailgate, upstream: ScriptedUpstream) -> None:
+    mg = mailgate({"redis": {"url": "redis://127.0.0.1:6379/9"}})
+    assert _get(f"http://127.0.0.1:{mg.metrics_port}/healthz")[0] == 200
+    assert _get(f"http://127.0.0.1:{mg.metrics_port}/readyz")[0] == 200
+    upstream.refuse()
+    status, body = _get(f"http://127.0.0.1:{mg.metrics_port}/readyz")
+    assert status == 503 and "upstream" in body
+    assert _get(f"http://127.0.0.1:{mg.metrics_port}/healthz")[0] == 200
+
+
+def test_readiness_reports_a_dead_store(mailgate: StartMailgate) -> None:
+    mg = mailgate({"redis": {"url": "redis://127.0.0.1:1/0"}})
+    status, body = _get(f"http://127.0.0.1:{mg.metrics_port}/readyz")
+    assert status == 503 and "store" in body
+
+
+def test_sighup_applies_a_valid_policy_and_refuses_a_broken_one(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    mg = mailgate({"server": {"max_recipients": 1}})
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    r.banner()
+    r.cmd("EHLO a.example")
+    r.cmd("MAIL FROM:<a@example.org>")
+    r.cmd("RCPT TO:<bob@example.test>")
+    assert r.cmd("RCPT TO:<carol@example.test>").code == 452
+    r.close()
+    mg.reload({"server": {"max_recipients": 5}})
+    time.sleep(0.5)
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    r.banner()
+    r.cmd("EHLO a.example")
+    r.cmd("MAIL FROM:<a@example.org>")
+    r.cmd("RCPT TO:<bob@example.test>")
+    assert r.cmd("RCPT TO:<carol@example.test>").code == 250
+    r.close()
+    # A broken policy is refused; the running one stays.
+    mg.config_path.write_text('[server]\nmax_recipients = "many"\n')
+    mg.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert "policy reload refused" in mg.logs()
+    assert "server.max_recipients" in mg.logs()
+    m = _metrics(mg)
+    assert m[("mailgate_policy_reloads_total", (("outcome", "error"),))] == 1
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    r.banner()
+    r.cmd("EHLO a.example")
+    r.cmd("MAIL FROM:<a@example.org>")
+    r.cmd("RCPT TO:<bob@example.test>")
+    assert r.cmd("RCPT TO:<carol@example.test>").code == 250
+
+
+def test_sigterm_drains_a_transaction_in_flight(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    upstream.script(delay={"data_end": 1.5})
+    mg = mailgate({"server": {"shutdown_grace": "10s"}})
+    idle = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    idle.banner()
+    idle.cmd("EHLO idle.example")
+    result: dict[str, object] = {}
+
+    def send() -> None:
+        with smtp_client("127.0.0.1", mg.smtp_port) as c:
+            c.ehlo("client.example.org")
+            c.mail("a@example.org")
+            c.rcpt("bob@example.test")
+            result["reply"] = c.data(message())
+            result["quit"] = c.docmd("QUIT")
+
+    t = threading.Thread(target=send)
+    t.start()
+    time.sleep(0.7)  # the message is now waiting for the slow upstream
+    mg.send_signal(signal.SIGTERM)
+    reply = idle.read_reply(timeout=5)
+    assert (reply.code, reply.text.split()[0]) == (421, "4.3.2")
+    t.join(10)
+    assert result["reply"][0] == 250  # type: ignore[index]
+    assert result["quit"][0] == 221  # type: ignore[index]
+    assert mg.wait(timeout=10) == 0
+    assert len(upstream.transactions) == 1

@@ -1,0 +1,215 @@
+"""Limits and protocol hygiene of the front end, with the contract's replies."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from tests.integration.conftest import StartMailgate, message
+from tests.rig.client import RawSMTP, smtp_client
+from tests.rig.upstream import ScriptedUpstream
+
+
+def _session(mg_port: int, source_ip: str = "127.0.0.1") -> RawSMTP:
+    r = RawSMTP("127.0.0.1", mg_port, source_ip=source_ip).connect()
+    assert r.banner().code == 220
+    assert r.cmd("EHLO client.example.org").code == 250
+    return r
+
+
+def test_size_declared_too_big(mailgate: StartMailgate, upstream: ScriptedUpstream) -> None:
+    mg = mailgate({"server": {"max_message_size": 10000}})
+    r = _session(mg.smtp_port)
+    reply = r.cmd("MAIL FROM:<a@example.org> SIZE=20000")
+    assert (reply.code, reply.text.split()[0]) == (552, "5.3.4")
+
+
+def test_size_actual_too_big_is_refused_and_not_relayed(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    mg = mailgate({"server": {"max_message_size": 10000}})
+    r = _session(mg.smtp_port)
+    r.cmd("MAIL FROM:<a@example.org>")
+    r.cmd("RCPT TO:<bob@example.test>")
+    assert r.cmd("DATA").code == 354
+    r.send(message(body="x" * 70 + "\r\n") * 200 + b".\r\n")
+    reply = r.read_reply()
+    assert (reply.code, reply.text.split()[0]) == (552, "5.3.4")
+    # The session stays usable.
+    assert r.cmd("NOOP").code == 250
+    assert upstream.transactions == []
+
+
+def test_too_many_recipients(mailgate: StartMailgate, upstream: ScriptedUpstream) -> None:
+    mg = mailgate({"server": {"max_recipients": 2}})
+    r = _session(mg.smtp_port)
+    r.cmd("MAIL FROM:<a@example.org>")
+    assert r.cmd("RCPT TO:<bob@example.test>").code == 250
+    assert r.cmd("RCPT TO:<carol@example.test>").code == 250
+    reply = r.cmd("RCPT TO:<alice@example.test>")
+    assert (reply.code, reply.text.split()[0]) == (452, "4.5.3")
+
+
+def test_refused_verbs_never_reach_the_upstream(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    mg = mailgate()
+    r = _session(mg.smtp_port)
+    for verb in ("VRFY bob", "EXPN staff", "TURN", "ETRN example.test"):
+        reply = r.cmd(verb)
+        assert (reply.code, reply.text.split()[0]) == (502, "5.5.1"), verb
+    r.cmd("MAIL FROM:<a@example.org>")
+    r.cmd("QUIT")
+    time.sleep(0.2)
+    verbs = {v for s in upstream.sessions for v in s.verbs()}
+    assert not verbs & {"VRFY", "EXPN", "TURN", "ETRN"}
+
+
+def test_command_timeout_gives_421_and_closes(mailgate: StartMailgate) -> None:
+    mg = mailgate({"server": {"command_timeout": "1s"}})
+    r = _session(mg.smtp_port)
+    reply = r.read_reply(timeout=5)
+    assert (reply.code, reply.text.split()[0]) == (421, "4.4.2")
+    assert r.is_closed()
+
+
+def test_data_timeout_gives_421_and_nothing_is_relayed(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    mg = mailgate({"server": {"command_timeout": "1s"}})
+    r = _session(mg.smtp_port)
+    r.cmd("MAIL FROM:<a@example.org>")
+    r.cmd("RCPT TO:<bob@example.test>")
+    r.cmd("DATA")
+    r.send(b"Subject: slowloris\r\n\r\nand then nothing")
+    reply = r.read_reply(timeout=5)
+    assert (reply.code, reply.text.split()[0]) == (421, "4.4.2")
+    assert upstream.transactions == []
+
+
+def test_slowloris_session_lifetime(mailgate: StartMailgate) -> None:
+    """A client trickling NOOPs forever is cut off by session_timeout."""
+    mg = mailgate({"server": {"command_timeout": "2s", "session_timeout": "2s"}})
+    r = _session(mg.smtp_port)
+    deadline = time.monotonic() + 6
+    last = None
+    while time.monotonic() < deadline:
+        last = r.cmd("NOOP", timeout=5)
+        if last.code != 250:
+            break
+        time.sleep(0.3)
+    assert last is not None and last.code == 421
+
+
+def test_connection_limit_per_ip(mailgate: StartMailgate) -> None:
+    mg = mailgate({"server": {"max_connections_per_ip": 2}})
+    a = _session(mg.smtp_port, "127.0.0.11")
+    b = _session(mg.smtp_port, "127.0.0.11")
+    third = RawSMTP("127.0.0.1", mg.smtp_port, source_ip="127.0.0.11").connect()
+    reply = third.banner()
+    assert (reply.code, reply.text.split()[0]) == (421, "4.7.0")
+    # Another address is still welcome.
+    other = RawSMTP("127.0.0.1", mg.smtp_port, source_ip="127.0.0.12").connect()
+    assert other.banner().code == 220
+    for s in (a, b, other):
+        s.close()
+
+
+def test_connection_limit_total(mailgate: StartMailgate) -> None:
+    mg = mailgate({"server": {"max_connections": 2}})
+    a = _session(mg.smtp_port, "127.0.0.21")
+    b = _session(mg.smtp_port, "127.0.0.22")
+    third = RawSMTP("127.0.0.1", mg.smtp_port, source_ip="127.0.0.23").connect()
+    assert third.banner().code == 421
+    a.close()
+    time.sleep(0.3)
+    fourth = RawSMTP("127.0.0.1", mg.smtp_port, source_ip="127.0.0.23").connect()
+    assert fourth.banner().code == 220
+    b.close()
+
+
+def test_pregreet_client_is_refused(mailgate: StartMailgate, upstream: ScriptedUpstream) -> None:
+    mg = mailgate({"server": {"greet_pause": "500ms"}})
+    sock = socket.create_connection(("127.0.0.1", mg.smtp_port))
+    sock.sendall(b"EHLO bot\r\n")  # before the banner
+    sock.settimeout(3)
+    data = b""
+    while not data.endswith(b"\r\n") or (data.startswith(b"220-") and data.count(b"\r\n") < 2):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    assert data.startswith(b"220-")
+    assert b"554 5.5.1" in data
+    sock.close()
+    # A polite client waits for the full banner and is served.
+    with smtp_client("127.0.0.1", mg.smtp_port) as c:
+        assert c.ehlo("client.example.org")[0] == 250
+    assert "event=pregreet" in mg.logs()
+
+
+def test_error_limit_disconnects(mailgate: StartMailgate) -> None:
+    mg = mailgate({"server": {"max_errors": 3}})
+    r = _session(mg.smtp_port)
+    codes = [r.cmd("BOGUS").code for _ in range(3)]
+    assert codes == [500, 500, 500]
+    reply = r.read_reply(timeout=3)
+    assert (reply.code, reply.text.split()[0]) == (421, "4.7.0")
+    assert r.is_closed()
+
+
+def test_overlong_command_line(mailgate: StartMailgate) -> None:
+    mg = mailgate()
+    r = _session(mg.smtp_port)
+    reply = r.cmd("MAIL FROM:<" + "a" * 5000 + "@example.org>")
+    assert reply.code == 500
+    assert r.cmd("NOOP").code == 250  # back in sync after the long line
+
+
+def test_overlong_data_line_is_refused(mailgate: StartMailgate, upstream: ScriptedUpstream) -> None:
+    mg = mailgate()
+    r = _session(mg.smtp_port)
+    r.cmd("MAIL FROM:<a@example.org>")
+    r.cmd("RCPT TO:<bob@example.test>")
+    r.cmd("DATA")
+    r.send(b"Subject: long\r\n\r\n" + b"y" * 1200 + b"\r\n.\r\n")
+    reply = r.read_reply()
+    assert reply.code == 550 and "line too long" in reply.text
+    assert upstream.transactions == []
+
+
+def test_sequence_errors(mailgate: StartMailgate) -> None:
+    mg = mailgate()
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    r.banner()
+    assert r.cmd("MAIL FROM:<a@example.org>").code == 503  # no EHLO yet
+    r.cmd("EHLO client.example.org")
+    assert r.cmd("RCPT TO:<bob@example.test>").code == 503
+    assert r.cmd("DATA").code == 503
+    assert r.cmd("MAIL FROM:<a@example.org>").code == 250
+    assert r.cmd("MAIL FROM:<a@example.org>").code == 503  # nested
+    assert r.cmd("DATA").code == 554  # no valid recipients
+    assert r.cmd("MAIL FROM:<a@example.org> FOO=bar").code == 503  # still nested
+    r.cmd("RSET")
+    assert r.cmd("MAIL FROM:<a@example.org> FOO=bar").code == 555
+    assert r.cmd("MAIL FROM:<bad address@example.org>").code == 501
+    assert r.cmd("AUTH PLAIN AAAA").code == 503
+
+
+def test_ipv6_listener_and_xclient_address(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    if not socket.has_ipv6:
+        raise AssertionError("IPv6 loopback is required on the test machine")
+    from tests.rig.ports import free_port
+
+    port = free_port()
+    mg = mailgate({"server": {"listen": [f"127.0.0.1:{port}", f"[::1]:{port}"]}}, smtp_port=port)
+    with smtp_client("::1", port, source_ip="::1") as c:
+        c.ehlo("client.example.org")
+        c.mail("a@example.org")
+        c.rcpt("bob@example.test")
+        assert c.data(message())[0] == 250
+    [txn] = upstream.wait_for_transactions(1)
+    assert txn.xclient["ADDR"] == "IPV6:::1"
+    assert mg.smtp_port == port
