@@ -128,7 +128,10 @@ class Upstream:
             if reply.code not in (220, 250):
                 self.abort()
                 raise UpstreamError("xclient", str(reply), reply)
-            await self._ehlo()
+            # After XCLIENT the upstream takes the HELO name from the next EHLO, so that
+            # EHLO carries the client's own name (as nginx's mail proxy does).
+            helo = xclient.get("HELO", "")
+            await self._ehlo(helo if helo and not helo.startswith("[UNAVAIL") else None)
         if xforward and self.capabilities.has("XFORWARD"):
             allowed = self.capabilities.params("XFORWARD")
             attrs = {k: v for k, v in xforward.items() if k in allowed}
@@ -141,8 +144,8 @@ class Upstream:
                     raise UpstreamError("xforward", str(reply), reply)
         self.timings["connect"] = time.monotonic() - t0
 
-    async def _ehlo(self) -> None:
-        reply = await self.command("ehlo", f"EHLO {self.helo_name}")
+    async def _ehlo(self, name: str | None = None) -> None:
+        reply = await self.command("ehlo", f"EHLO {name or self.helo_name}")
         if reply.code != 250:
             self.abort()
             raise UpstreamError("ehlo", str(reply), reply)

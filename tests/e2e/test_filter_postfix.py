@@ -1,0 +1,75 @@
+"""Filter mode: Postfix keeps :25 and hands each transaction to mailgate (smtpd_proxy_filter).
+
+client -> Postfix smtpd -> XFORWARD -> mailgate -> XCLIENT -> after-filter smtpd -> Maildir
+"""
+
+from __future__ import annotations
+
+import re
+
+from tests.e2e.conftest import message
+from tests.rig.client import smtp_client
+from tests.rig.mailgate import MailgateProcess
+from tests.rig.postfix import PostfixInstance
+
+
+def test_delivery_through_the_proxy_filter(
+    filter_mode: MailgateProcess, postfix_filter: PostfixInstance
+) -> None:
+    with smtp_client("127.0.0.1", postfix_filter.listen_port, source_ip="127.0.0.8") as c:
+        c.ehlo("mail.sender.example")
+        c.mail("alice@example.org")
+        c.rcpt("bob@example.test")
+        code, text = c.data(message("filter delivery"))
+    assert code == 250 and re.search(rb"queued as [A-Z0-9]+", text)
+    [msg] = postfix_filter.wait_for_messages("bob", 1)
+    assert b"Subject: filter delivery" in msg
+    # mailgate judged the real client (from XFORWARD), not Postfix on loopback:
+    assert b"X-Spam-Status: No" in msg
+    logs = filter_mode.logs()
+    assert "event=message" in logs and "client=127.0.0.8" in logs
+    assert "helo=mail.sender.example" in logs
+
+
+def test_unknown_user_is_refused_by_the_after_filter_postfix(
+    filter_mode: MailgateProcess, postfix_filter: PostfixInstance
+) -> None:
+    with smtp_client("127.0.0.1", postfix_filter.listen_port) as c:
+        c.ehlo("mail.sender.example")
+        c.mail("alice@example.org")
+        code, text = c.rcpt("nobody@example.test")
+    assert code == 550 and b"5.1.1" in text
+
+
+def test_mailgate_refusal_reaches_the_client_through_postfix(
+    tmp_path: object, filter_mode: MailgateProcess, postfix_filter: PostfixInstance
+) -> None:
+    """A content refusal by mailgate is what the client hears from Postfix.
+
+    (A bare LF would not do: the before-filter Postfix already normalises it to CRLF.
+    A 1200-octet line passes Postfix's line_length_limit of 2048 and mailgate refuses it.)
+    """
+    from tests.rig.client import RawSMTP
+
+    r = RawSMTP("127.0.0.1", postfix_filter.listen_port)
+    assert r.banner().code == 220
+    r.cmd("EHLO mail.sender.example")
+    assert r.cmd("MAIL FROM:<alice@example.org>").code == 250
+    assert r.cmd("RCPT TO:<bob@example.test>").code == 250
+    assert r.cmd("DATA").code == 354
+    r.send(b"Subject: long\r\n\r\n" + b"w" * 1200 + b"\r\n.\r\n")
+    reply = r.read_reply(timeout=15)
+    assert reply.code == 550 and "5.5.6" in reply.text, reply
+    assert postfix_filter.messages("bob") == []
+
+
+def test_mailgate_down_gives_a_temporary_error_not_a_loss(
+    filter_mode: MailgateProcess, postfix_filter: PostfixInstance
+) -> None:
+    filter_mode.stop()
+    with smtp_client("127.0.0.1", postfix_filter.listen_port) as c:
+        c.ehlo("mail.sender.example")
+        code, _ = c.mail("alice@example.org")
+        if code == 250:
+            code, _ = c.rcpt("bob@example.test")
+    assert 400 <= code < 500

@@ -1,0 +1,186 @@
+"""Connection limits and the structured log formatters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from typing import Any
+
+import pytest
+
+from filter.limits import ConnectionLimiter
+from filter.logs import EVENT, JSONFormatter, KeyValueFormatter, event
+
+
+# -- ConnectionLimiter -----------------------------------------------------------------------
+def test_total_limit() -> None:
+    lim = ConnectionLimiter(max_total=3, max_per_ip=10)
+    assert [lim.acquire(f"192.0.2.{i}") for i in range(3)] == [None, None, None]
+    assert lim.acquire("192.0.2.9") == "refused_limit"
+    assert lim.total == 3
+    assert lim.count("192.0.2.9") == 0  # a refusal is not counted in
+    lim.release("192.0.2.0")
+    assert lim.acquire("192.0.2.9") is None
+    assert lim.total == 3
+
+
+def test_per_ip_limit() -> None:
+    lim = ConnectionLimiter(max_total=100, max_per_ip=2)
+    assert lim.acquire("192.0.2.1") is None
+    assert lim.acquire("192.0.2.1") is None
+    assert lim.acquire("192.0.2.1") == "refused_per_ip"
+    assert lim.acquire("2001:db8::1") is None  # others are unaffected
+    assert lim.count("192.0.2.1") == 2
+    assert lim.total == 3
+    lim.release("192.0.2.1")
+    assert lim.count("192.0.2.1") == 1
+    assert lim.acquire("192.0.2.1") is None
+
+
+def test_total_is_checked_before_per_ip() -> None:
+    lim = ConnectionLimiter(max_total=1, max_per_ip=1)
+    assert lim.acquire("192.0.2.1") is None
+    assert lim.acquire("192.0.2.1") == "refused_limit"
+
+
+def test_release_forgets_idle_addresses() -> None:
+    lim = ConnectionLimiter(max_total=10, max_per_ip=10)
+    for _ in range(3):
+        lim.acquire("192.0.2.1")
+    for _ in range(3):
+        lim.release("192.0.2.1")
+    assert lim.total == 0
+    assert lim.count("192.0.2.1") == 0
+    assert "192.0.2.1" not in lim._per_ip  # no memory kept per past client
+
+
+def test_resize_keeps_open_connections() -> None:
+    lim = ConnectionLimiter(max_total=10, max_per_ip=5)
+    for _ in range(4):
+        assert lim.acquire("192.0.2.1") is None
+    lim.resize(max_total=3, max_per_ip=2)
+    assert lim.total == 4  # nobody is kicked out
+    assert lim.acquire("192.0.2.2") == "refused_limit"
+    lim.resize(max_total=10, max_per_ip=2)
+    assert lim.acquire("192.0.2.1") == "refused_per_ip"
+    assert lim.acquire("192.0.2.2") is None
+    for _ in range(3):
+        lim.release("192.0.2.1")
+    assert lim.acquire("192.0.2.1") is None
+    assert (lim.max_total, lim.max_per_ip) == (10, 2)
+
+
+# -- log formatters ------------------------------------------------------------------------------
+def record(
+    msg: str = "", fields: dict[str, Any] | None = None, exc: bool = False
+) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("bad\nthing")
+        except ValueError:
+            exc_info = sys.exc_info()
+    rec = logging.LogRecord("mailgate.test", logging.WARNING, __file__, 1, msg, None, exc_info)
+    if fields is not None:
+        setattr(rec, EVENT, fields)
+    return rec
+
+
+KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?:\s|$)')
+
+
+def parse_kv(line: str) -> dict[str, str]:
+    """Inverse of the key=value format, to check that quoting round-trips."""
+    out = {}
+    pos = 0
+    while pos < len(line):
+        m = KV.match(line, pos)
+        assert m is not None, f"unparsable at {pos}: {line[pos:]!r}"
+        value = m.group(2)
+        if value.startswith('"'):
+            value = re.sub(
+                r"\\(.)", lambda e: {"n": "\n", "r": "\r"}.get(e.group(1), e.group(1)), value[1:-1]
+            )
+        out[m.group(1)] = value
+        pos = m.end()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("value", "rendered"),
+    [
+        ("plain", "plain"),
+        ("two words", '"two words"'),
+        ('say "hi"', '"say \\"hi\\""'),
+        ("line\nbreak", '"line\\nbreak"'),
+        ("cr\rhere", '"cr\\rhere"'),
+        ("back\\slash", '"back\\\\slash"'),
+        ("a=b", '"a=b"'),
+        ("", '""'),
+        (None, '""'),
+        (3, "3"),
+        (0.123456, "0.1235"),
+        (123456.7, "123457"),
+        (["a", "b"], "a,b"),
+        ("café", "café"),
+    ],
+)
+def test_kv_quoting(value: object, rendered: str) -> None:
+    out = KeyValueFormatter().format(record(fields={"event": "x", "k": value}))
+    assert out.endswith(f" k={rendered}")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["x", "a b", 'q"uote', "new\nline\r\n", "tab\there", "\\", '\\"', "=", "é ü", "\x00ctl"],
+)
+def test_kv_round_trip_and_one_line(value: str) -> None:
+    out = KeyValueFormatter().format(record("m s g", {"event": "e", "k": value, "n": 1}))
+    assert "\n" not in out and "\r" not in out
+    parsed = parse_kv(out)
+    assert parsed["k"] == value
+    assert parsed["msg"] == "m s g"
+    assert parsed["event"] == "e"
+    assert parsed["level"] == "warning"
+    assert parsed["logger"] == "mailgate.test"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", parsed["ts"])
+
+
+def test_kv_plain_message_and_exception_stay_on_one_line() -> None:
+    out = KeyValueFormatter().format(record("check=spf outcome=timeout", None, exc=True))
+    assert "\n" not in out
+    assert " check=spf outcome=timeout " in out
+    assert "ValueError" in parse_kv(out)["exc"]
+    assert "bad\nthing" in parse_kv(out)["exc"]
+
+
+def test_json_formatter() -> None:
+    fields = {"event": "message", "id": "abc", "text": 'a "b"\nc', "n": 2.5, "obj": {1, 2}}
+    out = JSONFormatter().format(record("hello", fields, exc=True))
+    assert "\n" not in out
+    data = json.loads(out)
+    assert data["msg"] == "hello"
+    assert data["event"] == "message"
+    assert data["text"] == 'a "b"\nc'
+    assert data["n"] == 2.5
+    assert data["obj"] == "{1, 2}"  # not JSON-able: str()
+    assert data["level"] == "warning"
+    assert data["logger"] == "mailgate.test"
+    assert "ValueError" in data["exc"]
+
+
+def test_json_without_message_or_fields() -> None:
+    data = json.loads(JSONFormatter().format(record()))
+    assert set(data) == {"ts", "level", "logger"}
+
+
+def test_event_helper_keeps_field_order(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("mailgate.test.event")
+    with caplog.at_level(logging.INFO, logger="mailgate.test.event"):
+        event(logger, "session_end", session="s1", client="192.0.2.1", reason="quit now")
+    (rec,) = caplog.records
+    out = KeyValueFormatter().format(rec)
+    assert out.split(" ", 3)[3] == 'event=session_end session=s1 client=192.0.2.1 reason="quit now"'
+    assert json.loads(JSONFormatter().format(rec))["reason"] == "quit now"

@@ -1,0 +1,232 @@
+"""Pipeline: concurrency within a stage, needs ordering, failure isolation, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from filter.checks import Check, Context
+from filter.metrics import Metrics
+from filter.model import ClientInfo, Stage
+from filter.pipeline import Pipeline
+from filter.policy.schema import DEFAULT_POLICY
+from filter.results import CheckResult, Symbol
+
+
+class FakeCheck:
+    """A check defined here: sleeps, then reports (or raises)."""
+
+    def __init__(
+        self,
+        name: str,
+        stage: Stage = Stage.CONNECT,
+        needs: tuple[str, ...] = (),
+        delay: float = 0.0,
+        result: str = "pass",
+        error: Exception | None = None,
+        log: list[str] | None = None,
+        inspect: Callable[[Context], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.stage = stage
+        self.needs = needs
+        self.delay = delay
+        self.result = result
+        self.error = error
+        self.log = log if log is not None else []
+        self.inspect = inspect
+
+    async def run(self, ctx: Context) -> CheckResult:
+        self.log.append(f"start {self.name}")
+        if self.inspect is not None:
+            self.inspect(ctx)
+        await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        self.log.append(f"end {self.name}")
+        symbol = Symbol(f"{self.name.upper()}_{self.result.upper()}", 1.0, "fake")
+        return CheckResult(self.name, self.result, (symbol,), data={"who": self.name})
+
+
+def context() -> Context:
+    return Context(client=ClientInfo("192.0.2.1", 40000, "sess1"), policy=DEFAULT_POLICY)
+
+
+def test_fake_check_implements_the_protocol() -> None:
+    check: Check = FakeCheck("spf")  # type-checks against the Protocol
+    assert check.name == "spf"
+
+
+async def test_checks_of_a_stage_run_concurrently() -> None:
+    pipeline = Pipeline([FakeCheck("spf", delay=0.2), FakeCheck("dkim", delay=0.2)], timeout=5)
+    ctx = context()
+    t0 = time.monotonic()
+    results = await pipeline.run(Stage.CONNECT, ctx)
+    assert time.monotonic() - t0 < 0.35
+    assert sorted(r.check for r in results) == ["dkim", "spf"]
+    assert all(r.result == "pass" for r in results)
+    assert all(r.elapsed >= 0.19 for r in results)
+    assert set(ctx.results) == {"spf", "dkim"}
+
+
+async def test_only_the_requested_stage_runs() -> None:
+    log: list[str] = []
+    pipeline = Pipeline(
+        [FakeCheck("dnsbl", Stage.CONNECT, log=log), FakeCheck("spf", Stage.MAIL, log=log)],
+        timeout=5,
+    )
+    assert pipeline.has_stage(Stage.CONNECT) and pipeline.has_stage(Stage.MAIL)
+    assert not pipeline.has_stage(Stage.DATA)
+    assert await pipeline.run(Stage.DATA, context()) == []
+    results = await pipeline.run(Stage.MAIL, context())
+    assert [r.check for r in results] == ["spf"]
+    assert log == ["start spf", "end spf"]
+
+
+async def test_needs_run_after_and_see_the_result() -> None:
+    log: list[str] = []
+    seen: dict[str, str] = {}
+
+    def look(ctx: Context) -> None:
+        seen.update({name: r.result for name, r in ctx.results.items()})
+
+    checks = [
+        # Listed first, but it needs the other two.
+        FakeCheck("dmarc", Stage.DATA, needs=("spf", "dkim"), log=log, inspect=look),
+        FakeCheck("spf", Stage.DATA, delay=0.1, result="fail", log=log),
+        FakeCheck("dkim", Stage.DATA, delay=0.05, result="none", log=log),
+    ]
+    results = await Pipeline(checks, timeout=5).run(Stage.DATA, context())
+    assert log.index("start dmarc") > log.index("end spf")
+    assert log.index("start dmarc") > log.index("end dkim")
+    assert seen == {"spf": "fail", "dkim": "none"}
+    assert [r.check for r in results][-1] == "dmarc"
+
+
+async def test_needs_on_an_earlier_stage_or_a_disabled_check_do_not_block() -> None:
+    log: list[str] = []
+    checks = [
+        FakeCheck("spf", Stage.MAIL, log=log),
+        FakeCheck("dmarc", Stage.DATA, needs=("spf", "dkim"), log=log),  # dkim: not enabled
+        FakeCheck("arc", Stage.DATA, delay=0.05, log=log),
+    ]
+    results = await Pipeline(checks, timeout=5).run(Stage.DATA, context())
+    assert sorted(r.check for r in results) == ["arc", "dmarc"]
+    assert log.index("start dmarc") < log.index("end arc")  # same wave
+
+
+async def test_chain_of_needs() -> None:
+    log: list[str] = []
+    checks = [
+        FakeCheck("c", needs=("b",), log=log),
+        FakeCheck("b", needs=("a",), log=log),
+        FakeCheck("a", log=log),
+    ]
+    await Pipeline(checks, timeout=5).run(Stage.CONNECT, context())
+    assert log == ["start a", "end a", "start b", "end b", "start c", "end c"]
+
+
+async def test_a_raising_check_becomes_temperror(caplog: pytest.LogCaptureFixture) -> None:
+    checks = [
+        FakeCheck("spf", delay=0.05),
+        FakeCheck("dkim", error=RuntimeError("boom")),
+        FakeCheck("arc", error=KeyError("x"), delay=0.01),
+    ]
+    ctx = context()
+    with caplog.at_level("WARNING", logger="mailgate.pipeline"):
+        results = await Pipeline(checks, timeout=5).run(Stage.CONNECT, ctx)
+    by_name = {r.check: r for r in results}
+    assert set(by_name) == {"spf", "dkim", "arc"}
+    assert by_name["spf"].result == "pass"
+    for name in ("dkim", "arc"):
+        r = by_name[name]
+        assert r.result == "temperror"
+        assert [s.name for s in r.symbols] == [f"{name.upper()}_TEMPERROR"]
+        assert r.decision is None
+        assert ctx.results[name] is r
+    assert "RuntimeError" in by_name["dkim"].symbols[0].detail
+    assert any("check=dkim" in rec.getMessage() for rec in caplog.records)
+
+
+async def test_a_slow_check_times_out_into_temperror() -> None:
+    checks = [FakeCheck("dnsbl", delay=10.0), FakeCheck("spf", delay=0.01)]
+    t0 = time.monotonic()
+    results = await Pipeline(checks, timeout=0.2).run(Stage.CONNECT, context())
+    assert time.monotonic() - t0 < 1.0
+    by_name = {r.check: r for r in results}
+    assert by_name["spf"].result == "pass"
+    assert by_name["dnsbl"].result == "temperror"
+    assert by_name["dnsbl"].symbols[0].name == "DNSBL_TEMPERROR"
+    assert "timed out" in by_name["dnsbl"].symbols[0].detail
+    assert by_name["dnsbl"].elapsed == pytest.approx(0.2, abs=0.15)
+
+
+async def test_a_failed_need_still_lets_the_dependent_run() -> None:
+    seen: dict[str, str] = {}
+    checks = [
+        FakeCheck("spf", error=OSError("dns")),
+        FakeCheck(
+            "dmarc",
+            needs=("spf",),
+            inspect=lambda ctx: seen.update(spf=ctx.results["spf"].result),
+        ),
+    ]
+    results = await Pipeline(checks, timeout=5).run(Stage.CONNECT, context())
+    assert seen == {"spf": "temperror"}
+    assert [r.result for r in results] == ["temperror", "pass"]
+
+
+@pytest.mark.parametrize(
+    "checks",
+    [
+        [FakeCheck("a", needs=("b",)), FakeCheck("b", needs=("a",))],
+        [FakeCheck("a", needs=("a",))],
+        [FakeCheck("a", needs=("c",)), FakeCheck("b", needs=("a",)), FakeCheck("c", needs=("b",))],
+        [
+            FakeCheck("x"),
+            FakeCheck("a", Stage.RCPT, needs=("b",)),
+            FakeCheck("b", Stage.RCPT, needs=("a",)),
+        ],
+    ],
+)
+def test_circular_needs_raise_at_construction(checks: list[FakeCheck]) -> None:
+    with pytest.raises(ValueError, match="circular"):
+        Pipeline(checks, timeout=1)
+
+
+def test_duplicate_names_raise() -> None:
+    with pytest.raises(ValueError, match="name"):
+        Pipeline([FakeCheck("spf"), FakeCheck("spf", Stage.MAIL)], timeout=1)
+
+
+async def test_metrics_are_counted() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry=registry)
+    checks = [
+        FakeCheck("spf", result="fail"),
+        FakeCheck("dkim", error=RuntimeError("boom")),
+        FakeCheck("dnsbl", delay=5.0),
+        FakeCheck("homegrown"),  # not a known check name: counted as "other"
+    ]
+    pipeline = Pipeline(checks, timeout=0.1, metrics=metrics)
+    await pipeline.run(Stage.CONNECT, context())
+    await pipeline.run(Stage.CONNECT, context())
+
+    def count(check: str, result: str) -> float | None:
+        labels = {"check": check, "result": result}
+        return registry.get_sample_value("mailgate_check_results_total", labels)
+
+    assert count("spf", "fail") == 2
+    assert count("dkim", "temperror") == 2
+    assert count("dnsbl", "temperror") == 2
+    assert count("other", "pass") == 2
+    assert count("spf", "pass") in (None, 0.0)
+    for name in ("spf", "dkim", "dnsbl", "other"):
+        n = registry.get_sample_value("mailgate_check_duration_seconds_count", {"check": name})
+        assert n == 2, name
+    total = registry.get_sample_value("mailgate_check_duration_seconds_sum", {"check": "dnsbl"})
+    assert total is not None and total >= 0.2

@@ -1,0 +1,255 @@
+"""SMTP command lines and MAIL/RCPT paths (RFC 5321 4.1)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from filter.smtpsyntax import (
+    MAX_DOMAIN,
+    MAX_LOCAL_PART,
+    MAX_PATH,
+    Command,
+    PathArg,
+    SyntaxProblem,
+    is_domain_or_literal,
+    parse_command,
+    parse_path,
+)
+
+
+# -- parse_command ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("line", "verb", "arg"),
+    [
+        (b"NOOP\r\n", "NOOP", ""),
+        (b"noop\r\n", "NOOP", ""),
+        (b"mail FROM:<a@example.org>\r\n", "MAIL", "FROM:<a@example.org>"),
+        (b"Rcpt To:<b@example.org> NOTIFY=NEVER\r\n", "RCPT", "To:<b@example.org> NOTIFY=NEVER"),
+        (b"EHLO   client.example.org  \r\n", "EHLO", "client.example.org"),
+        (b"  helo x\r\n", "HELO", "x"),
+        (b"QUIT\n", "QUIT", ""),  # a bare LF line ending is tolerated here
+        (b"QUIT", "QUIT", ""),
+        (b"HELO a\tb\r\n", "HELO", "a\tb"),  # HTAB is not a control character for this
+        ("MAIL FROM:<jörg@exämple.org>\r\n".encode(), "MAIL", "FROM:<jörg@exämple.org>"),
+        (b"\r\n", "", ""),
+    ],
+)
+def test_parse_command(line: bytes, verb: str, arg: str) -> None:
+    assert parse_command(line) == Command(verb, arg)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"NOOP\x00\r\n",
+        b"MAIL FROM:<a\x00b@example.org>\r\n",
+        b"HELO a\rb\r\n",  # bare CR inside the line
+        b"HELO a\nb\r\n",
+        b"NOOP\x7f\r\n",
+        b"NOOP\x1b[31m\r\n",
+        b"RSET\r\r\n",
+    ],
+)
+def test_parse_command_refuses_control_characters(line: bytes) -> None:
+    with pytest.raises(SyntaxProblem, match="control"):
+        parse_command(line)
+
+
+@pytest.mark.parametrize("line", [b"HELO \xff\r\n", b"MAIL FROM:<\xc3@x.org>\r\n", b"\x80\r\n"])
+def test_parse_command_refuses_non_utf8(line: bytes) -> None:
+    with pytest.raises(SyntaxProblem, match="UTF-8"):
+        parse_command(line)
+
+
+def test_syntax_problem_is_a_value_error() -> None:
+    assert issubclass(SyntaxProblem, ValueError)
+
+
+# -- parse_path ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("arg", "keyword", "address", "params"),
+    [
+        ("FROM:<>", "FROM", "", {}),
+        ("FROM:<a@example.org>", "FROM", "a@example.org", {}),
+        ("from:<a@example.org>", "FROM", "a@example.org", {}),
+        ("FROM: <a@example.org>", "FROM", "a@example.org", {}),  # space after the colon
+        ("FROM:  <a@example.org>", "FROM", "a@example.org", {}),
+        ("TO:<b@example.org>", "TO", "b@example.org", {}),
+        ("TO:<postmaster>", "TO", "postmaster", {}),
+        ("TO:<Postmaster@example.org>", "TO", "Postmaster@example.org", {}),
+        ("FROM:a@example.org", "FROM", "a@example.org", {}),  # bare address, as Postfix
+        ("FROM:a@example.org SIZE=10", "FROM", "a@example.org", {"SIZE": "10"}),
+        ("FROM:<> BODY=8BITMIME", "FROM", "", {"BODY": "8BITMIME"}),
+        (
+            "FROM:<a@example.org> SIZE=1000 BODY=8BITMIME SMTPUTF8",
+            "FROM",
+            "a@example.org",
+            {"SIZE": "1000", "BODY": "8BITMIME", "SMTPUTF8": None},
+        ),
+        ("FROM:<a@example.org>  size=5  ", "FROM", "a@example.org", {"SIZE": "5"}),
+        (
+            "TO:<b@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+40example.org",
+            "TO",
+            "b@example.org",
+            {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;b+40example.org"},
+        ),
+        ("TO:<@r1.example,@r2.example:c@example.org>", "TO", "c@example.org", {}),
+        ("TO:<@r1.example:c@example.org>", "TO", "c@example.org", {}),
+        ('FROM:<"john.doe."@example.org>', "FROM", '"john.doe."@example.org', {}),
+        ('FROM:<"a@b"@example.org>', "FROM", '"a@b"@example.org', {}),
+        ("FROM:<a@[192.0.2.1]>", "FROM", "a@[192.0.2.1]", {}),
+        ("FROM:<a@[IPv6:2001:db8::1]>", "FROM", "a@[IPv6:2001:db8::1]", {}),
+        ("FROM:<jörg@exämple.org> SMTPUTF8", "FROM", "jörg@exämple.org", {"SMTPUTF8": None}),
+        ("FROM:<a@example.org.>", "FROM", "a@example.org.", {}),
+    ],
+)
+def test_parse_path(arg: str, keyword: str, address: str, params: dict[str, str | None]) -> None:
+    parsed = parse_path(arg, keyword)
+    assert parsed.address == address
+    assert parsed.params == params
+    assert isinstance(parsed, PathArg)
+
+
+def test_raw_params_keep_their_spelling() -> None:
+    parsed = parse_path("FROM:<a@example.org> size=10 Body=7BIT X-Foo", "FROM")
+    assert parsed.raw_params == ("size=10", "Body=7BIT", "X-Foo")
+    assert parsed.params == {"SIZE": "10", "BODY": "7BIT", "X-FOO": None}
+
+
+def _domain(length: int) -> str:
+    """A syntactically valid domain of exactly ``length`` characters."""
+    labels = []
+    remaining = length
+    while remaining > 0:
+        n = min(63, remaining)
+        if remaining - n == 1:  # avoid leaving a lone dot
+            n -= 2
+        labels.append("d" * n)
+        remaining -= n + 1
+    domain = ".".join(labels)
+    assert len(domain) == length
+    return domain
+
+
+@pytest.mark.parametrize(
+    ("arg", "keyword", "match"),
+    [
+        ("TO:<a@example.org>", "FROM", "FROM:"),
+        ("FROM <a@example.org>", "FROM", "FROM:"),
+        ("FROM:", "FROM", "enclosed"),
+        ("FROM:a@example.org>", "FROM", "enclosed"),
+        ("FROM:<a@example.org", "FROM", "missing >"),
+        ("FROM:<a@example.org>x", "FROM", "garbage"),
+        ("FROM:<a@example.org>SIZE=1", "FROM", "garbage"),
+        ("FROM:<a@example.org>> SIZE=1", "FROM", "garbage"),
+        ("FROM:<a b@example.org>", "FROM", "invalid characters"),
+        ("FROM:<a\x01b@example.org>", "FROM", "invalid characters"),
+        ("FROM:<a@example.org\r\nRSET>", "FROM", "invalid characters"),
+        ("FROM:<a@exa_mple.org>", "FROM", "invalid domain"),
+        ("FROM:<a@-example.org>", "FROM", "invalid domain"),
+        ("FROM:<a@example..org>", "FROM", "invalid domain"),
+        ("FROM:<a@[192.0.2.1>", "FROM", "invalid domain"),
+        ('FROM:<"unterminated@example.org>', "FROM", "quoted"),
+        ('FROM:<"a"b@example.org>', "FROM", "quoted"),
+        ("FROM:<a@example.org> SIZE=1 SIZE=2", "FROM", "duplicate"),
+        ("FROM:<a@example.org> SIZE=1 size=2", "FROM", "duplicate"),
+        ("FROM:<a@example.org> SIZE=", "FROM", "malformed"),
+        ("FROM:<a@example.org> =1", "FROM", "malformed"),
+        ("FROM:<a@example.org> -X=1", "FROM", "malformed"),
+        ("FROM:<a@example.org> X_Y=1", "FROM", "malformed"),
+        ("FROM:<a@example.org> A=b=c", "FROM", "malformed"),
+        ("FROM:<a@example.org> A=b\x00", "FROM", "malformed"),
+        ("FROM:<a@example.org> A=\x7f", "FROM", "malformed"),
+    ],
+)
+def test_parse_path_refuses(arg: str, keyword: str, match: str) -> None:
+    with pytest.raises(SyntaxProblem, match=match):
+        parse_path(arg, keyword)
+
+
+def test_local_part_length() -> None:
+    ok = "l" * MAX_LOCAL_PART
+    assert parse_path(f"FROM:<{ok}@example.org>", "FROM").address == f"{ok}@example.org"
+    with pytest.raises(SyntaxProblem, match="local part too long"):
+        parse_path(f"FROM:<{ok}l@example.org>", "FROM")
+    # The quotes of a quoted local part do not count.
+    assert parse_path(f'FROM:<"{ok}"@example.org>', "FROM").address == f'"{ok}"@example.org'
+    with pytest.raises(SyntaxProblem, match="local part too long"):
+        parse_path(f'FROM:<"{ok}l"@example.org>', "FROM")
+    # Bytes, not characters: 33 two-byte characters are 66 octets.
+    with pytest.raises(SyntaxProblem, match="local part too long"):
+        parse_path(f"FROM:<{'é' * 33}@example.org>", "FROM")
+
+
+def test_domain_length() -> None:
+    # Without brackets there is no path limit, so the domain limit shows on its own.
+    assert parse_path(f"TO:a@{_domain(MAX_DOMAIN)}", "TO").address.endswith(_domain(MAX_DOMAIN))
+    with pytest.raises(SyntaxProblem, match="invalid domain"):
+        parse_path(f"TO:a@{_domain(MAX_DOMAIN + 1)}", "TO")
+
+
+def test_path_length() -> None:
+    # "<" + local + "@" + domain + ">" is the path, MAX_PATH octets at most.
+    local = "l" * 60
+    ok_domain = _domain(MAX_PATH - len(local) - 3)
+    assert len(f"<{local}@{ok_domain}>") == MAX_PATH
+    assert parse_path(f"TO:<{local}@{ok_domain}>", "TO").address == f"{local}@{ok_domain}"
+    long_domain = _domain(MAX_PATH - len(local) - 2)
+    with pytest.raises(SyntaxProblem, match="too long"):
+        parse_path(f"TO:<{local}@{long_domain}>", "TO")
+
+
+def test_source_route_stripped_before_checks() -> None:
+    with pytest.raises(SyntaxProblem):
+        parse_path("TO:<@r1.example:bad address@example.org>", "TO")
+
+
+# -- is_domain_or_literal ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("mail.example.org", True),
+        ("localhost", True),
+        ("example.org.", True),
+        ("a-b.example", True),
+        ("xn--bcher-kva.example", True),
+        ("bücher.example", True),
+        ("[192.0.2.1]", True),
+        ("[IPv6:2001:db8::1]", True),
+        ("[IPv6:::1]", True),
+        (_domain(MAX_DOMAIN), True),
+        ("", False),
+        (_domain(MAX_DOMAIN + 1), False),
+        ("a b", False),
+        ("under_score.example", False),
+        ("-leading.example", False),
+        ("trailing-.example", False),
+        ("double..dot", False),
+        (".leading.dot", False),
+        ("[192.0.2.1", False),
+        ("192.0.2.1]", False),
+        ("[bogus]", False),
+        ("host\x00.example", False),
+        ("host\r\n.example", False),
+        ("example.org\n", False),  # "$" would match before a trailing newline
+        ("[192.0.2.1]\n", False),
+    ],
+)
+def test_is_domain_or_literal(name: str, ok: bool) -> None:
+    assert is_domain_or_literal(name) is ok
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a" * 250 + "_", "a-" * 120 + "_", "a" + "-" * 250 + "_", "a." * 120 + "_", "é" * 250 + "!"],
+)
+def test_domain_regex_is_linear(name: str) -> None:
+    # An ambiguous pattern took seconds (doubling per character) on ~25-character
+    # non-matching HELO names, blocking the event loop: a one-line DoS.
+    t0 = time.perf_counter()
+    assert not is_domain_or_literal(name)
+    with pytest.raises(SyntaxProblem):
+        parse_path(f"FROM:a@{name}", "FROM")
+    assert time.perf_counter() - t0 < 0.05
