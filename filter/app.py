@@ -18,7 +18,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from filter import __version__
@@ -79,7 +79,36 @@ def bind_socket(addr: Address, reuse_port: bool) -> socket.socket:
     return sock
 
 
-class UpstreamCapabilities:
+def worker_limits(policy: Policy) -> tuple[int, int]:
+    """This process's share of the connection limits (see filter.limits)."""
+    srv = policy.server
+    n = srv.workers
+    return -(-srv.max_connections // n), -(-srv.max_connections_per_ip // n)
+
+
+def open_listeners(listen: Iterable[Address], reuse_port: bool) -> list[socket.socket]:
+    """Bind every listener; raise OSError naming the address that failed.
+
+    The shipped default also listens on ``[::]:25``; on a host without IPv6 that one
+    listener is skipped with a warning instead of refusing to start.
+    """
+    sockets: list[socket.socket] = []
+    for addr in listen:
+        try:
+            sockets.append(bind_socket(addr, reuse_port))
+        except OSError as exc:
+            if addr.host == "::" and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                log.warning("skipping listener %s: no IPv6 on this host (%s)", addr, exc)
+                continue
+            for sock in sockets:
+                sock.close()
+            raise OSError(exc.errno, f"{addr}: {exc.strerror}") from exc
+    if not sockets:
+        raise OSError(errno.EADDRNOTAVAIL, "no listener could be opened")
+    return sockets
+
+
+class CapabilityCache:
     """The extensions the upstream offered last time we talked to it (shared by sessions)."""
 
     def __init__(self) -> None:
@@ -94,7 +123,7 @@ class UpstreamCapabilities:
         self.checked_at = time.monotonic()
 
 
-async def probe_upstream(policy: Policy, caps: UpstreamCapabilities | None = None) -> str | None:
+async def probe_upstream(policy: Policy, caps: CapabilityCache | None = None) -> str | None:
     """Connect, EHLO, QUIT; return None if the upstream answers, else the problem."""
     up = new_upstream(policy, caps)
     try:
@@ -105,7 +134,7 @@ async def probe_upstream(policy: Policy, caps: UpstreamCapabilities | None = Non
     return None
 
 
-def new_upstream(policy: Policy, caps: UpstreamCapabilities | None) -> Upstream:
+def new_upstream(policy: Policy, caps: CapabilityCache | None) -> Upstream:
     u = policy.upstream
     return Upstream(
         u.address.host,
@@ -144,9 +173,8 @@ class Server:
         self.metrics = metrics
         self.worker = worker
         self.runtime = build_runtime(loaded.policy, metrics)
-        srv = loaded.policy.server
-        self.limiter = ConnectionLimiter(srv.max_connections, srv.max_connections_per_ip)
-        self.caps = UpstreamCapabilities()
+        self.limiter = ConnectionLimiter(*worker_limits(loaded.policy))
+        self.caps = CapabilityCache()
         self.frontend = Frontend(
             lambda: self.runtime,
             metrics,
@@ -171,7 +199,7 @@ class Server:
             self.servers.append(
                 await start_http_api((m.host, m.port), self.metrics, self.readiness)
             )
-        self.metrics.count_reload(True, self.runtime.generation)
+        self.metrics.policy_generation.set(self.runtime.generation)
         problem = await probe_upstream(self.policy, self.caps)
         if problem:
             log.warning("upstream not answering at start: %s", problem)
@@ -204,13 +232,12 @@ class Server:
             self.metrics.count_reload(False)
             return False
         old = self.runtime.policy
-        for key in ("listen", "workers", "proxy_protocol"):
+        for key in ("listen", "workers"):
             if getattr(old.server, key) != getattr(runtime.policy.server, key):
                 log.warning("server.%s changed: takes effect after a restart", key)
         if old.metrics != runtime.policy.metrics:
             log.warning("metrics.listen changed: takes effect after a restart")
-        srv = runtime.policy.server
-        self.limiter.resize(srv.max_connections, srv.max_connections_per_ip)
+        self.limiter.resize(*worker_limits(runtime.policy))
         self.runtime = runtime
         self.metrics.count_reload(True, runtime.generation)
         event(log, "policy_reload", outcome="ok", generation=runtime.generation)
@@ -271,19 +298,10 @@ def serve(loaded: LoadedPolicy, config: Path) -> int:
     policy = loaded.policy
     setup_logging(policy.logging.format, policy.logging.level)
     workers = policy.server.workers
-    sockets: list[socket.socket] = []
-    for addr in policy.server.listen:
-        try:
-            sockets.append(bind_socket(addr, reuse_port=workers > 1))
-        except OSError as exc:
-            if addr.host == "::" and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                # The shipped default listens on [::]:25 too; a host without IPv6 still serves v4.
-                log.warning("skipping listener %s: no IPv6 on this host (%s)", addr, exc)
-                continue
-            log.error("cannot listen on %s: %s", addr, exc)
-            return 1
-    if not sockets:
-        log.error("no listener could be opened")
+    try:
+        sockets = open_listeners(policy.server.listen, reuse_port=workers > 1)
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
         return 1
     metrics = default_metrics()
     metrics.build_info.labels(version=__version__).set(1)
@@ -291,12 +309,14 @@ def serve(loaded: LoadedPolicy, config: Path) -> int:
         server = Server(loaded, config, metrics)
         _run(lambda: server.serve(sockets, http=True))
         return 0
-    return _supervise(loaded, config, metrics, sockets)
+    # The parent's sockets only proved the addresses are free; each worker binds its
+    # own SO_REUSEPORT listener so the kernel balances connections between them.
+    for sock in sockets:
+        sock.close()
+    return _supervise(loaded, config, metrics)
 
 
-def _supervise(
-    loaded: LoadedPolicy, config: Path, metrics: Metrics, sockets: list[socket.socket]
-) -> int:
+def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics) -> int:
     """Parent of ``server.workers`` processes: fork, forward signals, restart, aggregate."""
     children: dict[int, int] = {}
 
@@ -305,6 +325,7 @@ def _supervise(
         if pid == 0:  # child: its own loop, no HTTP listener
             code = 0
             try:
+                sockets = open_listeners(loaded.policy.server.listen, reuse_port=True)
                 server = Server(loaded, config, metrics, worker=index)
                 _run(lambda: server.serve(sockets, http=False))
             except BaseException:
@@ -329,8 +350,8 @@ def _supervise(
 
         def on_hup() -> None:
             try:
+                # Workers count their own reloads; the parent only keeps /readyz current.
                 policy_holder["policy"] = load_policy(config).policy
-                metrics.count_reload(True)
             except PolicyError as exc:
                 for issue in exc.issues:
                     log.error("policy reload refused: %s", issue)

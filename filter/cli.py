@@ -61,9 +61,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from filter.pipeline import Pipeline
 
     if args.replay:
-        print(
-            "mailgate check --replay: not available yet (policy replay is planned)", file=sys.stderr
-        )
+        print("mailgate check --replay: not available in this version yet", file=sys.stderr)
         return 2
     if not args.file or not args.ip:
         print("mailgate check: FILE.eml and --ip are required", file=sys.stderr)

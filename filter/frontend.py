@@ -26,7 +26,7 @@ from filter.logs import event
 from filter.message import MessageBuffer
 from filter.metrics import Metrics
 from filter.model import ClientInfo
-from filter.netaddr import normalize_ip
+from filter.netaddr import ip_in, normalize_ip
 from filter.pipeline import Pipeline
 from filter.policy.schema import Policy
 from filter.proxyproto import MAX_HEADER, ProxyProtocolError, parse_proxy_header
@@ -122,7 +122,10 @@ class Frontend:
                 return
             if got[0]:
                 ip, port, source = got[0], got[1], "proxy"
-        refusal = self.limiter.acquire(ip)
+        # In filter mode every session comes from Postfix: its address has no limit of its
+        # own (the real client is only known after XFORWARD; Postfix enforces its own).
+        exempt = ip_in(peer_ip, policy.server.xforward_hosts) and source == "socket"
+        refusal = self.limiter.acquire(ip, per_ip=not exempt)
         if refusal is not None:
             self.metrics.count_connection(refusal)
             reply = (
@@ -275,9 +278,9 @@ class _Connection:
         return min(self.policy.server.command_timeout, left)
 
     async def _readline(self) -> bytes:
+        self.stream.read_timeout = self._timeout()
         try:
-            async with asyncio.timeout(self._timeout()):
-                return await self.stream.readline(COMMAND_LINE_LIMIT)
+            return await self.stream.readline(COMMAND_LINE_LIMIT)
         except TimeoutError as exc:
             raise SessionTimeout from exc
 
@@ -361,9 +364,9 @@ class _Connection:
         message = MessageBuffer()
         try:
             while not reader.done:
+                self.stream.read_timeout = self._timeout()
                 try:
-                    async with asyncio.timeout(self._timeout()):
-                        chunk = await self.stream.read_some()
+                    chunk = await self.stream.read_some()
                 except TimeoutError as exc:
                     raise SessionTimeout from exc
                 content = reader.feed(chunk)
@@ -373,11 +376,7 @@ class _Connection:
             message.close()
             raise
         self.stream.unread(reader.leftover)
-        reply = await s.data_end(message, reader.problems)
-        self.send(reply, "data")
-        if reply.code == 421:
-            self.end_reason = "upstream"
-            return False
+        self.send(await s.data_end(message, reader.problems), "data")
         return True
 
     async def _starttls(self, arg: str) -> bool:

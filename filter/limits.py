@@ -1,7 +1,8 @@
 """Connection limits: total and per client address (L1, pure bookkeeping).
 
-Counts what is open in this process; with several workers each enforces its share
-(the kernel spreads connections across SO_REUSEPORT listeners).
+Counts what is open in this process. With ``server.workers = N`` each worker is given
+1/N of both limits (rounded up) and the kernel spreads connections across the
+workers' SO_REUSEPORT listeners, so the per-address limit is approximate there.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ class ConnectionLimiter:
         self.total = 0
         self._per_ip: Counter[str] = Counter()
 
-    def acquire(self, ip: str) -> str | None:
-        """Count the connection in and return None, or return why it is refused."""
+    def acquire(self, ip: str, per_ip: bool = True) -> str | None:
+        """Count the connection in and return None, or return why it is refused.
+
+        ``per_ip=False`` exempts the address from its own limit (Postfix as the
+        before-queue proxy: every session comes from its address).
+        """
         if self.total >= self.max_total:
             return "refused_limit"
-        if self._per_ip[ip] >= self.max_per_ip:
+        if per_ip and self._per_ip[ip] >= self.max_per_ip:
             return "refused_per_ip"
         self.total += 1
         self._per_ip[ip] += 1

@@ -26,6 +26,7 @@ from filter.smtpdata import Stuffer
 from filter.smtpstream import LineTooLong, SMTPStream, StreamClosed
 
 MAX_REPLY_LINES = 100
+WRITE_BATCH = 256 * 1024  # flush the body to the upstream in sends of about this size
 MAX_REPLY_LINE = 4096
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
@@ -111,6 +112,7 @@ class Upstream:
             self.broken = True
             raise UpstreamError("connect", str(exc) or type(exc).__name__) from exc
         _set_nodelay(stream)
+        stream.read_timeout = self.timeout
         self._stream = stream
         greeting = await self._read_reply("greeting")
         if greeting.code != 220:
@@ -187,8 +189,9 @@ class Upstream:
         stuff = Stuffer()
         for chunk in chunks:
             stream.write(stuff(chunk))
-            await self._drain("data")
-        stream.write(b".\r\n")
+            if stream.pending_output >= WRITE_BATCH:
+                await self._drain("data")
+        stream.write(b".\r\n")  # small messages go out in one send with the dot
         reply = await self._read_reply("data_end")
         self.in_transaction = False
         return reply
@@ -248,20 +251,16 @@ class Upstream:
         stream = self._require()
         lines: list[bytes] = []
         try:
-            async with asyncio.timeout(self.timeout):
-                while True:
-                    line = await stream.readline(MAX_REPLY_LINE)
-                    if (
-                        len(line) < 4
-                        or not line[:3].isdigit()
-                        or line[3:4] not in (b" ", b"-", b"\r")
-                    ):
-                        raise UpstreamError(stage, f"malformed reply {line[:60]!r}")
-                    lines.append(line)
-                    if line[3:4] != b"-":
-                        break
-                    if len(lines) >= MAX_REPLY_LINES:
-                        raise UpstreamError(stage, "reply too long")
+            # stream.read_timeout (set at open) bounds every wait for the upstream.
+            while True:
+                line = await stream.readline(MAX_REPLY_LINE)
+                if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r"):
+                    raise UpstreamError(stage, f"malformed reply {line[:60]!r}")
+                lines.append(line)
+                if line[3:4] != b"-":
+                    break
+                if len(lines) >= MAX_REPLY_LINES:
+                    raise UpstreamError(stage, "reply too long")
         except TimeoutError as exc:
             self.abort()
             raise UpstreamError(stage, f"timeout after {self.timeout:g}s") from exc

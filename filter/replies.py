@@ -57,8 +57,8 @@ class Reply:
         return Reply(self.code, self.enhanced, text)
 
 
-def banner(hostname: str, final: bool = True) -> Reply:
-    """The greeting; ``final=False`` gives the ``220-`` first line of a pregreet test."""
+def banner(hostname: str) -> Reply:
+    """The greeting (the pregreet test sends a ``220-`` line of the same text first)."""
     return Reply(220, "", f"{hostname} ESMTP mailgate")
 
 
@@ -80,7 +80,6 @@ TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, 
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
-UPSTREAM_LOST = Reply(421, "4.3.0", "Service temporarily unavailable, try again later")
 
 # Transient failures that keep the session.
 UPSTREAM_UNAVAILABLE = Reply(451, "4.3.0", "Service temporarily unavailable, try again later")

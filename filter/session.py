@@ -132,8 +132,10 @@ class Session:
                 continue
             if stage is Stage.HELO and not self.client.helo:
                 continue
-            ctx = self._context()
-            self.session_results[stage] = await self.pipeline.run(stage, ctx)
+            if not self.pipeline.has_stage(stage):
+                self.session_results[stage] = []
+                continue
+            self.session_results[stage] = await self.pipeline.run(stage, self._context())
         if through >= Stage.HELO:
             self._identity_dirty = False
 
@@ -239,7 +241,7 @@ class Session:
         )
         txn = Transaction(envelope)
         self.txn = txn
-        if not self.client.trusted:
+        if not self.client.trusted and self.pipeline.has_stage(Stage.MAIL):
             txn.results += await self.pipeline.run(Stage.MAIL, self._context(envelope=envelope))
         reply = await self._upstream_call("mail", lambda up: up.mail(path.address, path.raw_params))
         if reply.code != 250:
@@ -293,8 +295,10 @@ class Session:
             return self._error(Reply(553, "5.6.7", "Error: SMTPUTF8 is required for this address"))
         recipient = Recipient(path.address, list(path.raw_params))
         if not self.client.trusted:
-            ctx = self._context(envelope=txn.envelope, recipient=recipient)
-            rcpt_results = await self.pipeline.run(Stage.RCPT, ctx)
+            rcpt_results = []
+            if self.pipeline.has_stage(Stage.RCPT):
+                ctx = self._context(envelope=txn.envelope, recipient=recipient)
+                rcpt_results = await self.pipeline.run(Stage.RCPT, ctx)
             verdict = decide(self._all_results(rcpt_results), self.policy, Stage.RCPT)
             self._count_would(verdict)
             if verdict.refuses and verdict.reply is not None:
@@ -341,8 +345,9 @@ class Session:
                 verdict = Verdict(Action.ACCEPT, 0.0, (), None, "trusted client")
                 headers = b""
             else:
-                ctx = self._context(envelope=txn.envelope, message=message)
-                txn.results += await self.pipeline.run(Stage.DATA, ctx)
+                if self.pipeline.has_stage(Stage.DATA):
+                    ctx = self._context(envelope=txn.envelope, message=message)
+                    txn.results += await self.pipeline.run(Stage.DATA, ctx)
                 verdict = decide(self._all_results([]), self.policy, Stage.DATA)
                 self._count_would(verdict)
                 headers = self._spam_headers(verdict)
@@ -464,8 +469,10 @@ class Session:
             self.upstream = None
             if self.txn is not None:
                 self.txn.upstream_failed = True
-            # The upstream is going away; the client keeps its session but retries later.
-            return replies.UPSTREAM_UNAVAILABLE.with_text(reply.text or "try again later")
+            # The upstream is going away; the client keeps its session and retries later.
+            # Its text stays in our log, not in the reply to a stranger.
+            log.warning("session=%s upstream closing: %s", self.client.session_id, reply)
+            return replies.UPSTREAM_UNAVAILABLE
         return reply
 
     def _count_would(self, verdict: Verdict) -> None:

@@ -112,9 +112,12 @@ class DataReader:
         lines = segment.split(CRLF)
         # lines[0] is empty when the segment starts at a line start (leading CRLF).
         first = len(lines[0]) + (self._line_len if not starts_line else 0)
-        longest = max(first, max((_content_len(x) for x in lines[1:]), default=0))
-        if longest > self.max_line:
-            self.problems.long_line = True
+        # Fast path in C; only a candidate over the limit pays for the exact,
+        # stuffing-aware count per line.
+        if first > self.max_line or max(map(len, lines)) > self.max_line:
+            longest = max(first, max((_content_len(x) for x in lines[1:]), default=0))
+            if longest > self.max_line:
+                self.problems.long_line = True
         if continues:
             self._line_len = first if len(lines) == 1 else _content_len(lines[-1])
         else:

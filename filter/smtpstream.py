@@ -34,7 +34,14 @@ class SMTPStream(asyncio.Protocol):
         self._paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self.connected = asyncio.get_running_loop().create_future()
+        self._out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+        self.connected = self._loop.create_future()
+        # Idle timeout for every wait for input (None: wait forever). One timer per
+        # connection, pushed forward lazily: a wait costs a clock read, not a TimerHandle.
+        self.read_timeout: float | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -57,6 +64,10 @@ class SMTPStream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
+        self._out.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._wake()
         if self._drain_waiter and not self._drain_waiter.done():
             self._drain_waiter.set_exception(StreamClosed("connection lost"))
@@ -76,16 +87,33 @@ class SMTPStream(asyncio.Protocol):
             w.set_result(None)
 
     async def _wait(self) -> None:
+        """Wait for more input; flushes pending output first (we are about to block)."""
         if self._eof:
             raise StreamClosed("connection closed by peer")
+        self.flush()
         if self._paused and self.transport:
             self._paused = False
             self.transport.resume_reading()
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter = self._loop.create_future()
+        if self.read_timeout is not None:
+            self._deadline = self._loop.time() + self.read_timeout
+            if self._timer is None:
+                self._timer = self._loop.call_at(self._deadline, self._on_timer)
         try:
-            await self._waiter
+            await waiter
         finally:
             self._waiter = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        w = self._waiter
+        if w is None or w.done() or self.read_timeout is None:
+            return
+        now = self._loop.time()
+        if now < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        w.set_exception(TimeoutError())
 
     @property
     def buffered(self) -> int:
@@ -139,10 +167,23 @@ class SMTPStream(asyncio.Protocol):
 
     # -- writing ---------------------------------------------------------------
     def write(self, data: bytes) -> None:
+        """Queue bytes; they go out in one send when the stream next waits or flushes."""
+        self._out.append(data)
+
+    @property
+    def pending_output(self) -> int:
+        return sum(len(b) for b in self._out)
+
+    def flush(self) -> None:
+        if not self._out:
+            return
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     async def drain(self) -> None:
+        self.flush()
         if not self._write_paused:
             return
         if self._eof:
@@ -154,10 +195,18 @@ class SMTPStream(asyncio.Protocol):
             self._drain_waiter = None
 
     def close(self) -> None:
+        self.flush()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def abort(self) -> None:
+        self._out.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -170,6 +219,7 @@ class SMTPStream(asyncio.Protocol):
     ) -> None:
         """Upgrade the connection in place; the protocol (this object) stays."""
         assert self.transport is not None
+        self.flush()
         loop = asyncio.get_running_loop()
         new = await loop.start_tls(
             self.transport,

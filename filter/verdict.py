@@ -36,7 +36,7 @@ class Verdict:
 
 
 def total_score(symbols: Iterable[Symbol]) -> float:
-    return round(sum(s.score for s in symbols), 4)
+    return round(float(sum(s.score for s in symbols)), 4)
 
 
 def decide(results: Iterable[CheckResult], policy: Policy, stage: Stage) -> Verdict:

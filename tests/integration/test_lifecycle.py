@@ -154,3 +154,32 @@ def test_sigterm_drains_a_transaction_in_flight(
     assert result["quit"][0] == 221  # type: ignore[index]
     assert mg.wait(timeout=10) == 0
     assert len(upstream.transactions) == 1
+
+
+def test_two_workers_share_the_port_and_the_metrics(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    import os
+
+    mg = mailgate({"server": {"workers": 2}})
+    for _ in range(6):
+        assert _send_one(mg)[0] == 250
+    m = _metrics(mg)
+    # Counted in two processes, summed by the parent (prometheus multiprocess mode).
+    assert m[("mailgate_messages_total", (("action", "accept"),))] == 6
+    assert len(upstream.wait_for_transactions(6)) == 6
+    assert mg.proc is not None
+    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == mg.proc.pid]
+    assert len(children) == 2
+    mg.send_signal(signal.SIGTERM)
+    assert mg.wait(timeout=15) == 0
+    time.sleep(0.3)
+    assert not any(os.path.exists(f"/proc/{pid}") and _ppid(pid) != 1 for pid in children)
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1

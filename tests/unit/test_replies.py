@@ -58,7 +58,6 @@ def test_reply_is_well_formed(name: str) -> None:
         ("REJECT_DMARC", 550, "5.7.1"),
         ("NOT_IMPLEMENTED", 502, "5.5.1"),
         ("UPSTREAM_UNAVAILABLE", 451, "4.3.0"),
-        ("UPSTREAM_LOST", 421, "4.3.0"),
     ],
 )
 def test_contract_codes(name: str, code: int, enhanced: str) -> None:
