@@ -33,6 +33,7 @@ from filter.pipeline import Pipeline
 from filter.policy import LoadedPolicy, PolicyError, load_policy
 from filter.policy.schema import Policy
 from filter.relay import Upstream
+from filter.resolver import Resolver
 from filter.units import Address
 
 log = logging.getLogger("mailgate.app")
@@ -51,10 +52,16 @@ def tls_context(policy: Policy) -> ssl.SSLContext | None:
     return ctx
 
 
-def build_runtime(policy: Policy, metrics: Metrics, generation: int = 1) -> Runtime:
+def build_runtime(
+    policy: Policy, metrics: Metrics, generation: int = 1, previous: Runtime | None = None
+) -> Runtime:
     checks = build_checks(policy)
     pipeline = Pipeline(checks, policy.server.check_timeout, metrics)
-    return Runtime(policy, pipeline, tls_context(policy), generation)
+    resolver = previous.resolver if previous is not None else None
+    if resolver is None or previous is None or previous.policy.dns != policy.dns:
+        # A new resolver only when [dns] changed: the cache survives a reload.
+        resolver = Resolver(policy.dns.nameservers, policy.dns.timeout, metrics)
+    return Runtime(policy, pipeline, tls_context(policy), generation, resolver)
 
 
 def bind_socket(addr: Address, reuse_port: bool) -> socket.socket:
@@ -220,7 +227,9 @@ class Server:
         """SIGHUP: load and validate the policy; keep the old one on any error."""
         try:
             loaded = load_policy(self.config)
-            runtime = build_runtime(loaded.policy, self.metrics, self.runtime.generation + 1)
+            runtime = build_runtime(
+                loaded.policy, self.metrics, self.runtime.generation + 1, self.runtime
+            )
         except PolicyError as exc:
             for issue in exc.issues:
                 log.error("policy reload refused: %s", issue)

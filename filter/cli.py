@@ -56,9 +56,10 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from filter.checks.registry import build_checks
-    from filter.dryrun import evaluate
+    from filter.dryrun import DryRun, evaluate
     from filter.netaddr import normalize_ip
     from filter.pipeline import Pipeline
+    from filter.resolver import Resolver
 
     if args.replay:
         print("mailgate check --replay: not available in this version yet", file=sys.stderr)
@@ -84,9 +85,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 2
     pipeline = Pipeline(build_checks(policy), policy.server.check_timeout)
     rcpts = args.rcpt or []
-    outcome = asyncio.run(
-        evaluate(policy, pipeline, content, args.ip, args.helo, args.mail_from or "", rcpts)
-    )
+
+    async def run() -> DryRun:
+        resolver = Resolver(policy.dns.nameservers, policy.dns.timeout)
+        mail_from = args.mail_from or ""
+        return await evaluate(
+            policy, pipeline, content, args.ip, args.helo, mail_from, rcpts, resolver
+        )
+
+    outcome = asyncio.run(run())
     v = outcome.verdict
     found = {r.check: r.result for r in outcome.results}
     results: dict[str, object] = {k: found.get(k, "none") for k in ("spf", "dkim", "dmarc")}
@@ -104,7 +111,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         "results": results,
         "symbols": symbols,
         "checks_run": sorted(found),
-        "authentication_results": "",
+        "authentication_results": outcome.authentication_results,
     }
     if args.json:
         print(json.dumps(data, indent=2))
@@ -116,6 +123,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if outcome.trusted:
         print("client is in server.trusted_networks: no checks run")
     print(f"checks:  {', '.join(sorted(found)) or '(none enabled)'}")
+    if outcome.authentication_results:
+        print(outcome.authentication_results)
     if symbols:
         print(f"{'symbol':32} {'score':>7}  detail")
         for s in v.symbols:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from filter import replies
+from filter import authresults, replies
 from filter.checks import Context
 from filter.message import MessageBuffer
 from filter.model import ClientInfo, Envelope, Recipient, Stage
@@ -17,6 +17,7 @@ from filter.netaddr import ip_in, normalize_ip
 from filter.pipeline import Pipeline
 from filter.policy.schema import Policy
 from filter.replies import Reply
+from filter.resolver import Resolver
 from filter.results import CheckResult
 from filter.verdict import Verdict, decide
 
@@ -30,6 +31,7 @@ class DryRun:
     stage: Stage
     results: list[CheckResult] = field(default_factory=list)
     trusted: bool = False
+    authentication_results: str = ""
 
 
 async def evaluate(
@@ -40,6 +42,7 @@ async def evaluate(
     helo: str | None,
     mail_from: str,
     rcpts: list[str],
+    resolver: Resolver | None = None,
 ) -> DryRun:
     client = ClientInfo(ip=normalize_ip(ip), port=0, session_id="CHECK", helo=helo, proto="ESMTP")
     client.trusted = ip_in(client.ip, policy.server.trusted_networks)
@@ -68,6 +71,7 @@ async def evaluate(
                     recipient=rcpt,
                     message=message if stage is Stage.DATA else None,
                     dry_run=True,
+                    resolver=resolver,
                 )
                 got = await pipeline.run(stage, ctx)
                 collected.extend(got)
@@ -75,7 +79,9 @@ async def evaluate(
                 if verdict.refuses and verdict.reply is not None:
                     return DryRun(verdict, verdict.reply, stage, collected)
         verdict = decide(collected, policy, Stage.DATA)
-        return DryRun(verdict, _accepted(), Stage.DATA, collected)
+        header = authresults.build({r.check: r for r in collected}, policy.authserv_id)
+        ar = header.decode().replace("\r\n\t", " ").strip()
+        return DryRun(verdict, _accepted(), Stage.DATA, collected, False, ar)
     finally:
         message.close()
 

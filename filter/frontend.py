@@ -31,6 +31,7 @@ from filter.pipeline import Pipeline
 from filter.policy.schema import Policy
 from filter.proxyproto import MAX_HEADER, ProxyProtocolError, parse_proxy_header
 from filter.replies import Reply
+from filter.resolver import Resolver
 from filter.session import Session, UpstreamPort, new_session_id
 from filter.smtpdata import DataReader
 from filter.smtpstream import LineTooLong, SMTPStream, StreamClosed
@@ -59,6 +60,7 @@ class Runtime:
     pipeline: Pipeline
     tls: ssl.SSLContext | None
     generation: int = 1
+    resolver: Resolver | None = None
 
 
 class Frontend:
@@ -145,6 +147,7 @@ class Frontend:
             lambda: self._upstream_factory(policy),
             self.metrics,
             self._upstream_extensions,
+            rt.resolver,
         )
         session.allow_xforward(peer_ip)
         conn = _Connection(self, stream, session, rt)

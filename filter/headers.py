@@ -6,6 +6,7 @@ byte for byte (DKIM signatures stay valid).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 MAX_HEADER_BLOCK = 1024 * 1024  # beyond this the "header" is not a header
@@ -57,15 +58,23 @@ def filter_block(block: bytes, drop: Callable[[bytes, bytes], bool]) -> bytes:
 
 
 def render_field(name: str, value: str) -> bytes:
-    """One header field, folded at spaces to stay under 78 characters per line."""
-    words = value.split(" ")
+    """One header field, folded to stay under 78 characters per line.
+
+    Folds at spaces, and inside long comma lists (``tests=A,B,C``) after a comma,
+    as SpamAssassin does for X-Spam-Status.
+    """
+    pieces: list[tuple[str, bool]] = []  # (text, joined to the previous by a space)
+    for word in value.split(" "):
+        parts = re.findall(r"[^,]*,|[^,]+", word) if len(word) > 40 else [word]
+        pieces += [(p, i == 0) for i, p in enumerate(parts or [""])]
     lines: list[str] = []
     line = f"{name}:"
-    for word in words:
-        if len(line) + 1 + len(word) > 76 and line.strip() and line != f"{name}:":
+    for text, spaced in pieces:
+        sep = " " if spaced else ""
+        if len(line) + len(sep) + len(text) > 76 and line != f"{name}:":
             lines.append(line)
-            line = "\t" + word
+            line = "\t" + text
         else:
-            line = f"{line} {word}"
+            line = f"{line}{sep}{text}"
     lines.append(line)
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
 EVENT = "mailgate_fields"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _kv_value(value: Any) -> str:
@@ -27,7 +29,10 @@ def _kv_value(value: Any) -> str:
         text = str(value)
     if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
         escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-        escaped = escaped.replace("\n", "\\n").replace("\r", "\\r")
+        escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+        # Any other control character (NUL, ESC, ...) from a client must not reach a
+        # terminal or a log shipper raw.
+        escaped = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", escaped)
         return f'"{escaped}"'
     return text
 

@@ -52,7 +52,7 @@ class Decision:
     """A hard outcome a check demands regardless of the score (e.g. a DNSBL reject)."""
 
     action: Action
-    reply: Reply
+    reply: Reply | None  # None for actions that are not refusals (add_header)
     reason: str
 
 

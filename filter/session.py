@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from filter import replies
+from filter import authresults, replies
 from filter.checks import Context
 from filter.headers import render_field
 from filter.message import MessageBuffer
@@ -32,6 +32,7 @@ from filter.netaddr import ip_in, normalize_ip
 from filter.pipeline import Pipeline
 from filter.policy.schema import Policy
 from filter.replies import Reply
+from filter.resolver import Resolver
 from filter.results import Action, CheckResult
 from filter.smtpdata import DataProblems
 from filter.smtpsyntax import PathArg, SyntaxProblem, is_domain_or_literal, parse_path
@@ -87,7 +88,9 @@ class Session:
         upstream_factory: Callable[[], UpstreamPort],
         metrics: Metrics,
         extensions: Callable[[], set[str]],
+        resolver: Resolver | None = None,
     ) -> None:
+        self.resolver = resolver
         self.client = client
         self.policy = policy
         self.pipeline = pipeline
@@ -139,11 +142,24 @@ class Session:
         if through >= Stage.HELO:
             self._identity_dirty = False
 
-    def _context(self, **kw: object) -> Context:
+    def _context(
+        self,
+        envelope: Envelope | None = None,
+        recipient: Recipient | None = None,
+        message: MessageBuffer | None = None,
+    ) -> Context:
         results = {r.check: r for rs in self.session_results.values() for r in rs}
         if self.txn:
             results.update({r.check: r for r in self.txn.results})
-        return Context(client=self.client, policy=self.policy, results=results, **kw)  # type: ignore[arg-type]
+        return Context(
+            client=self.client,
+            policy=self.policy,
+            results=results,
+            envelope=envelope,
+            recipient=recipient,
+            message=message,
+            resolver=self.resolver,
+        )
 
     # -- commands ------------------------------------------------------------------------------
     def ehlo_extensions(self, tls_available: bool) -> list[str]:
@@ -343,21 +359,31 @@ class Session:
                 return refusal
             if self.client.trusted:
                 verdict = Verdict(Action.ACCEPT, 0.0, (), None, "trusted client")
-                headers = b""
+                headers = b""  # trusted clients are not judged; nothing of ours is added
             else:
                 if self.pipeline.has_stage(Stage.DATA):
                     ctx = self._context(envelope=txn.envelope, message=message)
                     txn.results += await self.pipeline.run(Stage.DATA, ctx)
                 verdict = decide(self._all_results([]), self.policy, Stage.DATA)
                 self._count_would(verdict)
-                headers = self._spam_headers(verdict)
+                final = {r.check: r for r in self._all_results([])}
+                headers = authresults.build(final, self.policy.authserv_id)
+                headers += self._spam_headers(verdict)
             t_checks = time.monotonic() - t_checks
             if verdict.refuses and verdict.reply is not None:
                 await self._abort_upstream_txn()
                 self.metrics.count_message(verdict.action.value)
                 self._log_message(txn, message, verdict, verdict.reply, "refused", t_checks)
                 return verdict.reply
-            drop = None if self.client.trusted else _drop_own_headers
+            authserv_id = self.policy.authserv_id
+
+            def drop(name: bytes, raw: bytes) -> bool:
+                # Forged A-R claiming our authserv-id go always (RFC 8601 section 5);
+                # our X-Spam-* fields only where we add our own.
+                if authresults.is_forged(name, raw, authserv_id):
+                    return True
+                return not self.client.trusted and name in OWN_HEADERS
+
             chunks = message.iter_chunks(prepend=headers, drop=drop)
             t_up = time.monotonic()
             reply = await self._upstream_call("data", lambda up: up.data(chunks))
@@ -557,7 +583,3 @@ def _content_problem(problems: DataProblems) -> Reply | None:
     if problems.long_line:
         return replies.DATA_LINE_TOO_LONG
     return None
-
-
-def _drop_own_headers(name: bytes, raw: bytes) -> bool:
-    return name in OWN_HEADERS

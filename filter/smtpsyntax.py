@@ -102,7 +102,11 @@ def _strip_source_route(address: str) -> str:
 def _check_address(address: str) -> None:
     if not address:
         return  # the null path <>
-    if " " in address or _CONTROL.search(address):
+    if _CONTROL.search(address):
+        raise SyntaxProblem("invalid characters in address")
+    # Spaces only inside a quoted local part ("john doe"@example.org, RFC 5321 4.1.2).
+    unquoted = address[address.rfind('"') + 1 :] if address.startswith('"') else address
+    if " " in unquoted:
         raise SyntaxProblem("invalid characters in address")
     if address.startswith('"'):
         end = address.rfind('"')

@@ -45,10 +45,10 @@ def decide(results: Iterable[CheckResult], policy: Policy, stage: Stage) -> Verd
     symbols = tuple(s for r in results for s in r.symbols)
     score = total_score(symbols)
     hard = _hardest(r.decision for r in results if r.decision is not None)
-    action, reply, reason = Action.ACCEPT, None, ""
-    if hard is not None:
-        action, reply, reason = hard.action, hard.reply, hard.reason
-    elif stage is Stage.DATA:
+    action: Action = Action.ACCEPT
+    reply: Reply | None = None
+    reason = ""
+    if stage is Stage.DATA:
         thresholds = policy.actions
         if score >= thresholds.reject:
             action, reply = Action.REJECT, replies.REJECT_SPAM
@@ -56,6 +56,9 @@ def decide(results: Iterable[CheckResult], policy: Policy, stage: Stage) -> Verd
         elif score >= thresholds.add_header:
             action = Action.ADD_HEADER
             reason = f"score {score:g} >= add_header {thresholds.add_header:g}"
+    if hard is not None and (hard.action.severity >= action.severity):
+        # A check's own decision wins unless the score asks for something harder.
+        action, reply, reason = hard.action, hard.reply, hard.reason
     if action in REFUSING and policy.server.mode == "monitor":
         mild = Action.ADD_HEADER if score >= policy.actions.add_header else Action.ACCEPT
         return Verdict(

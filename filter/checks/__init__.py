@@ -15,6 +15,7 @@ from typing import Protocol
 from filter.message import MessageBuffer
 from filter.model import ClientInfo, Envelope, Recipient, Stage
 from filter.policy.schema import Policy
+from filter.resolver import Resolver
 from filter.results import CheckResult
 
 
@@ -30,6 +31,7 @@ class Context:
     message: MessageBuffer | None = None
     clock: Callable[[], float] = time.time
     dry_run: bool = False  # `mailgate check`: change no stored state
+    resolver: Resolver | None = None  # the shared cached DNS layer
 
 
 class Check(Protocol):

@@ -544,18 +544,50 @@ class ActionsPolicy:
 
 
 @dataclass(frozen=True)
-class CheckToggle:
-    """``[spf]``, ``[dkim]``, ``[arc]``: a check that only needs switching on or off."""
+class SPFPolicy:
+    """``[spf]``: RFC 7208 for the MAIL FROM identity (and the HELO identity)."""
 
     enabled: bool = boolean(True)
+    helo: bool = boolean(True)
+    reject_on_fail: bool = boolean(False)
+
+
+@dataclass(frozen=True)
+class DKIMPolicy:
+    """``[dkim]``: RFC 6376 verification with RFC 8301/8463 algorithm rules."""
+
+    enabled: bool = boolean(True)
+    max_signatures: int = integer(5, minimum=1, maximum=50)
+    min_key_bits: int = integer(1024, minimum=1024, maximum=16384)
 
 
 @dataclass(frozen=True)
 class DMARCPolicy:
-    """``[dmarc]``."""
+    """``[dmarc]``: RFC 9989 evaluation (RFC 7489 on request)."""
 
     enabled: bool = boolean(True)
     honor_reject: bool = boolean(True)
+    honor_quarantine: bool = boolean(True)
+    mode: str = choice("rfc9989", "rfc9989", "rfc7489")
+    on_temperror: str = choice("tempfail", "tempfail", "accept")
+
+
+@dataclass(frozen=True)
+class ARCPolicy:
+    """``[arc]``: RFC 8617 chain verification, trusted sealers, optional sealing."""
+
+    enabled: bool = boolean(True)
+    trusted_sealers: tuple[str, ...] = field(
+        default=(), metadata={KIND: ListKind(StrKind(is_hostname, "a domain name", False))}
+    )
+    seal: bool = boolean(False)
+    seal_domain: str = text("", is_hostname, "a domain name")
+    seal_selector: str = text("", _is_token, "a DKIM selector")
+    seal_key_file: str = text("")
+
+    def problems(self) -> Iterable[Problem]:
+        if self.seal and not (self.seal_domain and self.seal_selector and self.seal_key_file):
+            yield "seal", "needs seal_domain, seal_selector and seal_key_file"
 
 
 @dataclass(frozen=True)
@@ -610,8 +642,37 @@ class LoggingPolicy:
     level: str = choice("info", "debug", "info", "warning", "error")
 
 
-# Default symbol scores; later checks add theirs here (and to mailgate.toml).
-DEFAULT_SCORES: Mapping[str, float] = MappingProxyType({})
+# Default symbol scores (rspamd's order of magnitude: a pass is a small negative,
+# SPF + DKIM + DMARC passing sum to -1.5). Checks add theirs here and to mailgate.toml.
+DEFAULT_SCORES: Mapping[str, float] = MappingProxyType(
+    {
+        "SPF_PASS": -0.5,
+        "SPF_FAIL": 2.0,
+        "SPF_SOFTFAIL": 1.0,
+        "SPF_NEUTRAL": 0.0,
+        "SPF_NONE": 0.0,
+        "SPF_TEMPERROR": 0.0,
+        "SPF_PERMERROR": 0.5,
+        "SPF_HELO_PASS": 0.0,
+        "SPF_HELO_FAIL": 1.0,
+        "DKIM_PASS": -0.5,
+        "DKIM_FAIL": 1.0,
+        "DKIM_NONE": 0.0,
+        "DKIM_TEMPERROR": 0.0,
+        "DKIM_PERMERROR": 0.5,
+        "DMARC_PASS": -0.5,
+        "DMARC_REJECT": 4.0,
+        "DMARC_QUARANTINE": 3.0,
+        "DMARC_POLICY_NONE": 0.5,
+        "DMARC_NONE": 0.0,
+        "DMARC_TEMPERROR": 0.0,
+        "DMARC_PERMERROR": 0.0,
+        "ARC_PASS": -0.2,
+        "ARC_FAIL": 0.5,
+        "ARC_NONE": 0.0,
+        "ARC_TRUSTED_OVERRIDE": 0.0,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -625,10 +686,10 @@ class Policy:
     metrics: MetricsPolicy = field(default_factory=MetricsPolicy, metadata=table(MetricsPolicy))
     auth: AuthPolicy = field(default_factory=AuthPolicy, metadata=table(AuthPolicy))
     actions: ActionsPolicy = field(default_factory=ActionsPolicy, metadata=table(ActionsPolicy))
-    spf: CheckToggle = field(default_factory=CheckToggle, metadata=table(CheckToggle))
-    dkim: CheckToggle = field(default_factory=CheckToggle, metadata=table(CheckToggle))
+    spf: SPFPolicy = field(default_factory=SPFPolicy, metadata=table(SPFPolicy))
+    dkim: DKIMPolicy = field(default_factory=DKIMPolicy, metadata=table(DKIMPolicy))
     dmarc: DMARCPolicy = field(default_factory=DMARCPolicy, metadata=table(DMARCPolicy))
-    arc: CheckToggle = field(default_factory=CheckToggle, metadata=table(CheckToggle))
+    arc: ARCPolicy = field(default_factory=ARCPolicy, metadata=table(ARCPolicy))
     dnsbl: DNSBLPolicy = field(default_factory=DNSBLPolicy, metadata=table(DNSBLPolicy))
     greylist: GreylistPolicy = field(default_factory=GreylistPolicy, metadata=table(GreylistPolicy))
     logging: LoggingPolicy = field(default_factory=LoggingPolicy, metadata=table(LoggingPolicy))

@@ -129,12 +129,21 @@ def test_render_long_field_folds() -> None:
     _check_rendered("X-Spam-Status", value, out)
 
 
-def test_render_keeps_an_unbreakable_word_whole() -> None:
-    # Folding happens only at spaces: a longer word gets a line of its own, intact.
-    word = ",".join(f"SYMBOL_NUMBER_{i}" for i in range(12))
-    out = render_field("X-Spam-Status", f"Yes, tests={word} end")
+def test_render_folds_a_long_comma_list_after_commas() -> None:
+    # X-Spam-Status: tests=A,B,C... folds after a comma, as SpamAssassin does.
+    names = [f"SYMBOL_NUMBER_{i}" for i in range(12)]
+    out = render_field("X-Spam-Status", f"Yes, tests={','.join(names)}")
     lines = out[:-2].split(b"\r\n")
-    assert lines == [b"X-Spam-Status: Yes,", b"\ttests=" + word.encode(), b"\tend"]
+    assert len(lines) > 1 and all(len(line) <= 78 for line in lines)
+    assert all(line.startswith(b"\t") for line in lines[1:])
+    unfolded = out[:-2].replace(b"\r\n", b"").decode()  # RFC 5322 unfolding keeps the WSP
+    assert [n.strip() for n in unfolded.split("tests=")[1].split(",")] == names
+
+
+def test_render_keeps_a_long_word_without_commas_whole() -> None:
+    word = "x" * 90
+    out = render_field("X-Test", f"a {word} b")
+    assert out[:-2].split(b"\r\n") == [b"X-Test: a", b"\t" + word.encode(), b"\tb"]
 
 
 def test_render_random_values_fold_under_78() -> None:

@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "policy.render": 1,
     "lists": 1,
     "authresults": 1,
+    "dmarc": 1,
     # L2 adapters
     "metrics": 2,
     "logs": 2,
@@ -46,6 +47,7 @@ LAYERS: dict[str, int] = {
     "httpapi": 2,
     "resolver": 2,
     "resolver.*": 2,
+    "dkimkeys": 2,
     "store": 2,
     "store.*": 2,
     # L3 checks

@@ -101,7 +101,13 @@ def parse_kv(line: str) -> dict[str, str]:
         value = m.group(2)
         if value.startswith('"'):
             value = re.sub(
-                r"\\(.)", lambda e: {"n": "\n", "r": "\r"}.get(e.group(1), e.group(1)), value[1:-1]
+                r"\\(x[0-9a-f]{2}|.)",
+                lambda e: (
+                    chr(int(e.group(1)[1:], 16))
+                    if len(e.group(1)) == 3
+                    else {"n": "\n", "r": "\r", "t": "\t"}.get(e.group(1), e.group(1))
+                ),
+                value[1:-1],
             )
         out[m.group(1)] = value
         pos = m.end()
@@ -139,6 +145,7 @@ def test_kv_quoting(value: object, rendered: str) -> None:
 def test_kv_round_trip_and_one_line(value: str) -> None:
     out = KeyValueFormatter().format(record("m s g", {"event": "e", "k": value, "n": 1}))
     assert "\n" not in out and "\r" not in out
+    assert not re.search(r"[\x00-\x1f\x7f]", out)  # no raw control character at all
     parsed = parse_kv(out)
     assert parsed["k"] == value
     assert parsed["msg"] == "m s g"

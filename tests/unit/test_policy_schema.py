@@ -10,6 +10,7 @@ import pytest
 
 from filter.policy.schema import (
     DEFAULT_POLICY,
+    DEFAULT_SCORES,
     KIND,
     DNSBLZone,
     Policy,
@@ -61,7 +62,13 @@ def test_defaults_match_the_contract() -> None:
     assert p.greylist.retry_window == 2 * 86400.0
     assert p.greylist.max_age == 35 * 86400.0
     assert (p.greylist.ipv4_prefix, p.greylist.ipv6_prefix) == (24, 64)
-    assert dict(p.scores) == {}
+    # Contract: a pass is a small negative; SPF + DKIM + DMARC passing sum to >= -2.
+    passes = [p.score(n) for n in ("SPF_PASS", "DKIM_PASS", "DMARC_PASS")]
+    assert all(-2.0 <= x < 0 for x in passes) and sum(passes) >= -2.0
+    assert p.score("SPF_FAIL") > 0 and p.score("DKIM_FAIL") > 0
+    assert p.spf.reject_on_fail is False  # DMARC decides by default
+    assert p.dmarc.honor_reject and p.dmarc.mode == "rfc9989"
+    assert p.dmarc.on_temperror == "tempfail"
 
 
 def test_every_field_declares_its_kind() -> None:
@@ -230,7 +237,8 @@ def test_all_problems_are_reported_not_just_the_first() -> None:
 
 def test_scores_lay_over_defaults_and_score_lookup() -> None:
     policy = _valid({"scores": {"SPF_FAIL": 3, "DNSBL_ZEN_SBL": 10.5}})
-    assert dict(policy.scores) == {"SPF_FAIL": 3.0, "DNSBL_ZEN_SBL": 10.5}
+    assert dict(policy.scores) == {**DEFAULT_SCORES, "SPF_FAIL": 3.0, "DNSBL_ZEN_SBL": 10.5}
+    assert policy.score("SPF_PASS") == DEFAULT_SCORES["SPF_PASS"]
     assert policy.score("SPF_FAIL") == 3.0
     assert policy.score("UNKNOWN") == 0.0
     assert policy.score("UNKNOWN", 1.5) == 1.5

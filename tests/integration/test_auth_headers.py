@@ -1,0 +1,63 @@
+"""Headers on the way out: our Authentication-Results in, forged ones out, others kept."""
+
+from __future__ import annotations
+
+from tests.integration.conftest import StartMailgate
+from tests.rig.client import smtp_client
+from tests.rig.upstream import ScriptedUpstream
+
+FORGED = (
+    b"Authentication-Results: MX.MAILGATE.TEST; spf=pass smtp.mailfrom=ceo@example.org;\r\n"
+    b"\tdkim=pass header.d=example.org; dmarc=pass header.from=example.org\r\n"
+)
+FOREIGN = b"Authentication-Results: mx.upstream-isp.example; spf=fail smtp.mailfrom=x@y\r\n"
+
+
+def _send(mg_port: int, headers: bytes) -> None:
+    with smtp_client("127.0.0.1", mg_port) as c:
+        c.ehlo("client.example.org")
+        c.mail("alice@example.org")
+        c.rcpt("bob@example.test")
+        code, _ = c.data(headers + b"From: <alice@example.org>\r\nSubject: ar\r\n\r\nbody\r\n")
+        assert code == 250
+
+
+def test_forged_authentication_results_are_replaced_by_ours(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    # No DNS in this test: the authentication checks are off, so ours says "none".
+    mg = mailgate(
+        {
+            "spf": {"enabled": False},
+            "dkim": {"enabled": False},
+            "dmarc": {"enabled": False},
+            "arc": {"enabled": False},
+        }
+    )
+    _send(mg.smtp_port, FORGED + FOREIGN + b"X-Spam-Flag: NO\r\n")
+    [txn] = upstream.wait_for_transactions(1)
+    msg = txn.message
+    head = msg.split(b"\r\n\r\n", 1)[0]
+    assert b"MX.MAILGATE.TEST" not in head  # the forgery is gone
+    assert FOREIGN in head  # another service's result is kept
+    assert head.startswith(b"Authentication-Results: mx.mailgate.test;\r\n\tnone\r\n")
+    assert head.count(b"Authentication-Results:") == 2
+    assert b"X-Spam-Flag: NO" not in head  # our own X-Spam fields cannot be pre-set
+
+
+def test_authserv_id_from_policy(mailgate: StartMailgate, upstream: ScriptedUpstream) -> None:
+    mg = mailgate(
+        {
+            "auth": {"authserv_id": "filter.example.net"},
+            "spf": {"enabled": False},
+            "dkim": {"enabled": False},
+            "dmarc": {"enabled": False},
+            "arc": {"enabled": False},
+        }
+    )
+    forged = b"Authentication-Results: filter.EXAMPLE.net; dkim=pass\r\n"
+    _send(mg.smtp_port, forged)
+    [txn] = upstream.wait_for_transactions(1)
+    head = txn.message.split(b"\r\n\r\n", 1)[0]
+    assert b"filter.EXAMPLE.net" not in head
+    assert b"Authentication-Results: filter.example.net;" in head
