@@ -345,7 +345,6 @@ class Session:
         """The whole message is in: judge it, then relay it or refuse it."""
         txn = self.txn
         assert txn is not None
-        self.txn = None
         self.messages += 1
         t_checks = time.monotonic()
         verdict: Verdict | None = None
@@ -394,6 +393,9 @@ class Session:
             self._log_message(txn, message, verdict, reply, outcome, t_checks)
             return reply
         finally:
+            # The transaction ends here whatever happened; until now checks and the
+            # verdict needed its results (SPF at MAIL, per-recipient ones).
+            self.txn = None
             message.close()
 
     async def rset(self) -> Reply:

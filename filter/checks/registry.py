@@ -1,16 +1,29 @@
 """The one list of check modules, and which of them a policy enables.
 
 Each issue that brings a check adds one line here; the pipeline only ever sees the
-instances this function returns.
+instances this function returns. Order matters only for logs: dependencies between
+checks are declared by each check's ``needs`` and resolved by the pipeline.
 """
 
 from __future__ import annotations
 
 from filter.checks import Check
+from filter.checks.arc import ARCCheck
+from filter.checks.dkim import DKIMCheck
+from filter.checks.dmarc import DMARCCheck
+from filter.checks.spf import SPFCheck
 from filter.policy.schema import Policy
 
 
 def build_checks(policy: Policy) -> list[Check]:
     """Instances of every check the policy enables, in registry order."""
     checks: list[Check] = []
+    if policy.spf.enabled:
+        checks.append(SPFCheck())
+    if policy.dkim.enabled:
+        checks.append(DKIMCheck())
+    if policy.arc.enabled:
+        checks.append(ARCCheck())
+    if policy.dmarc.enabled:
+        checks.append(DMARCCheck())
     return checks

@@ -670,6 +670,7 @@ DEFAULT_SCORES: Mapping[str, float] = MappingProxyType(
         "ARC_PASS": -0.2,
         "ARC_FAIL": 0.5,
         "ARC_NONE": 0.0,
+        "ARC_TEMPERROR": 0.0,
         "ARC_TRUSTED_OVERRIDE": 0.0,
     }
 )

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.mailgate import MailgateProcess, deep_merge
 from tests.rig.postfix import PostfixInstance
 
@@ -15,13 +16,18 @@ StartMailgate = Callable[..., MailgateProcess]
 
 
 @pytest.fixture
-def front(tmp_path: Path, mailbox_reset: PostfixInstance) -> Iterator[StartMailgate]:
-    """Front mode: mailgate listens, Postfix is its XCLIENT upstream."""
+def front(
+    tmp_path: Path, mailbox_reset: PostfixInstance, dns_server: ZoneDNSServer
+) -> Iterator[StartMailgate]:
+    """Front mode: mailgate listens, Postfix is its XCLIENT upstream; DNS is loopback."""
     started: list[MailgateProcess] = []
 
     def start(overrides: dict[str, Any] | None = None) -> MailgateProcess:
         policy = deep_merge(
-            {"upstream": {"address": f"127.0.0.1:{mailbox_reset.listen_port}", "xclient": True}},
+            {
+                "upstream": {"address": f"127.0.0.1:{mailbox_reset.listen_port}", "xclient": True},
+                "dns": {"nameservers": [dns_server.nameserver], "timeout": "1s"},
+            },
             overrides or {},
         )
         mg = MailgateProcess(tmp_path / f"mg{len(started)}", policy)
@@ -34,7 +40,9 @@ def front(tmp_path: Path, mailbox_reset: PostfixInstance) -> Iterator[StartMailg
 
 
 @pytest.fixture
-def filter_mode(tmp_path: Path, postfix_filter: PostfixInstance) -> Iterator[MailgateProcess]:
+def filter_mode(
+    tmp_path: Path, postfix_filter: PostfixInstance, dns_server: ZoneDNSServer
+) -> Iterator[MailgateProcess]:
     """Filter mode: Postfix :listen_port -> smtpd_proxy_filter -> mailgate -> after-filter smtpd."""
     postfix_filter.clear_mail()
     assert postfix_filter.proxy_filter_port and postfix_filter.after_filter_port
@@ -45,6 +53,7 @@ def filter_mode(tmp_path: Path, postfix_filter: PostfixInstance) -> Iterator[Mai
             "trusted_networks": [],
         },
         "upstream": {"address": f"127.0.0.1:{postfix_filter.after_filter_port}", "xclient": True},
+        "dns": {"nameservers": [dns_server.nameserver], "timeout": "1s"},
     }
     mg = MailgateProcess(tmp_path / "mg-filter", policy, smtp_port=postfix_filter.proxy_filter_port)
     mg.start()

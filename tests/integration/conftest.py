@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.mailgate import MailgateProcess, deep_merge
 from tests.rig.upstream import ScriptedUpstream
 
@@ -29,12 +30,23 @@ def upstream() -> Iterator[ScriptedUpstream]:
 
 
 @pytest.fixture
-def mailgate(tmp_path: Path, upstream: ScriptedUpstream) -> Iterator[StartMailgate]:
-    """Start mailgate processes relaying to ``upstream``; all stopped after the test."""
+def mailgate(
+    tmp_path: Path, upstream: ScriptedUpstream, dns_server: ZoneDNSServer
+) -> Iterator[StartMailgate]:
+    """Start mailgate processes relaying to ``upstream``; all stopped after the test.
+
+    Their DNS is the loopback test server: a test never reaches real DNS.
+    """
     started: list[MailgateProcess] = []
 
     def start(overrides: dict[str, Any] | None = None, **kw: Any) -> MailgateProcess:
-        policy = deep_merge(BASE_POLICY, {"upstream": {"address": upstream.address}})
+        policy = deep_merge(
+            BASE_POLICY,
+            {
+                "upstream": {"address": upstream.address},
+                "dns": {"nameservers": [dns_server.nameserver], "timeout": "1s"},
+            },
+        )
         policy = deep_merge(policy, overrides or {})
         mg = MailgateProcess(tmp_path / f"mg{len(started)}", policy, **kw)
         started.append(mg)

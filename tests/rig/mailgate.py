@@ -132,6 +132,9 @@ class MailgateProcess:
                     "trusted_networks": [],
                 },
                 "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
+                # Never real DNS from a test: a closed loopback port fails fast.
+                # Fixtures point this at the loopback test DNS server instead.
+                "dns": {"nameservers": ["127.0.0.1:1"], "timeout": "1s"},
             },
             overrides or {},
         )

@@ -1,0 +1,299 @@
+"""DKIM/ARC public keys through mailgate's resolver, and the dkimpy ``dnsfunc`` seam (L2).
+
+dkimpy fetches keys itself, synchronously, inside its verify calls. mailgate instead
+fetches every key a message names *before* any crypto runs, concurrently and through
+the shared cached resolver, then hands dkimpy a ``dnsfunc`` that only reads those
+answers. That keeps DNS off the worker thread that does the hashing of big messages,
+and lets a DNS timeout be told apart from a bad signature: dkimpy turns its own DNS
+errors into a plain ``False``, so the seam raises :class:`KeyTempError` (deliberately
+not a ``DKIMException``), which dkimpy lets through.
+
+Key records are also parsed here (RFC 6376 3.6.1) because dkimpy ignores the key's
+``h=`` and ``t=s`` tags and does not report RSA key sizes; both DKIM and ARC apply the
+same key rules (RFC 8301 minimum size, sha256 only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from dkim.crypto import UnparsableKeyError, parse_public_key
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from filter.headers import split_fields
+from filter.resolver import DNSTempError, Resolver
+
+__all__ = [
+    "DKIMPY_LOG",
+    "KeyLookup",
+    "KeyRecord",
+    "KeyRecordError",
+    "KeyTempError",
+    "TagListError",
+    "fetch_keys",
+    "key_name",
+    "key_names",
+    "make_dnsfunc",
+    "parse_key_record",
+    "parse_tags",
+    "prefetch",
+    "select_record",
+]
+
+_WSP = re.compile(rb"\s+")
+
+#: Logger handed to dkimpy: it logs every failed signature at ERROR, which mailgate
+#: reports as check results instead, so its lines go nowhere.
+DKIMPY_LOG = logging.getLogger("mailgate.dkimpy")
+DKIMPY_LOG.addHandler(logging.NullHandler())
+DKIMPY_LOG.propagate = False
+
+DNSFunc = Callable[..., bytes | None]
+
+
+class KeyTempError(Exception):
+    """A key lookup failed temporarily (timeout, SERVFAIL): the result is temperror.
+
+    Not a ``dkim.DKIMException`` on purpose: dkimpy catches those (and its own DNS
+    timeout) and reports a failed signature; this one propagates out of
+    ``DKIM.verify`` and ``arc_verify`` so the caller can say temperror.
+    """
+
+
+class TagListError(ValueError):
+    """A tag=value list (signature or key record) that does not parse."""
+
+
+class KeyRecordError(ValueError):
+    """A key record that is not a usable DKIM key; ``str()`` is the reason."""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One parsed DKIM key record (RFC 6376 3.6.1); ``public`` is empty when revoked."""
+
+    key_type: str  # "rsa" | "ed25519"
+    public: bytes  # decoded p= (DER for rsa, 32 raw bytes for ed25519)
+    bits: int  # RSA modulus size; 256 for ed25519; 0 when revoked
+    hashes: tuple[str, ...] | None  # h=, None when absent (every hash allowed)
+    services: tuple[str, ...]  # s=, ("*",) by default
+    flags: frozenset[str]  # t=, e.g. {"y", "s"}
+
+    @property
+    def revoked(self) -> bool:
+        """RFC 6376 3.6.1: an empty p= means the key has been revoked."""
+        return not self.public
+
+    @property
+    def testing(self) -> bool:
+        return "y" in self.flags
+
+    @property
+    def strict_identity(self) -> bool:
+        """t=s: the i= domain must equal d= exactly, no subdomains."""
+        return "s" in self.flags
+
+    def allows_hash(self, hash_name: str) -> bool:
+        return self.hashes is None or hash_name in self.hashes
+
+    @property
+    def for_email(self) -> bool:
+        return "*" in self.services or "email" in self.services
+
+
+def parse_tags(value: bytes) -> dict[str, bytes]:
+    """A tag=value list (RFC 6376 3.2) with folding removed; ``TagListError`` if bad.
+
+    Tag names are case-sensitive (3.2), values keep their case; only the CRLFs of
+    folded header fields are dropped so that values can be compared directly.
+    """
+    unfolded = value.replace(b"\r\n", b"").replace(b"\n", b"")
+    try:
+        raw = parse_tag_value(unfolded)
+    except InvalidTagValueList as e:
+        raise TagListError(f"tag list syntax error: {e!s:.80}") from None
+    return {k.decode("ascii", "replace"): v for k, v in raw.items()}
+
+
+def _colon_list(value: bytes) -> tuple[str, ...]:
+    return tuple(
+        p.strip().lower() for p in value.decode("ascii", "replace").split(":") if p.strip()
+    )
+
+
+def parse_key_record(raw: bytes) -> KeyRecord:
+    """Parse a key TXT record; raise ``KeyRecordError`` for anything not a DKIM key.
+
+    A revoked key (empty p=) parses: revocation is a verification outcome with its own
+    reason, not a syntax error.
+    """
+    try:
+        tags = parse_tags(raw)
+    except TagListError as e:
+        raise KeyRecordError(f"key record {e}") from None
+    version = tags.get("v")
+    if version is not None and version != b"DKIM1":
+        raise KeyRecordError(f"key record v= is not DKIM1 ({version!r:.40})")
+    if "p" not in tags:
+        raise KeyRecordError("key record has no p= tag")
+    key_type = tags.get("k", b"rsa").strip().lower().decode("ascii", "replace")
+    if key_type not in ("rsa", "ed25519"):
+        raise KeyRecordError(f"unknown key type k={key_type:.20}")
+    hashes = _colon_list(tags["h"]) if "h" in tags else None
+    services = _colon_list(tags["s"]) if "s" in tags else ("*",)
+    flags = frozenset(_colon_list(tags.get("t", b"")))
+    b64 = _WSP.sub(b"", tags["p"])
+    if not b64:
+        return KeyRecord(key_type, b"", 0, hashes, services, flags)
+    try:
+        public = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyRecordError("key p= is not valid base64") from None
+    if key_type == "ed25519":
+        if len(public) != 32:
+            raise KeyRecordError(f"ed25519 key is {len(public)} bytes, not 32")
+        bits = 256
+    else:
+        try:
+            # dkimpy's own parser: accepts exactly what its verifier will accept
+            # (SubjectPublicKeyInfo or a bare RSAPublicKey).
+            modulus = parse_public_key(public)["modulus"]
+        except (UnparsableKeyError, IndexError, TypeError, ValueError):
+            raise KeyRecordError("RSA key p= does not parse") from None
+        bits = int(modulus).bit_length()
+    return KeyRecord(key_type, public, bits, hashes, services, flags)
+
+
+def select_record(records: Iterable[bytes]) -> bytes | None:
+    """The record to use when a key name holds several TXT records.
+
+    RFC 6376 3.6.2.2 leaves several records undefined; publishers sometimes leave a
+    stray TXT next to the key, so the first one that parses as a key wins, else the
+    first (whose error is then reported).
+    """
+    recs = list(records)
+    for rec in recs:
+        try:
+            parse_key_record(rec)
+        except KeyRecordError:
+            continue
+        return rec
+    return recs[0] if recs else None
+
+
+def key_name(selector: bytes, domain: bytes) -> bytes:
+    """The lookup key used both for prefetching and for dkimpy's ``dnsfunc`` name."""
+    return (selector + b"._domainkey." + domain).rstrip(b".").lower()
+
+
+@dataclass(frozen=True)
+class KeyLookup:
+    """What the prefetch found for one key name.
+
+    ``status``: "ok" (``record`` set), "missing" (NXDOMAIN/NODATA), "temp" (timeout,
+    SERVFAIL...) or "bad" (a name the resolver refuses, e.g. a malformed selector).
+    """
+
+    status: str
+    record: bytes | None = None
+    reason: str = ""
+
+
+async def _lookup(resolver: Resolver, name: bytes) -> KeyLookup:
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        return KeyLookup("bad", reason="key name is not UTF-8")
+    try:
+        records = await resolver.txt(text)
+    except DNSTempError as e:
+        return KeyLookup("temp", reason=f"key lookup {text}: {e.reason}")
+    except ValueError as e:  # malformed name: the signature's fault, not DNS's
+        return KeyLookup("bad", reason=f"invalid key name: {e!s:.100}")
+    record = select_record(records)
+    if record is None:
+        return KeyLookup("missing", reason=f"no key record at {text}")
+    return KeyLookup("ok", record)
+
+
+async def fetch_keys(resolver: Resolver, names: Iterable[bytes]) -> dict[bytes, KeyLookup]:
+    """Look up every key name concurrently (each name once), keyed by ``key_name``."""
+    unique = list(dict.fromkeys(names))
+    found = await asyncio.gather(*(_lookup(resolver, n) for n in unique))
+    return dict(zip(unique, found, strict=True))
+
+
+def make_dnsfunc(
+    keys: Mapping[bytes, KeyLookup],
+    veto: Callable[[bytes, bytes], str | None] | None = None,
+) -> DNSFunc:
+    """A dkimpy ``dnsfunc(name, timeout=5)`` that answers only from ``keys``.
+
+    A lookup that failed temporarily raises ``KeyTempError`` (never a silent "bad
+    signature"). A name that was not prefetched answers "no key": it can only come
+    from a tag value dkimpy reads differently from mailgate, i.e. a malformed
+    signature, and no DNS may happen inside the crypto. ``veto(name, record)`` may
+    return a reason to withhold a key that mailgate's rules refuse (dkimpy then
+    reports the signature invalid).
+    """
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+        key = name.rstrip(b".").lower()
+        found = keys.get(key)
+        if found is None:
+            return None
+        if found.status == "temp":
+            raise KeyTempError(found.reason)
+        if found.status != "ok" or found.record is None:
+            return None
+        if veto is not None and veto(key, found.record) is not None:
+            return None
+        return found.record
+
+    return dnsfunc
+
+
+_SIGNATURE_FIELDS = (b"dkim-signature", b"arc-seal", b"arc-message-signature")
+
+
+def key_names(header_block: bytes, limit: int = 50) -> list[bytes]:
+    """Key names named by the DKIM-Signature (first ``limit``) and ARC signature fields.
+
+    Lenient by design: a field that does not parse is skipped here and judged by the
+    check itself.
+    """
+    names: list[bytes] = []
+    dkim_seen = 0
+    for name, raw in split_fields(header_block):
+        if name not in _SIGNATURE_FIELDS:
+            continue
+        if name == b"dkim-signature":
+            dkim_seen += 1
+            if dkim_seen > limit:
+                continue
+        try:
+            tags = parse_tags(raw.partition(b":")[2])
+        except TagListError:
+            continue
+        if tags.get("s", b"").strip() and tags.get("d", b"").strip():
+            names.append(key_name(tags["s"].strip(), tags["d"].strip()))
+    return list(dict.fromkeys(names))
+
+
+async def prefetch(resolver: Resolver, header_block: bytes, limit: int = 50) -> int:
+    """Warm the resolver cache with every key the header names; returns how many.
+
+    For the session to start as soon as the header block is complete (DESIGN.md: "DKIM
+    keys as soon as the headers are in"), so that the DKIM and ARC checks find the
+    answers cached at the final dot. Failures are left for the checks to meet again.
+    """
+    names = key_names(header_block, limit)
+    if names:
+        await fetch_keys(resolver, names)
+    return len(names)

@@ -1,0 +1,328 @@
+"""ARCCheck and ARC sealing end to end: dkimpy chains, keys in the loopback DNS zone.
+
+Chains are built with ``dkim.arc_sign`` as an intermediary would; keys are generated
+at test time (ARC is RSA only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from filter.checks import Context
+from filter.checks.arc import ARCCheck, ARCSealError, seal, seal_key, seal_message
+from filter.message import MessageBuffer
+from filter.model import ClientInfo
+from filter.policy.schema import ARCPolicy, DKIMPolicy, Policy
+from filter.resolver import Resolver
+from filter.results import CheckResult
+from filter.units import Address
+from tests.rig.dnsserver import ZoneDNSServer
+
+MESSAGE = (
+    b"From: Alice <alice@example.test>\r\n"
+    b"To: list@lists.example.org\r\n"
+    b"Subject: meeting notes\r\n"
+    b"Date: Mon, 01 Jan 2024 10:00:00 +0000\r\n"
+    b"Message-ID: <notes.1@example.test>\r\n"
+    b"\r\n"
+    b"Notes attached.\r\n"
+)
+
+# What the first intermediary (a mailing list) concluded on receipt.
+HOP1_AR = b"Authentication-Results: lists.example.org; dkim=pass header.d=example.test\r\n"
+
+
+class RSAKey:
+    def __init__(self, bits: int = 2048) -> None:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        self.pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        der = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.record = "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
+
+
+@pytest.fixture(scope="module")
+def list_key() -> RSAKey:
+    return RSAKey()
+
+
+@pytest.fixture(scope="module")
+def our_key() -> RSAKey:
+    return RSAKey()
+
+
+def hop(msg: bytes, ar: bytes, selector: bytes, domain: bytes, pem: bytes) -> bytes:
+    """What an intermediary relays: its ARC set + its A-R + the message."""
+    srv_id = ar.split(b":", 1)[1].split(b";", 1)[0].strip()
+    arc_set = dkim.arc_sign(ar + msg, selector, domain, pem, srv_id)
+    assert arc_set, "dkimpy declined to seal"
+    return b"".join(arc_set) + ar + msg
+
+
+@pytest.fixture
+def chain(dns_zone: ZoneDNSServer, list_key: RSAKey) -> bytes:
+    """MESSAGE after one hop through lists.example.org (instance 1)."""
+    dns_zone.add("arc._domainkey.lists.example.org", "TXT", list_key.record)
+    return hop(MESSAGE, HOP1_AR, b"arc", b"lists.example.org", list_key.pem)
+
+
+@pytest.fixture
+async def resolver(dns_zone: ZoneDNSServer) -> AsyncIterator[Resolver]:
+    yield Resolver([Address(*dns_zone.address)], timeout=1.0)
+
+
+Run = Callable[..., Any]
+
+
+@pytest.fixture
+def run(resolver: Resolver) -> Run:
+    async def run_check(
+        msg: bytes,
+        trusted: tuple[str, ...] = (),
+        check: ARCCheck | None = None,
+        min_key_bits: int = 1024,
+    ) -> CheckResult:
+        policy = dataclasses.replace(
+            Policy(),
+            arc=ARCPolicy(trusted_sealers=trusted),
+            dkim=DKIMPolicy(min_key_bits=min_key_bits),
+        )
+        buf = MessageBuffer()
+        buf.write(msg)
+        ctx = Context(
+            client=ClientInfo("192.0.2.1", 40000, "s1"),
+            policy=policy,
+            message=buf,
+            resolver=resolver,
+        )
+        try:
+            return await (check or ARCCheck()).run(ctx)
+        finally:
+            buf.close()
+
+    return run_check
+
+
+def our_policy(tmp_path: Path, key: RSAKey) -> ARCPolicy:
+    path = tmp_path / "arc.pem"
+    path.write_bytes(key.pem)
+    return ARCPolicy(
+        seal=True, seal_domain="mx.example.test", seal_selector="seal", seal_key_file=str(path)
+    )
+
+
+def dnsfunc_for(zone: dict[bytes, str]) -> Callable[..., bytes | None]:
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+        rec = zone.get(name.rstrip(b"."))
+        return rec.encode() if rec else None
+
+    return dnsfunc
+
+
+# -- verification --------------------------------------------------------------------------
+async def test_valid_chain_passes_and_names_the_sealer(chain: bytes, run: Run) -> None:
+    res = await run(chain)
+    assert res.result == "pass"
+    assert res.data == {
+        "cv": "pass",
+        "sealer": "lists.example.org",
+        "instance": 1,
+        "trusted": False,
+        "reason": "success",
+    }
+    assert [s.name for s in res.symbols] == ["ARC_PASS"]
+
+
+async def test_trusted_only_for_listed_sealers(chain: bytes, run: Run) -> None:
+    assert (await run(chain, trusted=("LISTS.example.org.",))).data["trusted"] is True
+    assert (await run(chain, trusted=("example.org", "other.test"))).data["trusted"] is False
+
+
+async def test_tampered_after_sealing_fails_and_is_never_trusted(chain: bytes, run: Run) -> None:
+    tampered = chain.replace(b"Notes attached.", b"Invoice attached.")
+    res = await run(tampered, trusted=("lists.example.org",))
+    assert res.result == "fail" and res.data["cv"] == "fail"
+    assert res.data["trusted"] is False and res.data["sealer"] == "lists.example.org"
+    assert [s.name for s in res.symbols] == ["ARC_FAIL"]
+
+
+async def test_no_arc_headers_is_none(run: Run) -> None:
+    res = await run(HOP1_AR + MESSAGE)
+    assert res.result == "none"
+    assert res.data == {
+        "cv": "none",
+        "sealer": "",
+        "instance": 0,
+        "trusted": False,
+        "reason": "no ARC header fields",
+    }
+    assert [s.name for s in res.symbols] == ["ARC_NONE"]
+
+
+async def test_two_hop_chain_reports_the_latest_sealer(
+    dns_zone: ZoneDNSServer, chain: bytes, run: Run, our_key: RSAKey
+) -> None:
+    dns_zone.add("fwd._domainkey.example.org", "TXT", our_key.record)
+    ar2 = b"Authentication-Results: fwd.example.org; arc=pass\r\n"
+    twice = hop(chain, ar2, b"fwd", b"example.org", our_key.pem)
+    res = await run(twice, trusted=("example.org",))
+    assert res.result == "pass"
+    assert (res.data["sealer"], res.data["instance"], res.data["trusted"]) == (
+        "example.org",
+        2,
+        True,
+    )
+
+
+async def test_missing_key_fails(run: Run, list_key: RSAKey) -> None:
+    msg = hop(MESSAGE, HOP1_AR, b"nokey", b"lists.example.org", list_key.pem)
+    assert (await run(msg)).result == "fail"
+
+
+async def test_dkim_key_rules_apply_to_arc_keys(dns_zone: ZoneDNSServer, run: Run) -> None:
+    key = RSAKey(1024)
+    dns_zone.add("small._domainkey.lists.example.org", "TXT", key.record)
+    dns_zone.add("sha1._domainkey.lists.example.org", "TXT", key.record + "; h=sha1")
+    small = hop(MESSAGE, HOP1_AR, b"small", b"lists.example.org", key.pem)
+    assert (await run(small)).result == "pass"  # 1024 is the RFC 8301 floor
+    res = await run(small, min_key_bits=2048)  # the floor for ARC is [dkim] min_key_bits
+    assert res.result == "fail" and "shorter than 2048" in res.data["reason"]
+    sha1 = hop(MESSAGE, HOP1_AR, b"sha1", b"lists.example.org", key.pem)
+    res = await run(sha1)
+    assert res.result == "fail" and "h= does not allow sha256" in res.data["reason"]
+
+
+async def test_dns_timeout_on_a_key_is_temperror(
+    dns_zone: ZoneDNSServer, chain: bytes, run: Run
+) -> None:
+    dns_zone.set_name_mode("arc._domainkey.lists.example.org", "timeout")
+    res = await run(chain, trusted=("lists.example.org",))
+    assert res.result == "temperror"
+    assert res.data["cv"] == "fail" and res.data["trusted"] is False
+    assert [s.name for s in res.symbols] == ["ARC_TEMPERROR"]
+
+
+# -- sealing -------------------------------------------------------------------------------
+async def test_seal_output_verifies(
+    tmp_path: Path, our_key: RSAKey, run: Run, dns_zone: ZoneDNSServer
+) -> None:
+    policy = our_policy(tmp_path, our_key)
+    ar = b"Authentication-Results: mx.example.test; dkim=none; arc=none\r\n"
+    arc_set = seal(MESSAGE, ar, policy, seal_key(policy))
+    names = [h.split(b":", 1)[0] for h in arc_set]
+    assert names == [b"ARC-Seal", b"ARC-Message-Signature", b"ARC-Authentication-Results"]
+    assert all(h.endswith(b"\r\n") for h in arc_set)
+    sealed = b"".join(arc_set) + ar + MESSAGE
+    zone = {b"seal._domainkey.mx.example.test": our_key.record}
+    cv, _, why = dkim.arc_verify(sealed, dnsfunc=dnsfunc_for(zone))
+    assert (cv, why) == (b"pass", "success")
+    dns_zone.add("seal._domainkey.mx.example.test", "TXT", our_key.record)
+    res = await run(sealed)
+    assert (res.result, res.data["sealer"], res.data["instance"]) == ("pass", "mx.example.test", 1)
+
+
+async def test_seal_extends_an_incoming_chain(
+    tmp_path: Path, chain: bytes, our_key: RSAKey, list_key: RSAKey
+) -> None:
+    policy = our_policy(tmp_path, our_key)
+    ar = b"authentication-results: mx.example.test; arc=pass\r\n"  # any case of the name
+    arc_set = seal(chain, ar, policy, seal_key(policy))
+    assert b" i=2;" in arc_set[0]
+    zone = {
+        b"seal._domainkey.mx.example.test": our_key.record,
+        b"arc._domainkey.lists.example.org": list_key.record,
+    }
+    cv, results, _ = dkim.arc_verify(b"".join(arc_set) + ar + chain, dnsfunc=dnsfunc_for(zone))
+    assert cv == b"pass" and len(results) == 2
+
+
+def test_seal_without_arc_result_on_a_chain_returns_nothing(
+    tmp_path: Path, chain: bytes, our_key: RSAKey
+) -> None:
+    policy = our_policy(tmp_path, our_key)
+    ar = b"Authentication-Results: mx.example.test; dkim=pass header.d=example.test\r\n"
+    assert seal(chain, ar, policy, seal_key(policy)) == []  # documented input contract
+
+
+def test_seal_key_is_cached_until_the_file_changes(tmp_path: Path, our_key: RSAKey) -> None:
+    policy = our_policy(tmp_path, our_key)
+    first = seal_key(policy)
+    assert seal_key(policy) is first
+    other = RSAKey()
+    path = Path(policy.seal_key_file)
+    path.write_bytes(other.pem)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert seal_key(policy) == other.pem
+
+
+def test_seal_key_errors(tmp_path: Path) -> None:
+    missing = ARCPolicy(seal_key_file=str(tmp_path / "nope.pem"))
+    with pytest.raises(ARCSealError, match=r"nope\.pem"):
+        seal_key(missing)
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(b"-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n")
+    with pytest.raises(ARCSealError, match="not a PEM RSA private key"):
+        seal_key(ARCPolicy(seal_key_file=str(junk)))
+
+
+# -- big messages --------------------------------------------------------------------------
+class TracingExecutor(ThreadPoolExecutor):
+    """The loop's default executor, recording which functions ran on which thread."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.ran: list[tuple[str, str]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        inner = getattr(fn, "args", (None,))  # to_thread: partial(context.run, func, ...)
+        label = getattr(inner[0] if inner else None, "__name__", repr(fn))
+
+        def traced(*a: Any, **k: Any) -> Any:
+            self.ran.append((label, threading.current_thread().name))
+            return fn(*a, **k)
+
+        return super().submit(traced, *args, **kwargs)
+
+
+async def test_big_message_is_verified_and_sealed_in_a_worker_thread(
+    dns_zone: ZoneDNSServer, tmp_path: Path, list_key: RSAKey, our_key: RSAKey, run: Run
+) -> None:
+    ex = TracingExecutor()
+    asyncio.get_running_loop().set_default_executor(ex)
+    try:
+        dns_zone.add("arc._domainkey.lists.example.org", "TXT", list_key.record)
+        big = MESSAGE + (b"y" * 998 + b"\r\n") * 600
+        chained = hop(big, HOP1_AR, b"arc", b"lists.example.org", list_key.pem)
+        started = time.perf_counter()
+        res = await run(chained)
+        assert res.result == "pass", res.data
+        policy = our_policy(tmp_path, our_key)
+        ar = b"Authentication-Results: mx.example.test; arc=pass\r\n"
+        arc_set = await seal_message(chained, ar, policy)
+        assert len(arc_set) == 3
+        assert time.perf_counter() - started < 30
+    finally:
+        ex.shutdown(wait=True)
+    main = threading.main_thread().name
+    labels = {label for label, thread in ex.ran if thread != main}
+    assert {"_verify", "seal"} <= labels

@@ -1,0 +1,264 @@
+"""The DKIM/ARC rules mailgate enforces itself, because dkimpy does not (pure parts).
+
+Key records, signature tags, the overall result and the ``dnsfunc`` seam are tested
+without DNS or crypto; tests/integration/test_check_dkim.py runs them end to end.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from filter.checks.arc import ARCSealError, authserv_id, seal
+from filter.checks.dkim import (
+    SignatureResult,
+    check_key,
+    check_signature_tags,
+    overall_result,
+    signature_fields,
+)
+from filter.dkimkeys import (
+    KeyLookup,
+    KeyRecordError,
+    KeyTempError,
+    TagListError,
+    key_name,
+    make_dnsfunc,
+    parse_key_record,
+    parse_tags,
+    select_record,
+)
+from filter.policy.schema import ARCPolicy
+
+NOW = 1_700_000_000
+
+
+def rsa_p(bits: int) -> bytes:
+    """base64 SubjectPublicKeyInfo of a fresh RSA key, as a key record's p= carries it."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(der)
+
+
+@pytest.fixture(scope="module")
+def p1024() -> bytes:
+    return rsa_p(1024)
+
+
+def sig_tags(**over: bytes) -> dict[str, bytes]:
+    tags = {
+        "v": b"1",
+        "a": b"rsa-sha256",
+        "d": b"example.test",
+        "s": b"sel",
+        "h": b"from : to : subject",
+        "bh": b"AAAA",
+        "b": b"AAAA",
+    }
+    tags.update(over)
+    return {k: v for k, v in tags.items() if v != b"<del>"}
+
+
+# -- key records ---------------------------------------------------------------------------
+def test_rsa_key_record_bits_and_defaults(p1024: bytes) -> None:
+    key = parse_key_record(b"v=DKIM1; k=rsa; p=" + p1024)
+    assert (key.key_type, key.bits, key.revoked, key.testing) == ("rsa", 1024, False, False)
+    assert key.hashes is None and key.allows_hash("sha256") and key.for_email
+
+
+def test_rsa_key_with_whitespace_in_p_and_no_k(p1024: bytes) -> None:
+    spaced = b" ".join(p1024[i : i + 60] for i in range(0, len(p1024), 60))
+    key = parse_key_record(b"p=" + spaced)
+    assert key.key_type == "rsa" and key.bits == 1024
+
+
+def test_bare_rsapublickey_accepted() -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.PKCS1
+    )
+    assert parse_key_record(b"p=" + base64.b64encode(der)).bits == 1024
+
+
+def test_ed25519_key_record() -> None:
+    key = parse_key_record(b"v=DKIM1; k=ed25519; p=" + base64.b64encode(b"\x01" * 32))
+    assert (key.key_type, key.bits) == ("ed25519", 256)
+
+
+def test_revoked_key_parses_as_revoked() -> None:
+    key = parse_key_record(b"v=DKIM1; k=rsa; p=")
+    assert key.revoked and key.bits == 0
+
+
+def test_key_tags_h_s_t(p1024: bytes) -> None:
+    key = parse_key_record(b"h=sha1; s=tlsrpt; t=y:s; p=" + p1024)
+    assert not key.allows_hash("sha256") and not key.for_email
+    assert key.testing and key.strict_identity
+    assert parse_key_record(b"h=sha1:SHA256; s=email:*; p=" + p1024).allows_hash("sha256")
+
+
+@pytest.mark.parametrize(
+    ("record", "needle"),
+    [
+        (b"v=DKIM2; p=AAAA", "DKIM1"),
+        (b"v=DKIM1; k=rsa", "no p="),
+        (b"k=dsa; p=AAAA", "unknown key type"),
+        (b"p=!!!notbase64", "base64"),
+        (b"p=" + base64.b64encode(b"not a key"), "does not parse"),
+        (b"k=ed25519; p=" + base64.b64encode(b"short"), "not 32"),
+        (b"p=AAAA; p=BBBB", "syntax"),
+        (b"=x", "syntax"),
+    ],
+)
+def test_bad_key_records(record: bytes, needle: str) -> None:
+    with pytest.raises(KeyRecordError, match=needle):
+        parse_key_record(record)
+
+
+def test_select_record_skips_stray_txt(p1024: bytes) -> None:
+    good = b"v=DKIM1; p=" + p1024
+    assert select_record([b"google-site-verification=x", good]) == good
+    assert select_record([b"junk"]) == b"junk"  # its error is then reported
+    assert select_record([]) is None
+
+
+def test_parse_tags_unfolds_and_rejects_garbage() -> None:
+    assert parse_tags(b" v=1;\r\n\td=example.test ; s=sel;") == {
+        "v": b"1",
+        "d": b"example.test",
+        "s": b"sel",
+    }
+    with pytest.raises(TagListError):
+        parse_tags(b"v=1; v=1")
+
+
+# -- signature tags ------------------------------------------------------------------------
+def test_acceptable_signature_has_no_problem() -> None:
+    assert check_signature_tags(sig_tags(), NOW) is None
+    assert (
+        check_signature_tags(sig_tags(a=b"ed25519-sha256", i=b"u@mail.example.test"), NOW) is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"a": b"rsa-sha1"}, "rsa-sha1"),
+        ({"a": b"rsa-sha512"}, "unknown signature algorithm"),
+        ({"h": b"to : subject"}, "From"),
+        ({"bh": b"<del>"}, "no bh="),
+        ({"v": b"2"}, "v="),
+        ({"i": b"user@example.org"}, "i= domain"),
+        ({"i": b"user@badexample.test"}, "i= domain"),
+        ({"x": str(NOW - 1).encode()}, "expired"),
+        ({"t": str(NOW).encode(), "x": str(NOW - 5).encode()}, "earlier than t="),
+        ({"x": b"soon"}, "decimal"),
+        ({"l": b"-1"}, "l="),
+    ],
+)
+def test_signature_problems(over: dict[str, bytes], needle: str) -> None:
+    why = check_signature_tags(sig_tags(**over), NOW)
+    assert why is not None and needle in why
+
+
+def test_expiry_uses_the_given_clock_without_grace() -> None:
+    tags = sig_tags(x=str(NOW + 10).encode())
+    assert check_signature_tags(tags, NOW) is None
+    assert check_signature_tags(tags, NOW + 11) is not None  # no 10 h slop as in dkimpy
+
+
+# -- key versus signature ------------------------------------------------------------------
+def test_check_key_rules(p1024: bytes) -> None:
+    key = parse_key_record(b"p=" + p1024)
+    assert check_key(sig_tags(), key, 1024) is None
+    assert "shorter than 2048" in (check_key(sig_tags(), key, 2048) or "")
+    assert "does not match" in (check_key(sig_tags(a=b"ed25519-sha256"), key, 1024) or "")
+    revoked = parse_key_record(b"p=")
+    assert "revoked" in (check_key(sig_tags(), revoked, 1024) or "")
+    sha1_only = parse_key_record(b"h=sha1; p=" + p1024)
+    assert "sha256" in (check_key(sig_tags(), sha1_only, 1024) or "")
+    not_email = parse_key_record(b"s=tlsrpt; p=" + p1024)
+    assert "email" in (check_key(sig_tags(), not_email, 1024) or "")
+
+
+def test_check_key_strict_identity(p1024: bytes) -> None:
+    strict = parse_key_record(b"t=s; p=" + p1024)
+    assert check_key(sig_tags(i=b"@example.test"), strict, 1024) is None
+    assert check_key(sig_tags(), strict, 1024) is None  # no i=: it defaults to @d=
+    why = check_key(sig_tags(i=b"news@sub.example.test"), strict, 1024)
+    assert why is not None and "t=s" in why
+    loose = parse_key_record(b"p=" + p1024)
+    assert check_key(sig_tags(i=b"news@sub.example.test"), loose, 1024) is None
+
+
+# -- overall -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ([], "none"),
+        (["fail", "pass"], "pass"),
+        (["permerror", "temperror", "fail"], "temperror"),
+        (["permerror", "fail"], "fail"),
+        (["permerror"], "permerror"),
+    ],
+)
+def test_overall_result(words: list[str], expected: str) -> None:
+    assert overall_result([SignatureResult(w) for w in words]) == expected
+
+
+def test_signature_fields_are_in_dkimpy_index_order() -> None:
+    block = (
+        b"DKIM-Signature: v=1; d=a.test;\r\n\ts=one\r\n"
+        b"From: a@a.test\r\n"
+        b"dkim-signature: v=1; d=b.test; s=two\r\n"
+    )
+    values = signature_fields(block)
+    assert [parse_tags(v)["d"] for v in values] == [b"a.test", b"b.test"]
+    with pytest.raises(dkim.MessageFormatError):
+        signature_fields(b"no colon on this line\r\n")
+
+
+# -- the dnsfunc seam ----------------------------------------------------------------------
+def test_dnsfunc_answers_only_from_prefetched_keys() -> None:
+    keys = {
+        key_name(b"ok", b"Example.TEST"): KeyLookup("ok", b"p=AAAA"),
+        key_name(b"gone", b"example.test"): KeyLookup("missing", reason="nx"),
+        key_name(b"slow", b"example.test"): KeyLookup("temp", reason="timeout"),
+    }
+    fn = make_dnsfunc(keys)
+    assert fn(b"ok._domainkey.example.test.", timeout=5) == b"p=AAAA"
+    assert fn(b"gone._domainkey.example.test.") is None
+    assert fn(b"never._domainkey.example.test.") is None
+    with pytest.raises(KeyTempError, match="timeout"):
+        fn(b"slow._domainkey.example.test.")
+    assert not issubclass(KeyTempError, dkim.DKIMException)  # dkimpy must not swallow it
+    vetoed = make_dnsfunc(keys, lambda name, rec: "refused")
+    assert vetoed(b"ok._domainkey.example.test.") is None
+
+
+# -- ARC sealing input ---------------------------------------------------------------------
+def test_authserv_id_and_results() -> None:
+    sid, results = authserv_id(
+        b"Authentication-Results: mx.example.test;\r\n dkim=pass header.d=example.org; arc=none\r\n"
+    )
+    assert sid == "mx.example.test"
+    assert results == [("dkim", "pass"), ("arc", "none")]
+    with pytest.raises(ARCSealError):
+        authserv_id(b"Authentication-Results: ;;;\r\n")
+
+
+def test_seal_refuses_a_transient_arc_result() -> None:
+    policy = ARCPolicy(
+        seal=True, seal_domain="example.test", seal_selector="arc", seal_key_file="k"
+    )
+    ar = b"Authentication-Results: mx.example.test; arc=temperror\r\n"
+    with pytest.raises(ARCSealError, match="pass, fail or none"):
+        seal(b"From: a@example.org\r\n\r\nhi\r\n", ar, policy, b"unused")
+    with pytest.raises(ARCSealError, match="required"):
+        seal(b"From: a@example.org\r\n\r\nhi\r\n", ar, ARCPolicy(), b"unused")
