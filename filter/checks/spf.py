@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -376,6 +377,46 @@ def evaluate(
     return Verdict(result_word(result), str(explanation or ""))
 
 
+# --- a short memory of verdicts -----------------------------------------------------------
+
+
+class VerdictCache:
+    """Recent check_host() verdicts by (client IP, sender, HELO, receiver).
+
+    Why: a pyspf evaluation costs a worker thread and a loop round trip per DNS
+    answer even when every answer is cached; bulk senders repeat the same inputs
+    many times a minute. The same inputs give the same verdict as long as the DNS
+    answers behind it stand, so entries live ``ttl`` seconds (well under common
+    record TTLs). Temporary errors are never remembered.
+    """
+
+    def __init__(self, ttl: float = 60.0, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, ...], tuple[float, Verdict]] = OrderedDict()
+
+    def get(self, key: tuple[str, ...]) -> Verdict | None:
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        if hit[0] <= time.monotonic():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return hit[1]
+
+    def put(self, key: tuple[str, ...], verdict: Verdict) -> None:
+        if verdict.word == "temperror" or self.ttl <= 0:
+            return
+        self._entries[key] = (time.monotonic() + self.ttl, verdict)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 # --- the check ------------------------------------------------------------------------
 
 
@@ -386,9 +427,12 @@ class SPFCheck:
     stage = Stage.MAIL
     needs: tuple[str, ...] = ()
 
-    def __init__(self, evaluator: Callable[..., Verdict] = evaluate) -> None:
+    def __init__(
+        self, evaluator: Callable[..., Verdict] = evaluate, cache: VerdictCache | None = None
+    ) -> None:
         # Injectable so unit tests can observe calls without DNS.
         self._evaluate = evaluator
+        self.cache = cache if cache is not None else VerdictCache()
 
     async def run(self, ctx: Context) -> CheckResult:
         policy = ctx.policy
@@ -406,19 +450,26 @@ class SPFCheck:
         budget = time_budget(policy.dns.timeout, policy.server.check_timeout)
         helo_macro = helo_domain(helo) or (helo or "").strip()
 
+        receiver = policy.authserv_id
+
         def run_one(ident: Identity) -> Verdict:
-            # %{r}: authserv_id may ask the system for its FQDN once; not on the loop.
-            receiver = policy.authserv_id
             return self._evaluate(lookup, ip, ident, helo_macro, receiver, budget)
+
+        async def verdict_for(ident: Identity) -> Verdict:
+            key = (ip, ident.sender.lower(), helo_macro.lower(), receiver)
+            cached = self.cache.get(key)
+            if cached is not None:
+                return cached
+            verdict = await asyncio.to_thread(run_one, ident)
+            self.cache.put(key, verdict)
+            return verdict
 
         second = helo_identity(helo) if identity.kind == "mailfrom" and policy.spf.helo else None
         if second is None:
-            main = await asyncio.to_thread(run_one, identity)
+            main = await verdict_for(identity)
             helo_verdict = None
         else:
-            main, helo_verdict = await asyncio.gather(
-                asyncio.to_thread(run_one, identity), asyncio.to_thread(run_one, second)
-            )
+            main, helo_verdict = await asyncio.gather(verdict_for(identity), verdict_for(second))
         return build_result(identity, main, helo, helo_verdict, policy)
 
 

@@ -14,6 +14,12 @@
  * outcome (4xx/5xx at any step, I/O error, timeout, failed connect) counts as
  * an error and never as a message.
  *
+ * --message-file PATH sends the message in that file (headers and body) for every
+ * transaction instead of the generated one: bare LF line ends become CRLF, a
+ * final CRLF is added if missing, lines starting with "." are dot-stuffed, and
+ * --size is ignored. Without it, messages are generated: From, To, Subject,
+ * Date, a unique Message-ID, then 76-character lines, --size bytes in total.
+ *
  * Output: one JSON line on stdout. Diagnostics (first few errors) on stderr.
  *
  * Build: cc -std=c11 -O2 -pthread -o loadgen loadgen.c
@@ -33,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -44,6 +51,7 @@
 /* ------------------------------------------------------------ options */
 static const char *opt_target;
 static const char *opt_source_ip;
+static const char *opt_message_file;
 static const char *opt_from = "sender@loadgen.test";
 static const char *opt_to = "rcpt@loadgen.test";
 static const char *opt_helo = "loadgen.test";
@@ -60,7 +68,8 @@ static struct addrinfo *g_dst;
 static struct addrinfo *g_src;
 static char *g_body; /* pre-built body lines, CRLF, ends with ".\r\n" */
 static size_t g_body_len; /* including the terminating ".\r\n" */
-static size_t g_header_len; /* every header block has exactly this length */
+static size_t g_header_len; /* every header block has exactly this length; 0 with a file */
+static size_t g_message_bytes; /* the message as the server stores it (unstuffed) */
 static char g_date[64];
 static unsigned long g_run_id; /* wall-clock start, keeps Message-IDs unique across runs */
 static double g_deadline;   /* stop opening connections */
@@ -277,6 +286,68 @@ static int build_body(void)
     }
     memcpy(g_body + p, ".\r\n", 3);
     g_body_len = p + 3;
+    g_message_bytes = g_header_len + p;
+    return 0;
+}
+
+/* --message-file: the whole message, sent as is for every transaction. g_body gets
+ * the DATA payload: CRLF line ends, dot-stuffed, ending with ".\r\n". */
+static int load_message_file(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "loadgen: %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fileno(f), &st) < 0 || st.st_size < 0 || st.st_size > 100L * 1024 * 1024) {
+        fprintf(stderr, "loadgen: %s: not a regular file of at most 100 MiB\n", path);
+        fclose(f);
+        return -1;
+    }
+    size_t n = (size_t) st.st_size;
+    char *raw = malloc(n + 1);
+    if (!raw || fread(raw, 1, n, f) != n) {
+        fprintf(stderr, "loadgen: %s: cannot read it\n", path);
+        free(raw);
+        fclose(f);
+        return -1;
+    }
+    fclose(f);
+    /* worst case: every byte a bare LF (2x), every line dot-stuffed (+1 each),
+     * the final CRLF and the ".\r\n" terminator */
+    g_body = malloc(3 * n + 8);
+    if (!g_body) {
+        free(raw);
+        return -1;
+    }
+    size_t p = 0, stuffed = 0;
+    int bol = 1; /* at the beginning of a line */
+    for (size_t i = 0; i < n; i++) {
+        char ch = raw[i];
+        if (bol && ch == '.') {
+            g_body[p++] = '.';
+            stuffed++;
+        }
+        if (ch == '\n' && (p == 0 || g_body[p - 1] != '\r')) {
+            g_body[p++] = '\r';
+        }
+        g_body[p++] = ch;
+        bol = ch == '\n';
+    }
+    free(raw);
+    if (p == 0) {
+        fprintf(stderr, "loadgen: %s: empty\n", path);
+        return -1;
+    }
+    if (!bol) {
+        g_body[p++] = '\r';
+        g_body[p++] = '\n';
+    }
+    g_message_bytes = p - stuffed;
+    memcpy(g_body + p, ".\r\n", 3);
+    g_body_len = p + 3;
+    g_header_len = 0;
     return 0;
 }
 
@@ -352,10 +423,14 @@ static void *session_main(void *arg)
                     code = command(c, "DATA\r\n");
                     if (code == 354) {
                         stage = "dot";
-                        size_t hl = format_header(header, sizeof header, s->index, ++seq);
+                        size_t hl = 0;
+                        if (!opt_message_file)
+                            hl = format_header(header, sizeof header, s->index, ++seq);
                         struct iovec iov[2] = {{.iov_base = header, .iov_len = hl},
                                                {.iov_base = g_body, .iov_len = g_body_len}};
-                        code = send_iov(c->fd, iov, 2) < 0 ? -1 : read_reply(c);
+                        code = send_iov(c->fd, hl ? iov : iov + 1, hl ? 2 : 1) < 0
+                                   ? -1
+                                   : read_reply(c);
                         if (code / 100 == 2) {
                             double dt = now_s() - t0;
                             s->messages++;
@@ -407,7 +482,7 @@ static void usage(void)
             "usage: loadgen --target HOST:PORT [--sessions N] [--per-conn M] [--size BYTES]\n"
             "               [--duration SECONDS] [--max-messages K] [--from ADDR] [--to ADDR]\n"
             "               [--source-ip IP] [--helo NAME] [--io-timeout SECONDS]\n"
-            "               [--lat-from-connect]\n");
+            "               [--message-file PATH] [--lat-from-connect]\n");
     exit(2);
 }
 
@@ -472,6 +547,8 @@ int main(int argc, char **argv)
             opt_helo = v;
         else if (strcmp(a, "--io-timeout") == 0)
             opt_io_timeout = parse_long(a, v, 1, 3600);
+        else if (strcmp(a, "--message-file") == 0)
+            opt_message_file = v;
         else
             usage();
     }
@@ -508,7 +585,10 @@ int main(int argc, char **argv)
     struct tm tm;
     gmtime_r(&wall, &tm);
     strftime(g_date, sizeof g_date, "%a, %d %b %Y %H:%M:%S +0000", &tm);
-    if (build_body() < 0) {
+    if (opt_message_file) {
+        if (load_message_file(opt_message_file) < 0)
+            return 2;
+    } else if (build_body() < 0) {
         fprintf(stderr, "loadgen: cannot build the message\n");
         return 2;
     }
@@ -565,7 +645,7 @@ int main(int argc, char **argv)
            messages, errors, elapsed, elapsed > 0 ? (double) messages / elapsed : 0.0,
            pct(lat, nlat, 0.50), pct(lat, nlat, 0.90), pct(lat, nlat, 0.99),
            nlat ? lat[nlat - 1] : 0, io_errors, connections, nlat,
-           g_header_len + g_body_len - 3, started, opt_per_conn);
+           g_message_bytes, started, opt_per_conn);
     fflush(stdout);
     free(lat);
     free(ss);

@@ -446,3 +446,35 @@ def test_from_problems(froms: tuple[str, ...], error: str) -> None:
 def test_several_domains_are_listed() -> None:
     a = dmarc.author_domain(_hdrs("a@example.test, b@other.test"))
     assert a.domains == ("example.test", "other.test")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a@Example.ORG",
+        "Bench User <bench@sender.test>",
+        '"Doe, John" <j@x.test>',
+        "=?utf-8?q?J=C3=B6?= <j@ex.test>",
+        "j@x.test (comment)",
+        "a@x.test, b@y.test",
+        "<j@sub.example.test>",
+        "Name <a@x.test> <b@y.test>",
+        "undisclosed-recipients:;",
+    ],
+)
+def test_author_domain_fast_path_agrees_with_the_stdlib_parser(value: str) -> None:
+    """The regex shortcut must never change the answer the full parser gives."""
+    import email.policy
+
+    from filter.dmarc import _SIMPLE_FROM
+
+    got = dmarc.author_domain([(b"from", f"From: {value}\r\n".encode())])
+    try:
+        parsed = email.policy.default.header_factory("From", value)
+        domains = sorted({a.domain.lower() for a in parsed.addresses if a.domain})
+    except Exception:
+        domains = []
+    if _SIMPLE_FROM.match(value):
+        assert got.domain  # the shortcut only takes forms with one clear domain
+    if got.domain:
+        assert [got.domain] == domains
