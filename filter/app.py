@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from filter import __version__
+from filter.checks.dnsbl import bind_metrics as bind_dnsbl_metrics
+from filter.checks.dnsbl import run_prober
 from filter.checks.registry import build_checks
 from filter.frontend import Frontend, Runtime
 from filter.httpapi import start_http_api
@@ -34,6 +36,7 @@ from filter.policy import LoadedPolicy, PolicyError, load_policy
 from filter.policy.schema import Policy
 from filter.relay import Upstream
 from filter.resolver import Resolver
+from filter.store import Store
 from filter.units import Address
 
 log = logging.getLogger("mailgate.app")
@@ -61,7 +64,27 @@ def build_runtime(
     if resolver is None or previous is None or previous.policy.dns != policy.dns:
         # A new resolver only when [dns] changed: the cache survives a reload.
         resolver = Resolver(policy.dns.nameservers, policy.dns.timeout, metrics)
-    return Runtime(policy, pipeline, tls_context(policy), generation, resolver)
+    store = previous.store if previous is not None else None
+    if store is None or previous is None or previous.policy.redis != policy.redis:
+        # One Redis client (and pool) per process; rebuilt only when [redis] changed.
+        # Sessions still holding the old one finish with it; it is closed after that.
+        if store is not None:
+            _close_later(store)
+        store = Store.from_policy(policy.redis, metrics)
+    return Runtime(policy, pipeline, tls_context(policy), generation, resolver, store)
+
+
+def _close_later(store: Store, delay: float = 120.0) -> None:
+    async def close() -> None:
+        await asyncio.sleep(delay)
+        await store.aclose()
+
+    task = asyncio.get_running_loop().create_task(close())
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 def bind_socket(addr: Address, reuse_port: bool) -> socket.socket:
@@ -113,6 +136,10 @@ def open_listeners(listen: Iterable[Address], reuse_port: bool) -> list[socket.s
     if not sockets:
         raise OSError(errno.EADDRNOTAVAIL, "no listener could be opened")
     return sockets
+
+
+async def _false() -> bool:
+    return False
 
 
 class CapabilityCache:
@@ -191,6 +218,8 @@ class Server:
         )
         self.servers: list[asyncio.Server] = []
         self.stopping = asyncio.Event()
+        self.background: list[asyncio.Task[None]] = []
+        bind_dnsbl_metrics(metrics)
 
     @property
     def policy(self) -> Policy:
@@ -207,18 +236,25 @@ class Server:
                 await start_http_api((m.host, m.port), self.metrics, self.readiness)
             )
         self.metrics.policy_generation.set(self.runtime.generation)
+        # RFC 5782 zone health probes; they follow reloads (policy and resolver re-read).
+        self.background.append(
+            asyncio.create_task(run_prober(lambda: self.policy, lambda: self.runtime.resolver))
+        )
         problem = await probe_upstream(self.policy, self.caps)
         if problem:
             log.warning("upstream not answering at start: %s", problem)
 
     async def readiness(self) -> list[str]:
-        problems = [
-            p
-            for p in await asyncio.gather(
-                probe_upstream(self.policy, self.caps), probe_store(self.policy)
-            )
-            if p
-        ]
+        """/readyz: the upstream answers, the store answers, we are not draining."""
+        store = self.runtime.store
+        upstream_problem, store_ok = await asyncio.gather(
+            probe_upstream(self.policy, self.caps),
+            store.ping() if store is not None else _false(),
+        )
+        problems = [upstream_problem] if upstream_problem else []
+        if not store_ok:
+            where = self.policy.redis.url.rsplit("@", 1)[-1]  # never print a password
+            problems.append(f"store: {where} not answering")
         if self.frontend.draining:
             problems.append("shutting down")
         return problems
@@ -256,6 +292,8 @@ class Server:
         """Stop accepting, let sessions finish up to shutdown_grace, then end them."""
         for server in self.servers:
             server.close()
+        for task in self.background:
+            task.cancel()
         self.frontend.interrupt_idle()
         tasks = set(self.frontend.tasks)
         event(log, "shutdown", sessions=len(tasks), grace=self.policy.server.shutdown_grace)

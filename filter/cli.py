@@ -12,11 +12,16 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filter import __version__
 from filter.policy import PolicyError, default_config_path, load_policy, render_toml
+
+if TYPE_CHECKING:  # the store pulls in redis: imported only by the commands that use it
+    from filter.store import GreylistStats, Store
 
 
 def _config(args: argparse.Namespace) -> Path:
@@ -60,6 +65,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from filter.netaddr import normalize_ip
     from filter.pipeline import Pipeline
     from filter.resolver import Resolver
+    from filter.store import Store
 
     if args.replay:
         print("mailgate check --replay: not available in this version yet", file=sys.stderr)
@@ -88,16 +94,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     async def run() -> DryRun:
         resolver = Resolver(policy.dns.nameservers, policy.dns.timeout)
+        store = Store.from_policy(policy.redis)  # read-only here: checks see dry_run
         mail_from = args.mail_from or ""
-        return await evaluate(
-            policy, pipeline, content, args.ip, args.helo, mail_from, rcpts, resolver
-        )
+        try:
+            return await evaluate(
+                policy, pipeline, content, args.ip, args.helo, mail_from, rcpts, resolver, store
+            )
+        finally:
+            await store.aclose()
 
     outcome = asyncio.run(run())
     v = outcome.verdict
     found = {r.check: r.result for r in outcome.results}
     results: dict[str, object] = {k: found.get(k, "none") for k in ("spf", "dkim", "dmarc")}
-    results["dnsbl"] = [s.name for r in outcome.results if r.check == "dnsbl" for s in r.symbols]
+    results["dnsbl"] = [
+        s.name for r in outcome.results if r.check in ("dnsbl", "dnsbl_domain") for s in r.symbols
+    ]
     results.update({k: val for k, val in found.items() if k not in results})
     symbols = [{"name": s.name, "score": s.score, "detail": s.detail} for s in v.symbols]
     data = {
@@ -136,6 +148,108 @@ def _crlf(raw: bytes) -> bytes:
     """Files on disk usually have LF line ends; SMTP content has CRLF."""
     text = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     return text if text.endswith(b"\r\n") else text + b"\r\n"
+
+
+def cmd_greylist(args: argparse.Namespace) -> int:
+    """``mailgate greylist stats|show|allow|forget`` against the live store.
+
+    Exit 0 done, 1 the store failed (message on stderr), 2 bad input or policy.
+    """
+    from filter.greylist import parse_allow_target, parse_forget_target
+    from filter.store import StoreError, open_store
+    from filter.units import format_duration, parse_duration
+
+    name = f"mailgate greylist {args.greylist_command}"
+    try:
+        policy = load_policy(_config(args)).policy
+    except PolicyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    try:
+        if args.greylist_command == "allow":
+            target = parse_allow_target(args.target)
+            ttl = parse_duration(args.ttl)
+            if ttl <= 0:
+                raise ValueError("--ttl must be positive")
+        elif args.greylist_command == "forget":
+            target = parse_forget_target(args.target)
+        elif args.greylist_command == "show" and args.limit < 1:
+            raise ValueError("--limit must be at least 1")
+    except ValueError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        async with open_store(policy.redis) as store:
+            command = args.greylist_command
+            if command == "stats":
+                _print_greylist_stats(await store.stats(policy.greylist.awl_count))
+            elif command == "show":
+                await _print_greylist_show(store, args.limit)
+            elif command == "allow":
+                until = await store.allow(target, ttl)
+                print(f"allowed {target.value} for {format_duration(ttl)} (until {_when(until)})")
+            else:
+                r = await store.forget(target)
+                print(
+                    f"forgot {target.value}: {r.triplets} triplets, {r.awl} auto-allowlist "
+                    f"entries, {r.allow} allow entries"
+                )
+
+    try:
+        asyncio.run(run())
+    except StoreError as exc:
+        print(f"{name}: store error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch))
+
+
+def _age(seconds: float) -> str:
+    """Rough human age for a table column: 42s, 7m, 5h, 12d."""
+    s = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def _print_greylist_stats(st: GreylistStats) -> None:
+    print(f"triplets:            {st.triplets} ({st.waiting} waiting, {st.passed} passed)")
+    print(f"auto-allowlist:      {st.awl_networks} networks ({st.awl_active} allowlisted)")
+    print(f"allow entries:       {st.allow_networks} networks, {st.allow_domains} domains")
+
+
+async def _print_greylist_show(store: Store, limit: int) -> None:
+    now = time.time()
+    entries = sorted(await store.triplets(limit), key=lambda e: e.first, reverse=True)
+    print(f"{'state':8} {'age':>5} {'seen':>4} {'expires':>7}  triplet")
+    for e in entries:
+        state = "passed" if e.passed else "waiting"
+        expires = _age(e.ttl) if e.ttl >= 0 else "-"
+        sender = e.sender or ""
+        print(
+            f"{state:8} {_age(now - e.first):>5} {e.seen:>4} {expires:>7}  "
+            f"{e.origin} <{sender}> -> <{e.recipient}>"
+        )
+    if not entries:
+        print("(no triplets)")
+    awl = await store.awl_entries(limit)
+    if awl:
+        print()
+        print(f"{'passes':>6} {'expires':>7}  auto-allowlist network")
+        for a in sorted(awl, key=lambda a: -a.count):
+            expires = _age(a.ttl) if a.ttl >= 0 else "-"
+            print(f"{a.count:>6} {expires:>7}  {a.network}")
+    allow = await store.allow_entries(now)
+    if allow:
+        print()
+        print("allow entries (until):")
+        for entry in allow[:limit]:
+            print(f"  {entry.field:40} {_when(entry.expires)}")
 
 
 def cmd_pending(args: argparse.Namespace) -> int:
@@ -181,10 +295,27 @@ def build_parser() -> argparse.ArgumentParser:
     config_opt(ps)
     pol.set_defaults(func=cmd_policy)
 
+    g = sub.add_parser("greylist", help="inspect and edit greylist state in the store")
+    gsub = g.add_subparsers(dest="greylist_command", required=True)
+    gs = gsub.add_parser("stats", help="count triplets, auto-allowlisted and allowed entries")
+    config_opt(gs)
+    gw = gsub.add_parser("show", help="list triplets with age and state, and allow entries")
+    gw.add_argument("--limit", type=int, default=50, help="at most N of each (default 50)")
+    config_opt(gw)
+    ga = gsub.add_parser("allow", help="never greylist a client network or SPF-passing domain")
+    ga.add_argument("target", metavar="IP|CIDR|DOMAIN")
+    ga.add_argument("--ttl", default="365d", help="how long the entry lasts (default 365d)")
+    config_opt(ga)
+    gf = gsub.add_parser(
+        "forget", help="delete the triplets, AWL and allow entries of a network (or a domain)"
+    )
+    gf.add_argument("target", metavar="IP|CIDR")
+    config_opt(gf)
+    g.set_defaults(func=cmd_greylist)
+
     for name, text in (
         ("explain", "print a past verdict by session/message id"),
         ("domain", "audit a domain's SPF, DMARC and MX"),
-        ("greylist", "inspect and edit greylist state"),
     ):
         x = sub.add_parser(name, help=text)
         x.add_argument("rest", nargs=argparse.REMAINDER)

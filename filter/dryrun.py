@@ -19,6 +19,7 @@ from filter.policy.schema import Policy
 from filter.replies import Reply
 from filter.resolver import Resolver
 from filter.results import CheckResult
+from filter.store import Store
 from filter.verdict import Verdict, decide
 
 
@@ -43,6 +44,7 @@ async def evaluate(
     mail_from: str,
     rcpts: list[str],
     resolver: Resolver | None = None,
+    store: Store | None = None,
 ) -> DryRun:
     client = ClientInfo(ip=normalize_ip(ip), port=0, session_id="CHECK", helo=helo, proto="ESMTP")
     client.trusted = ip_in(client.ip, policy.server.trusted_networks)
@@ -72,6 +74,7 @@ async def evaluate(
                     message=message if stage is Stage.DATA else None,
                     dry_run=True,
                     resolver=resolver,
+                    store=store,
                 )
                 got = await pipeline.run(stage, ctx)
                 collected.extend(got)

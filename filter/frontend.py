@@ -36,6 +36,7 @@ from filter.session import Session, UpstreamPort, new_session_id
 from filter.smtpdata import DataReader
 from filter.smtpstream import LineTooLong, SMTPStream, StreamClosed
 from filter.smtpsyntax import SyntaxProblem, parse_command
+from filter.store import Store
 
 log = logging.getLogger("mailgate.smtp")
 
@@ -61,6 +62,7 @@ class Runtime:
     tls: ssl.SSLContext | None
     generation: int = 1
     resolver: Resolver | None = None
+    store: Store | None = None
 
 
 class Frontend:
@@ -148,6 +150,7 @@ class Frontend:
             self.metrics,
             self._upstream_extensions,
             rt.resolver,
+            rt.store,
         )
         session.allow_xforward(peer_ip)
         conn = _Connection(self, stream, session, rt)
@@ -365,6 +368,7 @@ class _Connection:
         srv = self.policy.server
         reader = DataReader(srv.max_message_size)
         message = MessageBuffer()
+        prefetched = False
         try:
             while not reader.done:
                 self.stream.read_timeout = self._timeout()
@@ -375,6 +379,9 @@ class _Connection:
                 content = reader.feed(chunk)
                 if content:
                     message.write(content)
+                    if not prefetched and message.header_complete:
+                        prefetched = True
+                        s.prefetch(message.header_block)
         except BaseException:
             message.close()
             raise

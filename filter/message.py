@@ -40,6 +40,11 @@ class MessageBuffer:
                     self._header_end = i + 2
 
     @property
+    def header_complete(self) -> bool:
+        """The blank line after the header fields has arrived."""
+        return self._header_end is not None
+
+    @property
     def header_block(self) -> bytes:
         """The header fields (each ending in CRLF), without the blank separator line.
 

@@ -35,6 +35,7 @@ from filter import __version__
 __all__ = [
     "CHECK_RESULTS",
     "CONNECTION_RESULTS",
+    "DNSBL_ERROR_REASONS",
     "DNS_OUTCOMES",
     "DNS_RTYPES",
     "GREYLIST_RESULTS",
@@ -92,9 +93,24 @@ UPSTREAM_STAGES = (
 REPLY_STAGES = ("connect", "helo", "mail", "rcpt", "data", "other")
 CODE_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 RELOAD_OUTCOMES = ("ok", "error")
+# DNSBL lookups that gave no usable answer: a "query refused" answer, a timeout,
+# SERVFAIL, anything else (REFUSED, network). Zone labels come from the policy
+# (bounded by configuration, access keys masked), hit labels from its codes.
+DNSBL_ERROR_REASONS = ("blocked", "timeout", "servfail", "error")
 # Check names come from code, not input, but a plug-in with a new name must
 # not be able to add series without a code change here.
-CHECK_NAMES = ("spf", "dkim", "dmarc", "arc", "dnsbl", "greylist", "rdns", "helo", "lists")
+CHECK_NAMES = (
+    "spf",
+    "dkim",
+    "dmarc",
+    "arc",
+    "dnsbl",
+    "dnsbl_domain",
+    "greylist",
+    "rdns",
+    "helo",
+    "lists",
+)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _UPSTREAM_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
@@ -234,6 +250,25 @@ class Metrics:
             buckets=_SESSION_BUCKETS,
             registry=reg,
         )
+        self.dnsbl_zone_healthy = Gauge(
+            "mailgate_dnsbl_zone_healthy",
+            "1 while a DNSBL zone answers its RFC 5782 test entries, 0 while disabled.",
+            ["zone"],
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
+        self.dnsbl_hits = Counter(
+            "mailgate_dnsbl_hits",
+            "DNSBL/DNSWL listings by zone and code label (LISTED without a label).",
+            ["zone", "label"],
+            registry=reg,
+        )
+        self.dnsbl_errors = Counter(
+            "mailgate_dnsbl_errors",
+            "DNSBL lookups without a usable answer, by zone and reason.",
+            ["zone", "reason"],
+            registry=reg,
+        )
         # A Gauge, not an Info: Info would expose "mailgate_build_info_info".
         self.build_info = Gauge(
             "mailgate_build_info",
@@ -307,6 +342,22 @@ class Metrics:
     def count_reply(self, stage: str, code: int) -> None:
         stage = bounded("helo" if stage == "ehlo" else stage, REPLY_STAGES)
         self._child(self.smtp_replies, stage, code_class(code)).inc()
+
+    def set_dnsbl_zone_health(self, zone: str, healthy: bool) -> None:
+        """``zone`` must already be masked (``filter.dnsbl.mask_zone``)."""
+        self._child(self.dnsbl_zone_healthy, zone).set(1 if healthy else 0)
+
+    def forget_dnsbl_zone(self, zone: str) -> None:
+        """Drop a zone's health series once the policy no longer has it."""
+        self._children.pop((id(self.dnsbl_zone_healthy), (zone,)), None)
+        if (zone,) in self.dnsbl_zone_healthy._metrics:  # remove() raises for an unknown one
+            self.dnsbl_zone_healthy.remove(zone)
+
+    def count_dnsbl_hit(self, zone: str, label: str) -> None:
+        self._child(self.dnsbl_hits, zone, label or "LISTED").inc()
+
+    def count_dnsbl_error(self, zone: str, reason: str) -> None:
+        self._child(self.dnsbl_errors, zone, bounded(reason, DNSBL_ERROR_REASONS)).inc()
 
     def count_reload(self, ok: bool, generation: int | None = None) -> None:
         self.policy_reloads.labels(outcome="ok" if ok else "error").inc()

@@ -14,17 +14,22 @@ The rules that keep mail safe live here:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from filter import authresults, replies
+from filter import authresults, dkimkeys, replies
 from filter.checks import Context
-from filter.headers import render_field
+from filter.checks.arc import ARCSealError, seal_message
+from filter.checks.rdns import xclient_name
+from filter.dmarc import author_domain
+from filter.headers import render_field, split_fields
 from filter.message import MessageBuffer
 from filter.metrics import Metrics
 from filter.model import ClientInfo, Envelope, Recipient, Stage, UpstreamError
@@ -36,6 +41,7 @@ from filter.resolver import Resolver
 from filter.results import Action, CheckResult
 from filter.smtpdata import DataProblems
 from filter.smtpsyntax import PathArg, SyntaxProblem, is_domain_or_literal, parse_path
+from filter.store import Store
 from filter.verdict import Verdict, decide
 from filter.xtext import parse_attributes
 
@@ -89,8 +95,11 @@ class Session:
         metrics: Metrics,
         extensions: Callable[[], set[str]],
         resolver: Resolver | None = None,
+        store: Store | None = None,
     ) -> None:
         self.resolver = resolver
+        self.store = store
+        self._background: set[asyncio.Task[None]] = set()
         self.client = client
         self.policy = policy
         self.pipeline = pipeline
@@ -106,6 +115,7 @@ class Session:
         self.errors = 0
         self.messages = 0
         self._identity_dirty = True  # connect/helo checks must (re)run for this identity
+        self._name_for_upstream = "[UNAVAILABLE]"  # XCLIENT NAME: verified name or a [..] word
         self.client.trusted = ip_in(client.ip, policy.server.trusted_networks)
         self.hostname = policy.server.effective_hostname
 
@@ -139,8 +149,19 @@ class Session:
                 self.session_results[stage] = []
                 continue
             self.session_results[stage] = await self.pipeline.run(stage, self._context())
+            if stage is Stage.CONNECT:
+                self._learn_client_name()
         if through >= Stage.HELO:
             self._identity_dirty = False
+
+    def _learn_client_name(self) -> None:
+        """Postfix semantics: the client's name is its forward-confirmed reverse name."""
+        rdns = next(
+            (r for r in self.session_results.get(Stage.CONNECT, []) if r.check == "rdns"), None
+        )
+        self._name_for_upstream = xclient_name(rdns)
+        if rdns is not None and not self._name_for_upstream.startswith("["):
+            self.client.hostname = self._name_for_upstream
 
     def _context(
         self,
@@ -159,6 +180,7 @@ class Session:
             recipient=recipient,
             message=message,
             resolver=self.resolver,
+            store=self.store,
         )
 
     # -- commands ------------------------------------------------------------------------------
@@ -223,6 +245,8 @@ class Session:
                     return self._error(Reply(501, "5.5.4", "Bad XFORWARD ADDR syntax"))
             elif key == "NAME":
                 c.hostname = None if unavailable else value.lower().rstrip(".")
+                # Postfix verified it; pass its word on as is ([TEMPUNAVAIL] included).
+                self._name_for_upstream = value if unavailable else c.hostname or value
             elif key == "HELO":
                 c.helo = None if unavailable else value
             elif key == "PROTO" and not unavailable:
@@ -331,6 +355,33 @@ class Session:
             self.errors += 1
         return reply
 
+    def prefetch(self, header_block: bytes) -> None:
+        """The header block is in: start DKIM key and DMARC lookups before the final dot.
+
+        Fire and forget: the answers land in the resolver's cache, where the checks find
+        them; any failure is met again (and reported) by the checks themselves.
+        """
+        if self.resolver is None or self.client.trusted:
+            return
+        task = asyncio.get_running_loop().create_task(self._prefetch(header_block))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _prefetch(self, header_block: bytes) -> None:
+        resolver = self.resolver
+        assert resolver is not None
+        lookups: list[Awaitable[object]] = []
+        if self.policy.dkim.enabled or self.policy.arc.enabled:
+            lookups.append(
+                dkimkeys.prefetch(resolver, header_block, self.policy.dkim.max_signatures)
+            )
+        if self.policy.dmarc.enabled:
+            author = author_domain(split_fields(header_block))
+            if author.domain:
+                lookups.append(resolver.txt(f"_dmarc.{author.domain}"))
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*lookups, return_exceptions=True)
+
     def data_start(self) -> Reply:
         txn = self.txn
         if txn is None:
@@ -383,6 +434,8 @@ class Session:
                     return True
                 return not self.client.trusted and name in OWN_HEADERS
 
+            if not self.client.trusted and self.policy.arc.enabled and self.policy.arc.seal:
+                headers = await self._arc_seal(message, drop, headers) + headers
             chunks = message.iter_chunks(prepend=headers, drop=drop)
             t_up = time.monotonic()
             reply = await self._upstream_call("data", lambda up: up.data(chunks))
@@ -397,6 +450,25 @@ class Session:
             # verdict needed its results (SPF at MAIL, per-recipient ones).
             self.txn = None
             message.close()
+
+    async def _arc_seal(
+        self, message: MessageBuffer, drop: Callable[[bytes, bytes], bool], headers: bytes
+    ) -> bytes:
+        """Our ARC set (RFC 8617) over the message as it will be relayed; b"" if it fails.
+
+        ``headers`` starts with our Authentication-Results field, which the seal records
+        as ARC-Authentication-Results. A sealing problem never blocks delivery.
+        """
+        ar_end = headers.find(b"\r\n", headers.find(b"Authentication-Results:"))
+        while ar_end >= 0 and headers[ar_end + 2 : ar_end + 3] in (b" ", b"\t"):
+            ar_end = headers.find(b"\r\n", ar_end + 2)  # folded continuation lines
+        ar_header = headers[: ar_end + 2]
+        content = b"".join(message.iter_chunks(prepend=b"", drop=drop))
+        try:
+            return b"".join(await seal_message(content, ar_header, self.policy.arc))
+        except (ARCSealError, ValueError) as exc:
+            log.warning("session=%s ARC sealing skipped: %s", self.client.session_id, exc)
+            return b""
 
     async def rset(self) -> Reply:
         await self._end_transaction()
@@ -465,7 +537,7 @@ class Session:
     def _introductions(self) -> tuple[dict[str, str] | None, dict[str, str] | None]:
         c = self.client
         addr = f"IPV6:{c.ip}" if ":" in c.ip else c.ip
-        name = c.hostname or "[UNAVAILABLE]"
+        name = self._name_for_upstream
         helo = c.helo or "[UNAVAILABLE]"
         common = {"ADDR": addr, "NAME": name, "HELO": helo, "PROTO": c.proto}
         xclient = {**common, "PORT": str(c.port)} if self.policy.upstream.xclient else None

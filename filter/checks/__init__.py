@@ -17,6 +17,7 @@ from filter.model import ClientInfo, Envelope, Recipient, Stage
 from filter.policy.schema import Policy
 from filter.resolver import Resolver
 from filter.results import CheckResult
+from filter.store import Store
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Context:
     clock: Callable[[], float] = time.time
     dry_run: bool = False  # `mailgate check`: change no stored state
     resolver: Resolver | None = None  # the shared cached DNS layer
+    store: Store | None = None  # the shared Redis store (greylisting)
 
 
 class Check(Protocol):

@@ -11,6 +11,10 @@ from filter.checks import Check
 from filter.checks.arc import ARCCheck
 from filter.checks.dkim import DKIMCheck
 from filter.checks.dmarc import DMARCCheck
+from filter.checks.dnsbl import DNSBLCheck, DNSBLDomainCheck
+from filter.checks.greylist import GreylistCheck
+from filter.checks.helo import HeloCheck
+from filter.checks.rdns import RDNSCheck
 from filter.checks.spf import SPFCheck
 from filter.policy.schema import Policy
 
@@ -18,6 +22,14 @@ from filter.policy.schema import Policy
 def build_checks(policy: Policy) -> list[Check]:
     """Instances of every check the policy enables, in registry order."""
     checks: list[Check] = []
+    if policy.rdns.enabled:
+        checks.append(RDNSCheck())
+    if policy.helo.enabled:
+        checks.append(HeloCheck())
+    if policy.dnsbl.enabled:
+        checks.append(DNSBLCheck())
+        if any(z.type == "domain" for z in policy.dnsbl.zones):
+            checks.append(DNSBLDomainCheck())
     if policy.spf.enabled:
         checks.append(SPFCheck())
     if policy.dkim.enabled:
@@ -26,4 +38,6 @@ def build_checks(policy: Policy) -> list[Check]:
         checks.append(ARCCheck())
     if policy.dmarc.enabled:
         checks.append(DMARCCheck())
+    if policy.greylist.enabled:
+        checks.append(GreylistCheck())
     return checks

@@ -24,10 +24,12 @@ import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from ipaddress import IPv4Address, IPv4Network
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
+from filter.dnsbl import derived_tag, is_listing_code
 from filter.units import (
     Address,
     Network,
@@ -410,11 +412,20 @@ def _is_token(value: str) -> bool:
     return not re.search(r'[\s;"()\\]', value)
 
 
+def _is_recipient_pattern(value: str) -> bool:
+    """``user@domain``, ``@domain`` or ``user@``: exactly one ``@``, something around it."""
+    local, at, domain = value.partition("@")
+    return bool(at) and "@" not in domain and bool(local or domain) and not re.search(r"\s", value)
+
+
 def _is_redis_url(value: str) -> bool:
     parts = urlsplit(value)
     if parts.scheme == "unix":
         return bool(parts.path)
-    return parts.scheme in ("redis", "rediss", "redis+sentinel") and bool(parts.netloc)
+    # Sentinel and Cluster URLs carry a host list (``h1:26379,h2:26379``); the store
+    # parses them, this only checks the shape.
+    schemes = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
+    return parts.scheme in (*schemes, "redis+cluster", "rediss+cluster") and bool(parts.netloc)
 
 
 # --- the schema ----------------------------------------------------------------
@@ -502,7 +513,7 @@ class RedisPolicy:
     url: str = text(
         "redis://127.0.0.1:6379/0",
         _is_redis_url,
-        "a redis://, rediss://, unix:// or redis+sentinel:// URL",
+        "a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL",
         allow_empty=False,
     )
     key_prefix: str = text(
@@ -591,28 +602,190 @@ class ARCPolicy:
 
 
 @dataclass(frozen=True)
+class RDNSPolicy:
+    """``[rdns]``: forward-confirmed reverse DNS of the client (RFC 8601 iprev), at connect."""
+
+    enabled: bool = boolean(True)
+
+
+@dataclass(frozen=True)
+class HeloPolicy:
+    """``[helo]``: HELO/EHLO name sanity, scored (RFC 5321 forbids refusing on it alone)."""
+
+    enabled: bool = boolean(True)
+
+
+@dataclass(frozen=True)
+class DNSBLCode:
+    """One entry of a zone's ``codes``: what an answer address means and weighs.
+
+    ``score`` None means the zone's own score.
+    """
+
+    code: str
+    label: str
+    score: float | None = None
+
+
+_CODE_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+
+
+@dataclass(frozen=True)
+class CodeMapKind(Kind):
+    """``codes``: answer address -> ``{ label = "SBL", score = 10.0 }`` (score optional).
+
+    Kept as a sorted tuple of :class:`DNSBLCode` so the zone stays hashable and
+    comparable. Keys must be addresses that can be a listing at all: a code in
+    127.255.255.0/24, 127.0.0.1 or outside 127/8 is an error answer and could
+    never match.
+    """
+
+    def parse(self, raw: object, key: str, problems: list[Problem]) -> Any:
+        if not isinstance(raw, dict):
+            problems.append((key, f"expected a table of answer codes, got {show_value(raw)}"))
+            return INVALID
+        codes: list[DNSBLCode] = []
+        ok = True
+        for code, entry in raw.items():
+            item_key = join_key(key, f'"{code}"')
+            if not is_listing_code(code):
+                problems.append(
+                    (
+                        item_key,
+                        "expected a listing address in 127.0.0.0/8 (not 127.0.0.1 "
+                        "or 127.255.255.x, which are error answers)",
+                    )
+                )
+                ok = False
+                continue
+            if not isinstance(entry, dict):
+                problems.append(
+                    (item_key, f"expected {{ label = ..., score = ... }}, got {show_value(entry)}")
+                )
+                ok = False
+                continue
+            for name in entry:
+                if name not in ("label", "score"):
+                    problems.append(
+                        (
+                            join_key(item_key, name),
+                            "unknown key" + _did_you_mean(name, ("label", "score")),
+                        )
+                    )
+                    ok = False
+            label = entry.get("label")
+            if not isinstance(label, str) or not _CODE_LABEL.fullmatch(label):
+                problems.append(
+                    (
+                        join_key(item_key, "label"),
+                        "required: letters, digits and _ (up to 32), like SBL",
+                    )
+                )
+                ok = False
+                continue
+            score = None
+            if "score" in entry:
+                score = FloatKind().parse(entry["score"], join_key(item_key, "score"), problems)
+                if score is INVALID:
+                    ok = False
+                    continue
+            codes.append(DNSBLCode(str(IPv4Address(code)), label.upper(), score))
+        if not ok:
+            return INVALID
+        return tuple(sorted(codes, key=lambda c: IPv4Address(c.code)))
+
+    def dump(self, value: Any) -> TomlValue:
+        out: dict[str, Any] = {}
+        for c in cast(tuple[DNSBLCode, ...], value):
+            entry: dict[str, Any] = {"label": c.label}
+            if c.score is not None:
+                entry["score"] = c.score
+            out[c.code] = entry
+        return out
+
+
+def _is_code_address(value: str) -> bool:
+    try:
+        return IPv4Address(value) in IPv4Network("127.0.0.0/8")
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
 class DNSBLZone:
-    """One ``[[dnsbl.zones]]`` entry; ``zone`` is required."""
+    """One ``[[dnsbl.zones]]`` entry; ``zone`` is required.
+
+    ``type = "ip"`` lists client addresses (RFC 5782 2.1/2.4, queried at connect);
+    ``"domain"`` lists names (2.3), queried with the HELO name and the sender
+    domain at MAIL FROM. ``allow`` makes it an allowlist (DNSWL): a negative
+    score, never a reject, and the client counts as allowlisted for greylisting.
+    ``codes`` names answer addresses (Spamhaus ZEN's SBL/XBL/PBL...);
+    ``blocked_codes`` adds a list's own "query refused" answers to the built-in
+    ones (127.0.0.1, 127.255.255.0/24, anything outside 127/8).
+    """
 
     zone: str = cast(str, field(metadata={KIND: StrKind(is_hostname, "a DNS zone name", False)}))
     score: float = number(0.0)
     reject: bool = boolean(False)
+    name: str = text(
+        "", lambda s: bool(SYMBOL_NAME.fullmatch(s)), "upper case letters, digits and _, like ZEN"
+    )
+    type: str = choice("ip", "ip", "domain")
+    allow: bool = boolean(False)
+    codes: tuple[DNSBLCode, ...] = _field((), CodeMapKind())
+    blocked_codes: tuple[str, ...] = _field(
+        (), ListKind(StrKind(_is_code_address, "an address in 127.0.0.0/8", False))
+    )
+
+    @property
+    def tag(self) -> str:
+        """The zone's part of its symbols: ``name``, else derived from the zone."""
+        return self.name or derived_tag(self.zone)
+
+    def problems(self) -> Iterable[Problem]:
+        if self.allow:
+            if self.type == "domain":
+                # HELO and MAIL FROM are the client's own claims: an allowlist on
+                # them would let anyone opt out of the blocklists.
+                yield "allow", 'allowlists work on the client address only (type = "ip")'
+            if self.reject:
+                yield "reject", "an allowlist zone (allow = true) never rejects"
+            if self.score > 0:
+                yield "score", "an allowlist zone (allow = true) needs a score <= 0"
+            for c in self.codes:
+                if c.score is not None and c.score > 0:
+                    yield f'codes."{c.code}".score', "an allowlist zone needs scores <= 0"
 
 
 @dataclass(frozen=True)
 class DNSBLPolicy:
-    """``[dnsbl]``: client IP lookups, started at connect."""
+    """``[dnsbl]``: client IP (at connect) and HELO/sender domain (at MAIL) lookups."""
 
     enabled: bool = boolean(True)
+    # postscreen_dnsbl_threshold: the summed scores of all hits reject at or
+    # above this; 0 leaves rejecting to the zones' own reject flags.
+    threshold: float = number(0.0, minimum=0.0)
+    # RFC 5782 section 5 test queries per zone; 0 = only after a refused answer.
+    probe_interval: float = duration("5m")
     zones: tuple[DNSBLZone, ...] = tables(DNSBLZone, DNSBLZone("zen.spamhaus.org", 10.0, True))
 
     def problems(self) -> Iterable[Problem]:
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
+        tags: dict[str, int] = {}
         for i, zone in enumerate(self.zones):
             name = zone.zone.lower().rstrip(".")
-            if name in seen:
+            if (name, zone.type) in seen:
                 yield f"zones[{i}].zone", f'"{zone.zone}" is listed twice'
-            seen.add(name)
+                continue
+            seen.add((name, zone.type))
+            symbol = ("DNSWL_" if zone.allow else "DNSBL_") + zone.tag
+            if symbol in tags:
+                yield (
+                    f"zones[{i}].name",
+                    f"symbol {symbol} is already used by zones[{tags[symbol]}]; "
+                    "set a distinct name",
+                )
+            tags.setdefault(symbol, i)
 
 
 @dataclass(frozen=True)
@@ -626,6 +799,25 @@ class GreylistPolicy:
     max_age: float = duration("35d", minimum="1h")
     ipv4_prefix: int = integer(24, minimum=8, maximum=32)
     ipv6_prefix: int = integer(64, minimum=32, maximum=128)
+    # Passes (at most one per hour) after which a client network is no longer
+    # greylisted, like postgrey's --auto-whitelist-clients; 0 turns it off.
+    awl_count: int = integer(5, minimum=0, maximum=1000)
+    # Key SPF-passing mail by the sender domain instead of the client network, so a
+    # retry from another address of the sender's pool matches.
+    pool_aware: bool = boolean(True)
+    allow_clients: tuple[Network, ...] = networks()
+    allow_rdns: tuple[str, ...] = field(
+        default=(), metadata={KIND: ListKind(StrKind(is_hostname, "a host name suffix", False))}
+    )
+    allow_sender_domains: tuple[str, ...] = field(
+        default=(), metadata={KIND: ListKind(StrKind(is_hostname, "a domain name", False))}
+    )
+    skip_recipients: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            KIND: ListKind(StrKind(_is_recipient_pattern, "user@domain, @domain or user@", False))
+        },
+    )
 
     def problems(self) -> Iterable[Problem]:
         if self.delay >= self.retry_window:
@@ -672,6 +864,25 @@ DEFAULT_SCORES: Mapping[str, float] = MappingProxyType(
         "ARC_NONE": 0.0,
         "ARC_TEMPERROR": 0.0,
         "ARC_TRUSTED_OVERRIDE": 0.0,
+        "GREYLIST_NEW": 0.0,
+        "GREYLIST_EARLY": 0.0,
+        "GREYLIST_PASSED": 0.0,
+        "GREYLIST_AWL": 0.0,
+        "GREYLIST_STORE_ERROR": 0.0,
+        # DNSBL hits score per zone/code ([dnsbl]); these cover "no zone answered".
+        "DNSBL_TEMPERROR": 0.0,
+        "DNSBL_DOMAIN_TEMPERROR": 0.0,
+        "RDNS_PASS": 0.0,
+        "RDNS_NONE": 1.5,
+        "RDNS_MISMATCH": 0.5,
+        "RDNS_TEMPERROR": 0.0,
+        "HELO_INVALID": 1.5,
+        "HELO_BARE_IP": 1.5,
+        "HELO_LITERAL_MISMATCH": 1.0,
+        "HELO_NOT_FQDN": 1.0,
+        "HELO_OURS": 4.0,
+        "HELO_NXDOMAIN": 0.5,
+        "HELO_TEMPERROR": 0.0,
     }
 )
 
@@ -691,6 +902,8 @@ class Policy:
     dkim: DKIMPolicy = field(default_factory=DKIMPolicy, metadata=table(DKIMPolicy))
     dmarc: DMARCPolicy = field(default_factory=DMARCPolicy, metadata=table(DMARCPolicy))
     arc: ARCPolicy = field(default_factory=ARCPolicy, metadata=table(ARCPolicy))
+    rdns: RDNSPolicy = field(default_factory=RDNSPolicy, metadata=table(RDNSPolicy))
+    helo: HeloPolicy = field(default_factory=HeloPolicy, metadata=table(HeloPolicy))
     dnsbl: DNSBLPolicy = field(default_factory=DNSBLPolicy, metadata=table(DNSBLPolicy))
     greylist: GreylistPolicy = field(default_factory=GreylistPolicy, metadata=table(GreylistPolicy))
     logging: LoggingPolicy = field(default_factory=LoggingPolicy, metadata=table(LoggingPolicy))

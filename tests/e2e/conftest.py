@@ -27,6 +27,8 @@ def front(
             {
                 "upstream": {"address": f"127.0.0.1:{mailbox_reset.listen_port}", "xclient": True},
                 "dns": {"nameservers": [dns_server.nameserver], "timeout": "1s"},
+                "greylist": {"enabled": False},
+                "redis": {"url": "redis://127.0.0.1:6379/9"},
             },
             overrides or {},
         )
@@ -54,6 +56,8 @@ def filter_mode(
         },
         "upstream": {"address": f"127.0.0.1:{postfix_filter.after_filter_port}", "xclient": True},
         "dns": {"nameservers": [dns_server.nameserver], "timeout": "1s"},
+        "greylist": {"enabled": False},
+        "redis": {"url": "redis://127.0.0.1:6379/9"},
     }
     mg = MailgateProcess(tmp_path / "mg-filter", policy, smtp_port=postfix_filter.proxy_filter_port)
     mg.start()

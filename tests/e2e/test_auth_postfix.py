@@ -81,6 +81,7 @@ def auth_front(
                 "dns": {"nameservers": [zone.nameserver], "timeout": "1s"},
                 "dnsbl": {"enabled": False},
                 "greylist": {"enabled": False},
+                "redis": {"url": "redis://127.0.0.1:6379/9"},
                 "arc": {"trusted_sealers": ["lists.forwarder.test"]},
             },
             overrides or {},

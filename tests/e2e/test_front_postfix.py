@@ -7,6 +7,7 @@ import re
 
 from tests.e2e.conftest import StartMailgate, message
 from tests.rig.client import RawSMTP, smtp_client
+from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.postfix import PostfixInstance
 
 
@@ -135,3 +136,25 @@ def test_non_ascii_sender_without_smtputf8_is_refused(front: StartMailgate) -> N
     r.cmd("EHLO mail.sender.example")
     reply = r.cmd("MAIL FROM:<jöran@example.org>")
     assert (reply.code, reply.text.split()[0]) == (553, "5.6.7")
+
+
+def test_postfix_sees_the_forward_confirmed_client_name(
+    front: StartMailgate, mailbox_reset: PostfixInstance, dns_zone: ZoneDNSServer
+) -> None:
+    """XCLIENT NAME is the verified reverse name, as Postfix itself would log it."""
+    dns_zone.add("6.0.0.127.in-addr.arpa", "PTR", "relay.sender.example")
+    dns_zone.add("relay.sender.example", "A", "127.0.0.6")
+    dns_zone.add("7.0.0.127.in-addr.arpa", "PTR", "liar.sender.example")  # not confirming
+    mg = front()
+    for ip, subject in (("127.0.0.6", "named"), ("127.0.0.7", "unnamed")):
+        with smtp_client("127.0.0.1", mg.smtp_port, source_ip=ip) as c:
+            c.ehlo("relay.sender.example")
+            c.mail("alice@example.org")
+            c.rcpt("bob@example.test")
+            assert c.data(message(subject))[0] == 250
+    msgs = mailbox_reset.wait_for_messages("bob", 2)
+    named = next(m for m in msgs if b"Subject: named" in m)
+    unnamed = next(m for m in msgs if b"Subject: unnamed" in m)
+    assert b"(relay.sender.example [127.0.0.6])" in named
+    assert b"(unknown [127.0.0.7])" in unnamed
+    assert "client=relay.sender.example[127.0.0.6]" in mailbox_reset.maillog()

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+from pathlib import Path
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from tests.integration.conftest import StartMailgate
 from tests.rig.client import smtp_client
 from tests.rig.upstream import ScriptedUpstream
@@ -61,3 +68,46 @@ def test_authserv_id_from_policy(mailgate: StartMailgate, upstream: ScriptedUpst
     head = txn.message.split(b"\r\n\r\n", 1)[0]
     assert b"filter.EXAMPLE.net" not in head
     assert b"Authentication-Results: filter.example.net;" in head
+
+
+def test_arc_seal_added_and_verifiable(
+    mailgate: StartMailgate, upstream: ScriptedUpstream, tmp_path: Path
+) -> None:
+    """[arc] seal = true: the upstream gets our ARC set, and it verifies (RFC 8617)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    key_file = tmp_path / "seal.pem"
+    key_file.write_bytes(pem)
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    mg = mailgate(
+        {
+            "spf": {"enabled": False},
+            "dkim": {"enabled": False},
+            "dmarc": {"enabled": False},
+            "arc": {
+                "seal": True,
+                "seal_domain": "mailgate.test",
+                "seal_selector": "seal",
+                "seal_key_file": str(key_file),
+            },
+        }
+    )
+    _send(mg.smtp_port, b"")
+    [txn] = upstream.wait_for_transactions(1)
+    msg = txn.message
+    head = msg.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"ARC-Seal: i=1;")
+    assert b"ARC-Message-Signature: i=1;" in head and b"ARC-Authentication-Results: i=1;" in head
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
+        return record if name.rstrip(b".") == b"seal._domainkey.mailgate.test" else None
+
+    cv, _, why = dkim.arc_verify(msg, dnsfunc=dnsfunc)
+    assert cv == b"pass", why

@@ -177,6 +177,9 @@ def policy_toml(
     ]
     for name, enabled in (("spf", auth), ("dkim", auth), ("dmarc", auth), ("arc", auth)):
         parts += [f"[{name}]", f"enabled = {on[enabled]}", ""]
+    # FCrDNS and HELO sanity come with the reputation checks ("all"), not with "auth".
+    for name in ("rdns", "helo"):
+        parts += [f"[{name}]", f"enabled = {on[rest]}", ""]
     parts += ["[dnsbl]", f"enabled = {on[rest]}", ""]
     if rest:
         parts += ["[[dnsbl.zones]]", f"zone = {toml_str(DNSBL_ZONE)}", "score = 10.0"]

@@ -40,6 +40,8 @@ LAYERS: dict[str, int] = {
     "lists": 1,
     "authresults": 1,
     "dmarc": 1,
+    "greylist": 1,
+    "dnsbl": 1,
     # L2 adapters
     "metrics": 2,
     "logs": 2,

@@ -266,7 +266,18 @@ def test_to_toml_data_uses_human_units() -> None:
     assert data["server"]["command_timeout"] == "5m"
     assert data["server"]["listen"] == ["0.0.0.0:25", "[::]:25"]
     assert data["greylist"]["max_age"] == "35d"
-    assert data["dnsbl"]["zones"] == [{"zone": "zen.spamhaus.org", "score": 10.0, "reject": True}]
+    assert data["dnsbl"]["zones"] == [
+        {
+            "zone": "zen.spamhaus.org",
+            "score": 10.0,
+            "reject": True,
+            "name": "",
+            "type": "ip",
+            "allow": False,
+            "codes": {},
+            "blocked_codes": [],
+        }
+    ]
 
 
 def test_schema_keys_lists_nested_tables() -> None:

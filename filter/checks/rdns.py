@@ -1,0 +1,221 @@
+"""Forward-confirmed reverse DNS (FCrDNS) of the client address, at connect (L3).
+
+What this module owns: the RFC 8601 ``iprev`` evaluation (section 3 of RFC 8601,
+method ``iprev``): look up the PTR names of the client address, look up the
+addresses of (at most ten of) those names, and call the client's name verified
+when one of them leads back to the client address. The verified name is what
+Postfix calls the client "name" (``reject_unknown_client_hostname``, the
+``NAME`` of XCLIENT); without one Postfix says "unknown".
+
+Why scored, never decided: a missing or unconfirmed reverse name is common for
+small legitimate senders and normal for botnets, so it is evidence for the
+score, not a verdict. A temporary DNS error says nothing about the client: it
+becomes ``temperror`` with a zero-score symbol, never ``fail``.
+
+Why the ten-name limit: a PTR set can be large and every name costs a forward
+lookup; RFC 7208 5.5 caps the same walk at ten names, and a real host never
+needs more.
+
+Filter mode: when Postfix told us the client through XFORWARD and gave a name,
+Postfix already did exactly this walk (its NAME is the verified name), so the
+check trusts it instead of repeating the lookups.
+
+Result ``data`` keys: ``verified_name`` (the confirmed name, or ""),
+``ptr_names`` (the PTR names seen, sorted), ``reason``; on temperror also
+``error``. ``xclient_name(result)`` turns a result into the XCLIENT ``NAME``
+value Postfix expects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from filter.checks import Context
+from filter.model import Stage
+from filter.netaddr import normalize_ip, parse_ip
+from filter.policy.schema import Policy
+from filter.resolver import DNSTempError, Resolver
+from filter.results import CheckResult, Symbol
+from filter.units import is_ip
+
+__all__ = [
+    "MAX_PTR_NAMES",
+    "SYMBOLS",
+    "Forward",
+    "RDNSCheck",
+    "build_result",
+    "confirm",
+    "xclient_name",
+]
+
+# RFC 7208 5.5 validates at most ten PTR names; the same bound suits iprev.
+MAX_PTR_NAMES = 10
+
+# RFC 8601 iprev result word -> symbol. "fail" has two symbols (see below).
+SYMBOLS = {
+    "pass": "RDNS_PASS",
+    "none": "RDNS_NONE",  # fail: no PTR record at all
+    "mismatch": "RDNS_MISMATCH",  # fail: PTR names, none leading back
+    "temperror": "RDNS_TEMPERROR",
+}
+
+
+# --- pure parts ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Forward:
+    """The forward lookup of one PTR name: its addresses, or why there are none usable.
+
+    ``error`` is set for a temporary DNS failure (the name may still confirm later).
+    """
+
+    name: str
+    addresses: tuple[str, ...] = ()
+    error: str = ""
+
+
+def _same_address(a: str, b: str) -> bool:
+    """Equality of two address texts in any spelling (``2001:DB8::1`` = ``2001:db8:0::1``)."""
+    try:
+        return parse_ip(a) == parse_ip(b)
+    except ValueError:
+        return False
+
+
+def confirm(ip: str, forwards: list[Forward]) -> tuple[str, str, str]:
+    """(word, verified name, reason) from the forward lookups of the PTR names.
+
+    ``forwards`` are in the order the names were tried (sorted, so that the same
+    PTR set always yields the same verified name: the name is part of the
+    identity the upstream sees, and a different one would reopen the upstream
+    connection). The first confirming name wins. With no confirming name, any
+    temporary failure makes the answer temperror: one of the unanswered names
+    might have confirmed.
+    """
+    for fwd in forwards:
+        if any(_same_address(ip, a) for a in fwd.addresses):
+            return "pass", fwd.name, f"{fwd.name} resolves back to {ip}"
+    failed = [f for f in forwards if f.error]
+    if failed:
+        first = failed[0]
+        return "temperror", "", f"forward lookup of {first.name} failed: {first.error}"
+    if not forwards:
+        return "fail", "", f"no PTR name of {ip} is a host name"
+    names = ", ".join(f.name for f in forwards)
+    return "fail", "", f"no PTR name of {ip} resolves back to it ({names})"
+
+
+def build_result(
+    word: str,
+    policy: Policy,
+    *,
+    verified_name: str = "",
+    ptr_names: tuple[str, ...] = (),
+    reason: str,
+    error: str = "",
+) -> CheckResult:
+    """The check's report: one symbol for every outcome (pass and temperror score 0)."""
+    if word == "fail":
+        symbol = SYMBOLS["mismatch"] if ptr_names else SYMBOLS["none"]
+    else:
+        symbol = SYMBOLS[word]
+    data: dict[str, object] = {
+        "verified_name": verified_name,
+        "ptr_names": list(ptr_names),
+        "reason": reason,
+    }
+    if error:
+        data["error"] = error
+    return CheckResult("rdns", word, (Symbol(symbol, policy.score(symbol), reason),), None, data)
+
+
+def xclient_name(result: CheckResult | None) -> str:
+    """The XCLIENT/XFORWARD ``NAME`` for an rdns result (Postfix's XCLIENT_README).
+
+    The verified name; ``[TEMPUNAVAIL]`` after a temporary DNS error, so that
+    Postfix's ``reject_unknown_client_hostname`` defers instead of rejecting;
+    ``[UNAVAILABLE]`` when there is no verified name (or no result at all).
+    """
+    if result is None:
+        return "[UNAVAILABLE]"
+    name = result.data.get("verified_name")
+    if result.result == "pass" and isinstance(name, str) and name:
+        return name
+    if result.result == "temperror":
+        return "[TEMPUNAVAIL]"
+    return "[UNAVAILABLE]"
+
+
+# --- DNS ------------------------------------------------------------------------------
+
+
+async def _forward(resolver: Resolver, name: str, rtype: str) -> Forward:
+    """Addresses of one PTR name; a name DNS cannot hold simply has none."""
+    try:
+        return Forward(name, tuple(await resolver.addresses(name, rtype)))
+    except DNSTempError as exc:
+        return Forward(name, (), exc.reason)
+    except ValueError:
+        return Forward(name)
+
+
+def _candidates(ptr_names: list[str]) -> list[str]:
+    """The PTR names worth a forward lookup, sorted, at most MAX_PTR_NAMES.
+
+    A PTR target that is itself an address text ("192.0.2.1") is a
+    misconfiguration that would only ever look like a name; Postfix refuses
+    it too, so it is not tried.
+    """
+    names = sorted({n.lower().rstrip(".") for n in ptr_names} - {""})
+    return [n for n in names if not is_ip(n)][:MAX_PTR_NAMES]
+
+
+async def evaluate(resolver: Resolver, ip: str, policy: Policy) -> CheckResult:
+    """PTR lookup, then the forward lookups of the candidates concurrently."""
+    try:
+        ptr_names = await resolver.ptr(ip)
+    except DNSTempError as exc:
+        reason = f"PTR lookup for {ip} failed: {exc.reason}"
+        return build_result("temperror", policy, reason=reason, error=exc.reason)
+    seen = tuple(sorted({n.lower().rstrip(".") for n in ptr_names} - {""}))
+    if not seen:
+        return build_result("fail", policy, reason=f"no PTR record for {ip}")
+    candidates = _candidates(ptr_names)
+    rtype = "AAAA" if ":" in ip else "A"
+    forwards = list(await asyncio.gather(*(_forward(resolver, n, rtype) for n in candidates)))
+    word, name, reason = confirm(ip, forwards)
+    error = next((f.error for f in forwards if f.error), "") if word == "temperror" else ""
+    return build_result(
+        word, policy, verified_name=name, ptr_names=seen, reason=reason, error=error
+    )
+
+
+# --- the check ------------------------------------------------------------------------
+
+
+class RDNSCheck:
+    """RFC 8601 iprev at connect: scored symbols and the verified client name."""
+
+    name = "rdns"
+    stage = Stage.CONNECT
+    needs: tuple[str, ...] = ()
+
+    async def run(self, ctx: Context) -> CheckResult:
+        policy = ctx.policy
+        if not policy.rdns.enabled:
+            return CheckResult("rdns", "none", (), None, {"reason": "disabled by policy"})
+        client = ctx.client
+        if client.source == "xforward" and client.hostname:
+            # Postfix sends NAME only after its own forward confirmation.
+            name = client.hostname.lower().rstrip(".")
+            reason = f"{name} verified by the MTA in front (XFORWARD)"
+            return build_result("pass", policy, verified_name=name, reason=reason)
+        # IPv4-mapped IPv6 is looked up as IPv4; a bad address raises: our bug.
+        ip = normalize_ip(client.ip)
+        if ctx.resolver is None:
+            # Without DNS nothing can be confirmed: temperror, never a silent pass.
+            reason = "no DNS resolver available"
+            return build_result("temperror", policy, reason=reason, error=reason)
+        return await evaluate(ctx.resolver, ip, policy)

@@ -1,0 +1,736 @@
+"""The store (L2): Redis through redis-py asyncio, and every key mailgate keeps there.
+
+Why this module exists: checks must not speak Redis. They call a few operations
+here (evaluate a greylist triplet, ping), get plain values back, and see one
+exception type, :class:`StoreError`, whatever went wrong underneath (refused
+connection, timeout, failover, a script error). Each failure is counted in
+``mailgate_store_errors_total`` here, so no caller can forget to.
+
+Deployments (``redis.url``):
+
+* ``redis://[[user]:pass@]host[:port][/db]``, ``rediss://…`` (TLS), ``unix:///path.sock[?db=N]``
+  — one server, through a ``BlockingConnectionPool``: when every connection is busy
+  a caller waits (up to ``pool_timeout``) instead of failing, which the default
+  pool does under load (LIBRARY-NOTES §9).
+* ``redis+sentinel://[[user]:pass@]host[:port][,host[:port]…]/service[/db][?sentinel_password=…]``
+  (``rediss+sentinel://`` for TLS; sentinel port defaults to 26379) — the master
+  of ``service`` as the sentinels name it, rediscovered on failover. The pool is
+  blocking as above.
+* ``redis+cluster://[[user]:pass@]host[:port][,host[:port]…]`` (``rediss+cluster://``)
+  — Redis Cluster from a few seed nodes. redis-py's cluster client has no blocking
+  pool (it raises when a node's connections run out), so a semaphore of
+  ``max_connections`` makes callers wait instead. Every key carries the prefix as
+  a hash tag (``{mailgate:}gl:…``): the greylist script reads and writes several
+  keys atomically, which Cluster allows only within one hash slot. Greylist state
+  is small (a few hundred bytes per triplet), so one slot holds millions.
+
+Every key is declared in :data:`KEYS` with its type, TTL and purpose, and every
+key gets a TTL when written: Redis memory is bounded by recent traffic, never
+by time since installation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialBackoff
+
+from filter.greylist import AllowTarget, Triplet, allow_fields
+from filter.metrics import Metrics
+from filter.policy.schema import GreylistPolicy, RedisPolicy
+
+__all__ = [
+    "KEYS",
+    "AllowEntry",
+    "AwlEntry",
+    "ForgetReport",
+    "GreylistOutcome",
+    "GreylistStats",
+    "KeySpec",
+    "Store",
+    "StoreError",
+    "StoreURL",
+    "TripletEntry",
+    "parse_store_url",
+]
+
+T = TypeVar("T")
+
+
+# --- the keys ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One kind of key: its name after the prefix, Redis type, TTL rule and purpose."""
+
+    pattern: str
+    type: str
+    ttl: str
+    purpose: str
+
+
+KEYS: dict[str, KeySpec] = {
+    "triplet": KeySpec(
+        "gl:t:{sha1(origin NUL sender NUL recipient)}",
+        "hash: first, last, passed, seen, origin, sender, rcpt, net",
+        "greylist.retry_window while waiting; greylist.max_age once passed, renewed on every pass",
+        "one greylist triplet: when it was first seen, when (if) a retry passed, and its "
+        "readable parts for `mailgate greylist show/forget` (the name is one-way)",
+    ),
+    "awl": KeySpec(
+        "gl:awl:{client network CIDR}",
+        "hash: count, counted, seen",
+        "greylist.max_age, renewed on every pass and every allowlisted message",
+        "auto-allowlist of a client network: passes counted at most once per hour; at "
+        "greylist.awl_count the network is no longer greylisted",
+    ),
+    "allow": KeySpec(
+        "gl:allow",
+        "hash: net:{CIDR} | domain:{domain} -> expiry (unix time)",
+        "the longest entry's remaining time, extended by each `allow`; each field also "
+        "carries its own expiry, checked on read and pruned on write",
+        "admin allow entries from `mailgate greylist allow` (domains count only when SPF "
+        "passes for them)",
+    ),
+}
+
+HOUR = 3600.0
+
+
+# --- the greylist script ----------------------------------------------------------------
+
+# One round trip, atomic: Redis runs a script to completion before any other command,
+# so two connections racing on the first attempt of one triplet see "new" then
+# "early", never two creations. Times come from the caller (ARGV[1]) so that every
+# mailgate instance, and tests with an injected clock, agree on "now"; TTLs (real
+# Redis time) bound memory, the stored times decide. ARGV[6] = "0" evaluates
+# without writing (dry run). Floats go back as strings: Lua numbers returned to
+# Redis would be truncated to integers.
+_GREYLIST_LUA = """
+local now = tonumber(ARGV[1])
+local delay = tonumber(ARGV[2])
+local window = tonumber(ARGV[3])
+local max_age = tonumber(ARGV[4])
+local awl_needed = tonumber(ARGV[5])
+local write = ARGV[6] == '1'
+local hour = 3600
+local function ms(s) return math.max(1, math.ceil(s * 1000)) end
+
+if #ARGV > 10 then
+  local fields = {}
+  for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+  local found = redis.call('HMGET', KEYS[3], unpack(fields))
+  for i = 1, #fields do
+    local untl = tonumber(found[i])
+    if untl and untl > now then return {'allowlisted', '0', fields[i]} end
+  end
+end
+
+local awl = redis.call('HMGET', KEYS[2], 'count', 'counted', 'seen')
+local awl_count = tonumber(awl[1]) or 0
+local awl_seen = tonumber(awl[3])
+if awl_seen and now - awl_seen > max_age then awl_count = 0 end
+if awl_needed > 0 and awl_count >= awl_needed then
+  if write then
+    redis.call('HSET', KEYS[2], 'seen', ARGV[1])
+    redis.call('PEXPIRE', KEYS[2], ms(max_age))
+  end
+  return {'allowlisted', '0', 'awl:' .. awl_count}
+end
+
+local t = redis.call('HMGET', KEYS[1], 'first', 'last', 'passed')
+local first, last, passed = tonumber(t[1]), tonumber(t[2]), tonumber(t[3]) or 0
+local known = first ~= nil and last ~= nil
+if known then
+  if passed == 0 then known = now - first <= window else known = now - last <= max_age end
+end
+if not known then
+  if write then
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[1], 'first', ARGV[1], 'last', ARGV[1], 'passed', '0',
+      'seen', '1', 'origin', ARGV[7], 'sender', ARGV[8], 'rcpt', ARGV[9], 'net', ARGV[10])
+    redis.call('PEXPIRE', KEYS[1], ms(window))
+  end
+  return {'new', tostring(delay), ''}
+end
+if passed == 0 and now - first < delay then
+  if write then
+    redis.call('HINCRBY', KEYS[1], 'seen', 1)
+    redis.call('HSET', KEYS[1], 'last', ARGV[1])
+  end
+  return {'early', tostring(first + delay - now), ''}
+end
+local how = 'again'
+if passed == 0 then how = 'first' end
+if write then
+  if passed == 0 then redis.call('HSET', KEYS[1], 'passed', ARGV[1]) end
+  redis.call('HSET', KEYS[1], 'last', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'seen', 1)
+  redis.call('PEXPIRE', KEYS[1], ms(max_age))
+  if awl_needed > 0 then
+    if awl_seen and now - awl_seen > max_age then redis.call('DEL', KEYS[2]) end
+    local counted = tonumber(redis.call('HGET', KEYS[2], 'counted'))
+    if counted == nil or now - counted >= hour then
+      redis.call('HINCRBY', KEYS[2], 'count', 1)
+      redis.call('HSET', KEYS[2], 'counted', ARGV[1])
+    end
+    redis.call('HSET', KEYS[2], 'seen', ARGV[1])
+    redis.call('PEXPIRE', KEYS[2], ms(max_age))
+  end
+end
+return {'passed', '0', how}
+"""
+
+# `mailgate greylist allow`: add one field, drop expired ones, and make the key live
+# at least as long as the new entry (relative TTLs: no mixing of client and server
+# clocks). KEYS[1] allow hash; ARGV: field, expiry (unix time), ttl seconds, now.
+_ALLOW_LUA = """
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) == nil or tonumber(all[i + 1]) <= tonumber(ARGV[4]) then
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local want = math.ceil(tonumber(ARGV[3]) * 1000)
+if redis.call('PTTL', KEYS[1]) < want then redis.call('PEXPIRE', KEYS[1], want) end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class GreylistOutcome:
+    """What the store says about one triplet.
+
+    ``result``: "new" (first sighting, now remembered), "early" (retried before the
+    delay), "passed" (retried in time, or passed before) or "allowlisted" (an admin
+    allow entry or the auto-allowlist matched; ``detail`` says which).
+    ``retry_after``: seconds until a retry will pass (new/early), else 0.
+    """
+
+    result: str
+    retry_after: float
+    detail: str = ""
+
+
+# --- URLs -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    """``redis.url`` taken apart: which client to build and with what."""
+
+    mode: str  # "standalone" | "sentinel" | "cluster"
+    url: str  # the URL as given (standalone: handed to redis-py as is)
+    hosts: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+
+
+_SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+_CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
+
+
+def _hosts(netloc_hosts: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    """``h1:1,[::1]:2,h3`` -> ((h1, 1), (::1, 2), (h3, default_port))."""
+    out: list[tuple[str, int]] = []
+    for item in netloc_hosts.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError("empty host in the host list")
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port_text = rest.removeprefix(":")
+        elif item.count(":") == 1:
+            host, _, port_text = item.partition(":")
+        else:
+            host, port_text = item, ""
+        port = int(port_text) if port_text else default_port
+        if not host or not 0 < port < 65536:
+            raise ValueError(f"bad host {item!r}")
+        out.append((host, port))
+    return tuple(out)
+
+
+def parse_store_url(url: str) -> StoreURL:
+    """Split ``redis.url`` into a :class:`StoreURL` (ValueError when it makes no sense).
+
+    Standalone URLs are left to redis-py's own parser; Sentinel and Cluster URLs
+    have no standard form in redis-py, so the forms in this module's docstring are
+    parsed here. Host lists are split by hand: ``urlsplit`` cannot take
+    ``h1:1,h2:2`` apart.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("redis", "rediss", "unix"):
+        return StoreURL("standalone", url)
+    if scheme not in _SENTINEL_SCHEMES and scheme not in _CLUSTER_SCHEMES:
+        raise ValueError(f"unsupported scheme {parts.scheme!r}")
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else None
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if scheme in _CLUSTER_SCHEMES:
+        return StoreURL(
+            "cluster",
+            url,
+            _hosts(hostlist, 6379),
+            tls=_CLUSTER_SCHEMES[scheme],
+            username=username,
+            password=password,
+        )
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise ValueError("redis+sentinel:// needs the service name as the path")
+    db = int(path[1]) if len(path) > 1 else int(query.get("db", "0"))
+    return StoreURL(
+        "sentinel",
+        url,
+        _hosts(hostlist, 26379),
+        service=unquote(path[0]),
+        db=db,
+        tls=_SENTINEL_SCHEMES[scheme],
+        username=username,
+        password=password,
+        sentinel_password=query.get("sentinel_password"),
+    )
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel's master discovery with the blocking pool's wait-for-a-connection.
+
+    The two compose by MRO: SentinelConnectionPool chooses the connection class and
+    address, BlockingConnectionPool's ``get_connection`` waits for a free slot.
+    """
+
+
+# --- entries for the admin commands -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TripletEntry:
+    origin: str
+    sender: str
+    recipient: str
+    net: str
+    first: float
+    last: float
+    passed: float  # 0: still waiting for a retry
+    seen: int
+    ttl: float  # seconds left, -1 unknown
+
+
+@dataclass(frozen=True)
+class AwlEntry:
+    network: str
+    count: int
+    seen: float
+    ttl: float
+
+
+@dataclass(frozen=True)
+class AllowEntry:
+    field: str
+    expires: float
+
+
+@dataclass(frozen=True)
+class GreylistStats:
+    triplets: int
+    waiting: int
+    passed: int
+    awl_networks: int
+    awl_active: int
+    allow_networks: int
+    allow_domains: int
+
+
+@dataclass(frozen=True)
+class ForgetReport:
+    triplets: int
+    awl: int
+    allow: int
+
+
+class StoreError(Exception):
+    """The store failed (down, timed out, failed over mid-command, refused a script)."""
+
+
+# --- the store --------------------------------------------------------------------------
+
+
+class Store:
+    """One Redis client (and pool) for the process; safe to share between sessions."""
+
+    def __init__(
+        self,
+        url: str,
+        key_prefix: str = "mailgate:",
+        *,
+        metrics: Metrics | None = None,
+        max_connections: int = 50,
+        socket_timeout: float = 1.0,
+        pool_timeout: float = 2.0,
+    ) -> None:
+        self.url = parse_store_url(url)
+        self.metrics = metrics
+        self.mode = self.url.mode
+        # Cluster: the prefix becomes a hash tag so every key shares one slot.
+        self.prefix = "{" + key_prefix + "}" if self.mode == "cluster" else key_prefix
+        self._limit: asyncio.Semaphore | None = None
+        self.client: Any = self._build(max_connections, socket_timeout, pool_timeout)
+        self._greylist_script = self.client.register_script(_GREYLIST_LUA)
+        self._allow_script = self.client.register_script(_ALLOW_LUA)
+
+    @classmethod
+    def from_policy(cls, policy: RedisPolicy, metrics: Metrics | None = None) -> Store:
+        return cls(policy.url, policy.key_prefix, metrics=metrics)
+
+    def _build(self, max_connections: int, socket_timeout: float, pool_timeout: float) -> Any:
+        # One quick retry on a broken connection (a pooled socket the server closed),
+        # never a backoff that outlasts the SMTP client's patience.
+        common: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            "retry": Retry(
+                ExponentialBackoff(cap=0.05, base=0.01), 1, (redis.exceptions.ConnectionError,)
+            ),
+        }
+        u = self.url
+        if u.mode == "standalone":
+            pool = aioredis.BlockingConnectionPool.from_url(
+                u.url, max_connections=max_connections, timeout=pool_timeout, **common
+            )
+            return aioredis.Redis.from_pool(pool)
+        auth: dict[str, Any] = {"username": u.username, "password": u.password}
+        if u.mode == "sentinel":
+            sentinel_kwargs: dict[str, Any] = {
+                "socket_timeout": socket_timeout,
+                "socket_connect_timeout": socket_timeout,
+                "ssl": u.tls,
+            }
+            if u.sentinel_password:
+                sentinel_kwargs["password"] = u.sentinel_password
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                list(u.hosts), sentinel_kwargs=sentinel_kwargs
+            )
+            return sentinel.master_for(
+                u.service,
+                connection_pool_class=_BlockingSentinelPool,
+                db=u.db,
+                ssl=u.tls,
+                max_connections=max_connections,
+                timeout=pool_timeout,
+                **auth,
+                **common,
+            )
+        self._limit = asyncio.Semaphore(max_connections)
+        nodes = [ClusterNode(h, p) for h, p in u.hosts]
+        return RedisCluster(
+            startup_nodes=nodes, ssl=u.tls, max_connections=max_connections, **auth, **common
+        )
+
+    def key(self, kind: str, *parts: str) -> str:
+        """The full name of a key declared in :data:`KEYS`."""
+        if kind not in KEYS:
+            raise KeyError(kind)
+        name = KEYS[kind].pattern.split("{", 1)[0]
+        return self.prefix + name + ":".join(parts)
+
+    async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run one store operation; any failure becomes a counted StoreError."""
+        try:
+            if self._limit is None:
+                return await op()
+            async with self._limit:
+                return await op()
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            if self.metrics is not None:
+                self.metrics.store_errors.inc()
+            raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+    def count_greylist(self, result: str) -> None:
+        """``mailgate_greylist_total{result}``, when the app passed metrics in."""
+        if self.metrics is not None:
+            self.metrics.count_greylist(result)
+
+    async def ping(self) -> bool:
+        """Health: True when the store answers (for /readyz); never raises."""
+        try:
+            return bool(await self._call("ping", self.client.ping))
+        except StoreError:
+            return False
+
+    async def aclose(self) -> None:
+        # Closing a client whose server is gone is not an error worth raising.
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            await self.client.aclose()
+
+    # --- greylisting on the mail path -------------------------------------------------
+
+    async def greylist(
+        self,
+        triplet: Triplet,
+        client_ip: str,
+        network: str,
+        spf_domain: str | None,
+        policy: GreylistPolicy,
+        now: float,
+        write: bool = True,
+    ) -> GreylistOutcome:
+        """Evaluate (and unless ``write`` is False, record) one triplet, in one round trip.
+
+        ``network`` is the client's own network (the AWL and `forget` key on it even
+        when the triplet's origin is an SPF domain); ``spf_domain`` is set only when
+        SPF passed for it, and makes domain allow entries count.
+        """
+        keys = [
+            self.key("triplet", triplet.digest()),
+            self.key("awl", network),
+            self.key("allow"),
+        ]
+        args: list[str | float | int] = [
+            repr(now),
+            repr(policy.delay),
+            repr(policy.retry_window),
+            repr(policy.max_age),
+            policy.awl_count,
+            "1" if write else "0",
+            triplet.origin,
+            triplet.sender,
+            triplet.recipient,
+            network,
+            *allow_fields(client_ip, spf_domain),
+        ]
+        raw = await self._call("greylist", lambda: self._greylist_script(keys=keys, args=args))
+        result, retry_after, detail = (str(x) for x in raw)
+        return GreylistOutcome(result, max(0.0, float(retry_after)), detail)
+
+    # --- admin commands -----------------------------------------------------------------
+
+    async def _scan(self, kind: str, count: int = 1000) -> AsyncIterator[str]:
+        """Key names of one kind, by SCAN (never KEYS: that blocks a busy server)."""
+        match = _glob_escape(self.key(kind)) + "*"
+        try:
+            extra: dict[str, Any] = {}
+            if self.mode == "cluster":
+                # Every key lives in the prefix's slot: scan only the node owning it.
+                extra["target_nodes"] = self.client.get_node_from_key(self.prefix)
+            async for k in self.client.scan_iter(match=match, count=count, **extra):
+                yield str(k)
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            if self.metrics is not None:
+                self.metrics.store_errors.inc()
+            raise StoreError(f"scan: {type(exc).__name__}: {exc}") from exc
+
+    async def _hashes(
+        self, keys: Sequence[str], fields: Sequence[str]
+    ) -> list[tuple[list[str | None], int]]:
+        """HMGET + PTTL for many keys, pipelined (no transaction needed to read)."""
+
+        async def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for k in keys:
+                pipe.hmget(k, list(fields))
+                pipe.pttl(k)
+            return list(await pipe.execute())
+
+        out = await self._call("read", run)
+        return [(out[i], int(out[i + 1])) for i in range(0, len(out), 2)]
+
+    async def triplets(self, limit: int | None = None) -> list[TripletEntry]:
+        """Stored triplets (up to ``limit``, in no particular order), with their state."""
+        fields = ("origin", "sender", "rcpt", "net", "first", "last", "passed", "seen")
+        found: list[TripletEntry] = []
+        batch: list[str] = []
+
+        async def flush() -> None:
+            for values, pttl in await self._hashes(batch, fields):
+                if values[4] is None:
+                    continue  # expired between SCAN and HMGET
+                o, s, r, n, first, last, passed, seen = values
+                found.append(
+                    TripletEntry(
+                        o or "",
+                        s or "",
+                        r or "",
+                        n or "",
+                        float(first or 0),
+                        float(last or 0),
+                        float(passed or 0),
+                        int(seen or 0),
+                        pttl / 1000 if pttl >= 0 else -1.0,
+                    )
+                )
+            batch.clear()
+
+        async for k in self._scan("triplet"):
+            batch.append(k)
+            if len(batch) >= 500:
+                await flush()
+            if limit is not None and len(found) + len(batch) >= limit:
+                break
+        await flush()
+        return found[:limit] if limit is not None else found
+
+    async def awl_entries(self, limit: int | None = None) -> list[AwlEntry]:
+        keys: list[str] = []
+        async for k in self._scan("awl"):
+            keys.append(k)
+            if limit is not None and len(keys) >= limit:
+                break
+        start = len(self.key("awl"))
+        out = []
+        for k, (values, pttl) in zip(
+            keys, await self._hashes(keys, ("count", "seen")), strict=True
+        ):
+            if values[0] is None:
+                continue
+            out.append(
+                AwlEntry(
+                    k[start:],
+                    int(values[0]),
+                    float(values[1] or 0),
+                    pttl / 1000 if pttl >= 0 else -1.0,
+                )
+            )
+        return out
+
+    async def allow_entries(self, now: float | None = None) -> list[AllowEntry]:
+        """Admin allow entries that have not expired."""
+        now = time.time() if now is None else now
+        raw: dict[str, str] = await self._call(
+            "allow", lambda: self.client.hgetall(self.key("allow"))
+        )
+        out = [AllowEntry(f, float(v)) for f, v in raw.items() if _float(v) > now]
+        return sorted(out, key=lambda e: e.field)
+
+    async def allow(self, target: AllowTarget, ttl: float, now: float | None = None) -> float:
+        """Add an allow entry for ``ttl`` seconds; returns its expiry (unix time)."""
+        now = time.time() if now is None else now
+        until = now + ttl
+        args = [target.field, repr(until), repr(ttl), repr(now)]
+        await self._call("allow", lambda: self._allow_script(keys=[self.key("allow")], args=args))
+        return until
+
+    async def stats(self, awl_count: int) -> GreylistStats:
+        entries = await self.triplets()
+        passed = sum(1 for e in entries if e.passed)
+        awl = await self.awl_entries()
+        allow = await self.allow_entries()
+        return GreylistStats(
+            triplets=len(entries),
+            waiting=len(entries) - passed,
+            passed=passed,
+            awl_networks=len(awl),
+            awl_active=sum(1 for a in awl if awl_count and a.count >= awl_count),
+            allow_networks=sum(1 for a in allow if a.field.startswith("net:")),
+            allow_domains=sum(1 for a in allow if a.field.startswith("domain:")),
+        )
+
+    async def forget(self, target: AllowTarget) -> ForgetReport:
+        """Delete what the store holds about a network (or an SPF-passing domain).
+
+        A network: triplets first seen from a network overlapping it, AWL entries of
+        overlapping networks, and allow entries of overlapping networks. A domain:
+        its pool-aware triplets (origin ``spf:domain``) and its allow entry.
+        """
+        if target.kind == "net":
+            net = target.network
+
+            def hit(text: str) -> bool:
+                try:
+                    other = ipaddress.ip_network(text, strict=False)
+                except ValueError:
+                    return False
+                return other.version == net.version and other.overlaps(net)
+
+            triplet_match = hit
+        else:
+            origin = f"spf:{target.value}"
+
+            def triplet_match(text: str) -> bool:
+                return text == origin
+
+            def hit(text: str) -> bool:
+                return False
+
+        doomed: list[str] = []
+        batch: list[str] = []
+
+        async def flush() -> None:
+            field = "net" if target.kind == "net" else "origin"
+            for k, (values, _) in zip(batch, await self._hashes(batch, (field,)), strict=True):
+                if values[0] is not None and triplet_match(values[0]):
+                    doomed.append(k)
+            batch.clear()
+
+        async for k in self._scan("triplet"):
+            batch.append(k)
+            if len(batch) >= 500:
+                await flush()
+        await flush()
+        awl_prefix = self.key("awl")
+        awl_doomed = [k async for k in self._scan("awl") if hit(k[len(awl_prefix) :])]
+        allow = await self.allow_entries()
+        allow_doomed = [
+            a.field
+            for a in allow
+            if a.field == target.field or (a.field.startswith("net:") and hit(a.field[4:]))
+        ]
+
+        async def delete() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for k in doomed + awl_doomed:
+                pipe.delete(k)
+            if allow_doomed:
+                pipe.hdel(self.key("allow"), *allow_doomed)
+            await pipe.execute()
+
+        if doomed or awl_doomed or allow_doomed:
+            await self._call("forget", delete)
+        return ForgetReport(len(doomed), len(awl_doomed), len(allow_doomed))
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
+
+
+@asynccontextmanager
+async def open_store(policy: RedisPolicy, metrics: Metrics | None = None) -> AsyncIterator[Store]:
+    """A Store for the length of a block (admin commands), closed afterwards."""
+    store = Store.from_policy(policy, metrics)
+    try:
+        yield store
+    finally:
+        await store.aclose()

@@ -1,0 +1,510 @@
+"""The DNSBL checks against the real loopback DNS server through the real Resolver.
+
+Zones live under ``bl.test`` (inside the server's ``test`` zone, so NXDOMAIN comes
+with a SOA). Each test builds its own Resolver and its own ZoneHealth with a fresh
+metrics registry, so neither cached answers nor zone health leak between tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from filter import replies
+from filter.checks import Context
+from filter.checks.dnsbl import (
+    HEALTH,
+    DNSBLCheck,
+    DNSBLDomainCheck,
+    ZoneHealth,
+    bind_metrics,
+    probe,
+    run_prober,
+)
+from filter.dnsbl import ip_query_name
+from filter.metrics import Metrics
+from filter.model import ClientInfo, Envelope, Stage
+from filter.pipeline import Pipeline
+from filter.policy.schema import (
+    DEFAULT_POLICY,
+    DNSBLCode,
+    DNSBLPolicy,
+    DNSBLZone,
+    DNSPolicy,
+    Policy,
+)
+from filter.resolver import Resolver
+from filter.results import Action, CheckResult
+from filter.units import Address
+from filter.verdict import decide
+from tests.rig.dnsserver import ZoneDNSServer
+
+CLIENT = "192.0.2.10"
+CLEAN = "192.0.2.11"
+V6_CLIENT = "2001:db8::25"
+KEY = "abcdefghijklmnopqrstuvwx12"
+
+ZEN = DNSBLZone(
+    "zen.bl.test",
+    10.0,
+    True,
+    codes=(
+        DNSBLCode("127.0.0.2", "SBL", 10.0),
+        DNSBLCode("127.0.0.4", "XBL"),
+        DNSBLCode("127.0.0.10", "PBL", 3.0),
+    ),
+)
+
+
+def policy(*zones: DNSBLZone, **dnsbl: Any) -> Policy:
+    return dataclasses.replace(
+        DEFAULT_POLICY,
+        dnsbl=DNSBLPolicy(zones=zones, **dnsbl),
+        dns=DNSPolicy(timeout=1.0),
+    )
+
+
+def resolver_for(server: ZoneDNSServer, timeout: float = 1.0) -> Resolver:
+    return Resolver([Address(server.host, server.port)], timeout=timeout)
+
+
+def healthy_zone(server: ZoneDNSServer, zone: str) -> None:
+    """Publish the RFC 5782 test entry 127.0.0.2 (127.0.0.1 stays unlisted)."""
+    server.set_records(f"2.0.0.127.{zone}", "A", ["127.0.0.2"])
+
+
+def list_ip(server: ZoneDNSServer, zone: str, ip: str, *codes: str) -> None:
+    server.set_records(ip_query_name(ip, zone), "A", list(codes))
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+@pytest.fixture
+def health(metrics: Metrics) -> ZoneHealth:
+    return ZoneHealth(metrics=metrics)
+
+
+def gauge(metrics: Metrics, zone: str) -> float | None:
+    return metrics.registry.get_sample_value("mailgate_dnsbl_zone_healthy", {"zone": zone})
+
+
+def counter(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(f"mailgate_dnsbl_{name}_total", labels) or 0.0
+
+
+async def run_ip(
+    server: ZoneDNSServer,
+    pol: Policy,
+    health: ZoneHealth,
+    ip: str = CLIENT,
+    resolver: Resolver | None = None,
+    dry_run: bool = False,
+) -> CheckResult:
+    ctx = Context(
+        client=ClientInfo(ip=ip, port=25000, session_id="S1"),
+        policy=pol,
+        resolver=resolver or resolver_for(server),
+        dry_run=dry_run,
+    )
+    return await DNSBLCheck(health).run(ctx)
+
+
+async def run_domain(
+    server: ZoneDNSServer,
+    pol: Policy,
+    health: ZoneHealth,
+    helo: str,
+    mail_from: str,
+    prior: CheckResult | None = None,
+) -> CheckResult:
+    ctx = Context(
+        client=ClientInfo(ip=CLIENT, port=25000, session_id="S1", helo=helo),
+        policy=pol,
+        envelope=Envelope(mail_from=mail_from),
+        results={"dnsbl": prior} if prior is not None else {},
+        resolver=resolver_for(server),
+    )
+    return await DNSBLDomainCheck(health).run(ctx)
+
+
+def symbols(result: CheckResult) -> dict[str, float]:
+    return {s.name: s.score for s in result.symbols}
+
+
+# -- listings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [
+        (("127.0.0.2",), {"DNSBL_ZEN_SBL": 10.0}),
+        (("127.0.0.4",), {"DNSBL_ZEN_XBL": 10.0}),  # code without score: the zone's
+        (("127.0.0.10",), {"DNSBL_ZEN_PBL": 3.0}),
+        (("127.0.0.9",), {"DNSBL_ZEN": 10.0}),  # unknown code: plain listing
+        (("127.0.0.2", "127.0.0.4"), {"DNSBL_ZEN_SBL": 10.0, "DNSBL_ZEN_XBL": 10.0}),
+    ],
+)
+async def test_listed_per_code_rejects_with_the_generic_reply(
+    dns_zone: ZoneDNSServer, health: ZoneHealth, codes: tuple[str, ...], expected: dict[str, float]
+) -> None:
+    list_ip(dns_zone, "zen.bl.test", CLIENT, *codes)
+    r = await run_ip(dns_zone, policy(ZEN), health)
+    assert r.result == "fail"
+    assert symbols(r) == expected
+    assert r.decision is not None
+    assert r.decision.action is Action.REJECT
+    assert r.decision.reply is replies.REJECT_DNSBL
+    assert str(r.decision.reply).startswith("554 5.7.1")
+    assert r.data["allowlisted"] is False
+    assert {d["code"] for d in r.data["listed"]} == set(codes)  # type: ignore[attr-defined]
+
+
+async def test_not_listed_is_none_without_decision(
+    dns_zone: ZoneDNSServer, health: ZoneHealth
+) -> None:
+    r = await run_ip(dns_zone, policy(ZEN), health, ip=CLEAN)
+    assert (r.result, r.symbols, r.decision) == ("none", (), None)
+    assert r.data == {
+        "listed": [],
+        "allowlisted": False,
+        "score": 0.0,
+        "skipped": [],
+        "blocked": [],
+        "errors": [],
+    }
+    assert dns_zone.count(ip_query_name(CLEAN, "zen.bl.test"), "A") == 1
+
+
+async def test_ipv6_listing_and_ipv4_mapped_client(
+    dns_zone: ZoneDNSServer, health: ZoneHealth
+) -> None:
+    list_ip(dns_zone, "zen.bl.test", V6_CLIENT, "127.0.0.2")
+    r = await run_ip(dns_zone, policy(ZEN), health, ip=V6_CLIENT)
+    assert symbols(r) == {"DNSBL_ZEN_SBL": 10.0}
+    name = ip_query_name(V6_CLIENT, "zen.bl.test")
+    assert len(name.split(".")) == 32 + 3
+    assert dns_zone.count(name, "A") == 1
+    list_ip(dns_zone, "zen.bl.test", CLIENT, "127.0.0.4")
+    r = await run_ip(dns_zone, policy(ZEN), health, ip=f"::ffff:{CLIENT}")
+    assert symbols(r) == {"DNSBL_ZEN_XBL": 10.0}
+
+
+async def test_reject_flag_off_only_scores(dns_zone: ZoneDNSServer, health: ZoneHealth) -> None:
+    zone = DNSBLZone("soft.bl.test", 2.5)
+    list_ip(dns_zone, "soft.bl.test", CLIENT, "127.0.0.2")
+    r = await run_ip(dns_zone, policy(zone), health)
+    assert (r.result, symbols(r), r.decision) == ("fail", {"DNSBL_SOFT": 2.5}, None)
+
+
+async def test_zones_are_queried_in_parallel(dns_zone: ZoneDNSServer, health: ZoneHealth) -> None:
+    zones = [DNSBLZone(f"z{i}.bl.test", 1.0) for i in range(4)]
+    for z in zones:
+        list_ip(dns_zone, z.zone, CLIENT, "127.0.0.2")
+    dns_zone.set_delay(0.3)
+    t0 = time.monotonic()
+    r = await run_ip(dns_zone, policy(*zones), health)
+    elapsed = time.monotonic() - t0
+    assert len(r.symbols) == 4
+    assert elapsed < 0.3 * 2, f"four zones took {elapsed:.2f}s: not in parallel"
+
+
+async def test_threshold_combines_two_non_reject_zones(
+    dns_zone: ZoneDNSServer, health: ZoneHealth
+) -> None:
+    a, b = DNSBLZone("a.bl.test", 3.0), DNSBLZone("b.bl.test", 2.0)
+    list_ip(dns_zone, "a.bl.test", CLIENT, "127.0.0.2")
+    list_ip(dns_zone, "b.bl.test", CLIENT, "127.0.0.3")
+    r = await run_ip(dns_zone, policy(a, b, threshold=6.0), health)
+    assert r.decision is None and r.data["score"] == 5.0
+    r = await run_ip(dns_zone, policy(a, b, threshold=5.0), health)
+    assert r.decision is not None and r.decision.reply is replies.REJECT_DNSBL
+    assert r.decision.reason == "DNSBL score 5 >= threshold 5 (a.bl.test, b.bl.test)"
+
+
+async def test_dnswl_hit_scores_negative_and_allowlists(
+    dns_zone: ZoneDNSServer, health: ZoneHealth
+) -> None:
+    wl = DNSBLZone("wl.bl.test", -3.0, name="WL", allow=True, blocked_codes=("127.0.0.255",))
+    soft = DNSBLZone("soft.bl.test", 4.0)
+    list_ip(dns_zone, "wl.bl.test", CLIENT, "127.0.10.2")
+    r = await run_ip(dns_zone, policy(wl, soft, threshold=1.0), health)
+    assert (r.result, symbols(r), r.decision) == ("pass", {"DNSWL_WL": -3.0}, None)
+    assert r.data["allowlisted"] is True
+    # with a blocklist hit too: the sum stays below the threshold, no reject
+    list_ip(dns_zone, "soft.bl.test", CLIENT, "127.0.0.2")
+    r = await run_ip(dns_zone, policy(wl, soft, threshold=2.0), health)
+    assert (r.result, r.data["score"], r.decision) == ("fail", 1.0, None)
+    # dnswl.org's "over the limit" answer is no allowlisting
+    list_ip(dns_zone, "wl.bl.test", CLEAN, "127.0.0.255")
+    r = await run_ip(dns_zone, policy(wl), health, ip=CLEAN)
+    assert r.data["allowlisted"] is False and r.data["blocked"] == ["wl.bl.test"]
+
+
+# -- failures and zone health ------------------------------------------------------------
+
+
+async def test_timeout_is_temperror_without_listing(
+    dns_zone: ZoneDNSServer, health: ZoneHealth, metrics: Metrics
+) -> None:
+    dns_zone.set_name_mode(ip_query_name(CLIENT, "zen.bl.test"), "timeout")
+    r = await run_ip(dns_zone, policy(ZEN), health, resolver=resolver_for(dns_zone, 0.5))
+    assert r.result == "temperror"
+    assert symbols(r) == {"DNSBL_TEMPERROR": 0.0}
+    assert r.decision is None
+    assert r.data["errors"] == ["zen.bl.test"]
+    assert counter(metrics, "errors", zone="zen.bl.test", reason="timeout") == 1
+    assert health.healthy(ZEN)  # a timeout says nothing about the list
+
+
+async def test_one_failing_zone_of_two_is_not_temperror(
+    dns_zone: ZoneDNSServer, health: ZoneHealth
+) -> None:
+    other = DNSBLZone("other.bl.test", 1.0)
+    dns_zone.set_name_mode(ip_query_name(CLIENT, "zen.bl.test"), "servfail")
+    r = await run_ip(dns_zone, policy(ZEN, other), health)
+    assert r.result == "none" and r.data["errors"] == ["zen.bl.test"]
+
+
+@pytest.mark.parametrize("answer", ["127.255.255.254", "10.0.0.1", "127.0.0.1"])
+async def test_blocked_answer_is_no_listing_and_disables_the_zone(
+    dns_zone: ZoneDNSServer,
+    health: ZoneHealth,
+    metrics: Metrics,
+    caplog: pytest.LogCaptureFixture,
+    answer: str,
+) -> None:
+    list_ip(dns_zone, "zen.bl.test", CLIENT, answer)
+    caplog.set_level(logging.WARNING, "mailgate.dnsbl")
+    r = await run_ip(dns_zone, policy(ZEN), health, dry_run=True)
+    assert (r.result, r.symbols, r.decision) == ("none", (), None)
+    assert r.data["blocked"] == ["zen.bl.test"]
+    assert not health.healthy(ZEN)
+    assert gauge(metrics, "zen.bl.test") == 0.0
+    assert counter(metrics, "errors", zone="zen.bl.test", reason="blocked") == 1
+    assert counter(metrics, "hits", zone="zen.bl.test", label="SBL") == 0
+    # the disabled zone is skipped: no query, noted in the data, logged once
+    list_ip(dns_zone, "zen.bl.test", CLEAN, answer)
+    r = await run_ip(dns_zone, policy(ZEN), health, ip=CLEAN, dry_run=True)
+    assert r.data["skipped"] == ["zen.bl.test"]
+    assert dns_zone.count(ip_query_name(CLEAN, "zen.bl.test")) == 0
+    disabled = [rec for rec in caplog.records if "dnsbl_zone_disabled" in str(rec.__dict__)]
+    assert len(disabled) == 1
+
+
+async def test_recovery_after_probes_pass(
+    dns_zone: ZoneDNSServer, health: ZoneHealth, metrics: Metrics
+) -> None:
+    resolver = resolver_for(dns_zone)
+    for name in ("2.0.0.127.zen.bl.test", "1.0.0.127.zen.bl.test"):
+        dns_zone.set_records(name, "A", ["127.255.255.254"])
+    assert await probe(resolver, ZEN, health)
+    assert gauge(metrics, "zen.bl.test") == 0.0
+    # still refused: stays off
+    resolver.clear_cache()
+    assert await probe(resolver, ZEN, health)
+    assert not health.healthy(ZEN)
+    # the resolver is allowed again: 127.0.0.2 listed, 127.0.0.1 not
+    dns_zone.remove("1.0.0.127.zen.bl.test")
+    healthy_zone(dns_zone, "zen.bl.test")
+    resolver.clear_cache()
+    assert await probe(resolver, ZEN, health) == ""
+    assert health.healthy(ZEN) and gauge(metrics, "zen.bl.test") == 1.0
+    list_ip(dns_zone, "zen.bl.test", CLIENT, "127.0.0.2")
+    r = await run_ip(dns_zone, policy(ZEN), health, resolver=resolver)
+    assert symbols(r) == {"DNSBL_ZEN_SBL": 10.0}
+    assert counter(metrics, "hits", zone="zen.bl.test", label="SBL") == 1
+
+
+async def test_probe_disables_a_zone_listing_everything_and_ignores_timeouts(
+    dns_zone: ZoneDNSServer, health: ZoneHealth
+) -> None:
+    dns_zone.set_records("2.0.0.127.zen.bl.test", "A", ["127.0.0.2"])
+    dns_zone.set_records("1.0.0.127.zen.bl.test", "A", ["127.0.0.2"])
+    assert "never" in (await probe(resolver_for(dns_zone), ZEN, health) or "")
+    dns_zone.set_mode("timeout")
+    assert await probe(resolver_for(dns_zone, 0.3), ZEN, health) is None
+    assert not health.healthy(ZEN)  # unchanged by an inconclusive probe
+    dns_zone.set_mode("normal")
+    dns_zone.remove("1.0.0.127.zen.bl.test")
+    assert await probe(resolver_for(dns_zone), ZEN, health) == ""
+
+
+async def test_live_blocked_answer_triggers_a_retest_that_recovers(
+    dns_zone: ZoneDNSServer, metrics: Metrics
+) -> None:
+    now = [1000.0]
+    health = ZoneHealth(metrics=metrics, clock=lambda: now[0])
+    healthy_zone(dns_zone, "zen.bl.test")
+    list_ip(dns_zone, "zen.bl.test", CLIENT, "127.255.255.255")
+    await run_ip(dns_zone, policy(ZEN), health)
+    assert not health.healthy(ZEN)
+    await asyncio.sleep(0.2)  # the re-test started right away; its probes pass
+    assert health.healthy(ZEN)
+    assert gauge(metrics, "zen.bl.test") == 1.0
+
+
+async def test_skipped_zone_is_retested_at_most_once_a_minute(
+    dns_zone: ZoneDNSServer, metrics: Metrics
+) -> None:
+    now = [1000.0]
+    health = ZoneHealth(metrics=metrics, clock=lambda: now[0])
+    resolver = resolver_for(dns_zone)
+    dns_zone.set_records("2.0.0.127.zen.bl.test", "A", ["127.255.255.254"])
+    assert await probe(resolver, ZEN, health)
+    dns_zone.reset_counters()
+    healthy_zone(dns_zone, "zen.bl.test")
+    resolver.clear_cache()
+    await run_ip(dns_zone, policy(ZEN), health, resolver=resolver)
+    await asyncio.sleep(0.1)
+    assert dns_zone.count("2.0.0.127.zen.bl.test") == 0  # probed 0 s ago
+    now[0] += 61
+    await run_ip(dns_zone, policy(ZEN), health, resolver=resolver)
+    await asyncio.sleep(0.2)
+    assert dns_zone.count("2.0.0.127.zen.bl.test") == 1
+    assert health.healthy(ZEN)
+
+
+async def test_prober_loop_follows_the_policy(dns_zone: ZoneDNSServer, metrics: Metrics) -> None:
+    health = ZoneHealth(metrics=metrics)
+    healthy_zone(dns_zone, "zen.bl.test")
+    dns_zone.set_records("2.0.0.127.dead.bl.test", "A", ["10.0.0.1"])
+    dead = DNSBLZone("dead.bl.test", 1.0)
+    current = [policy(ZEN, dead)]
+    resolver = resolver_for(dns_zone)
+    task = asyncio.create_task(run_prober(lambda: current[0], lambda: resolver, 0.05, health))
+    try:
+        await asyncio.sleep(0.3)
+        assert health.healthy(ZEN) and not health.healthy(dead)
+        assert gauge(metrics, "zen.bl.test") == 1.0 and gauge(metrics, "dead.bl.test") == 0.0
+        current[0] = policy(ZEN)  # a reload drops the dead zone and its series
+        first = health.state(ZEN).last_probe
+        await asyncio.sleep(0.2)
+        assert gauge(metrics, "dead.bl.test") is None
+        assert health.state(ZEN).last_probe != first  # still probing, round after round
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+# -- domain zones ------------------------------------------------------------------------
+
+DBL = DNSBLZone("dbl.bl.test", 4.0, type="domain", codes=(DNSBLCode("127.0.1.2", "SPAM", 5.0),))
+
+
+async def test_domain_zone_on_helo_and_sender_domain(
+    dns_zone: ZoneDNSServer, health: ZoneHealth
+) -> None:
+    dns_zone.set_records("bad-helo.example.dbl.bl.test", "A", ["127.0.1.2"])
+    r = await run_domain(dns_zone, policy(DBL), health, "bad-helo.example", "a@fine.example")
+    assert (r.result, symbols(r), r.decision) == ("fail", {"DNSBL_DBL_SPAM": 5.0}, None)
+    assert r.data["listed"] == [
+        {
+            "zone": "dbl.bl.test",
+            "code": "127.0.1.2",
+            "label": "SPAM",
+            "score": 5.0,
+            "subject": "helo",
+        }
+    ]
+    dns_zone.set_records("spammer.example.dbl.bl.test", "A", ["127.0.1.9"])
+    r = await run_domain(dns_zone, policy(DBL), health, "[192.0.2.10]", "x@Spammer.Example")
+    assert symbols(r) == {"DNSBL_DBL": 4.0}
+    assert r.data["listed"][0]["subject"] == "mail_from"  # type: ignore[index]
+    # the null sender and an address-literal HELO: nothing to look up
+    r = await run_domain(dns_zone, policy(DBL), health, "[192.0.2.10]", "")
+    assert r.result == "none"
+    # a HELO equal to the sender domain is asked once
+    dns_zone.reset_counters()
+    await run_domain(dns_zone, policy(DBL), health, "same.example", "a@same.example")
+    assert dns_zone.count("same.example.dbl.bl.test") == 1
+
+
+async def test_domain_reject_and_combined_threshold(
+    dns_zone: ZoneDNSServer, health: ZoneHealth
+) -> None:
+    dns_zone.set_records("spammer.example.dbl.bl.test", "A", ["127.0.1.2"])
+    hard = dataclasses.replace(DBL, reject=True)
+    r = await run_domain(dns_zone, policy(hard), health, "mx.fine.example", "a@spammer.example")
+    assert r.decision is not None and r.decision.reply is replies.REJECT_DNSBL
+    assert r.decision.reason == "mail_from domain listed in dbl.bl.test (SPAM)"
+    # 5 (domain) + 3 (client, from the connect-time result) reaches 8
+    soft_ip = DNSBLZone("soft.bl.test", 3.0)
+    list_ip(dns_zone, "soft.bl.test", CLIENT, "127.0.0.2")
+    pol = policy(soft_ip, DBL, threshold=8.0)
+    prior = await run_ip(dns_zone, pol, health)
+    assert prior.decision is None
+    r = await run_domain(dns_zone, pol, health, "mx.fine.example", "a@spammer.example", prior)
+    assert r.decision is not None and "DNSBL score 8 >= threshold 8" in r.decision.reason
+
+
+# -- access keys, the pipeline, the verdict ----------------------------------------------
+
+
+async def test_reply_and_logs_never_show_the_access_key(
+    dns_zone: ZoneDNSServer, health: ZoneHealth, caplog: pytest.LogCaptureFixture
+) -> None:
+    zone = DNSBLZone(f"{KEY}.zen.dq.bl.test", 10.0, True)
+    list_ip(dns_zone, zone.zone, CLIENT, "127.0.0.2")
+    list_ip(dns_zone, zone.zone, CLEAN, "127.255.255.252")  # Spamhaus: bad key
+    caplog.set_level(logging.DEBUG)
+    listed = await run_ip(dns_zone, policy(zone), health)
+    blocked = await run_ip(dns_zone, policy(zone), health, ip=CLEAN, dry_run=True)
+    assert listed.decision is not None and listed.decision.reply is not None
+    reply = listed.decision.reply.to_bytes().decode()
+    assert reply == "554 5.7.1 Service unavailable; client host blocked\r\n"
+    assert "bl.test" not in reply
+    shown = repr([listed, blocked]) + caplog.text
+    assert KEY not in shown
+    assert "***.zen.dq.bl.test" in shown
+    assert symbols(listed) == {"DNSBL_ZEN": 10.0}
+
+
+async def test_pipeline_connect_result_rejects_at_rcpt(
+    dns_zone: ZoneDNSServer, health: ZoneHealth, metrics: Metrics
+) -> None:
+    list_ip(dns_zone, "zen.bl.test", CLIENT, "127.0.0.2")
+    pol = policy(ZEN)
+    pipeline = Pipeline([DNSBLCheck(health), DNSBLDomainCheck(health)], 5.0, metrics)
+    ctx = Context(
+        client=ClientInfo(ip=CLIENT, port=25000, session_id="S1", helo="mx.example.org"),
+        policy=pol,
+        results={},
+        resolver=resolver_for(dns_zone),
+    )
+    connect = await pipeline.run(Stage.CONNECT, ctx)
+    ctx.envelope = Envelope(mail_from="a@example.org")
+    mail = await pipeline.run(Stage.MAIL, ctx)
+    verdict = decide([*connect, *mail], pol, Stage.RCPT)
+    assert verdict.action is Action.REJECT
+    assert verdict.reply is replies.REJECT_DNSBL
+    assert [r.result for r in mail] == ["none"]  # no domain zones configured
+    labels = {"check": "dnsbl", "result": "fail"}
+    assert metrics.registry.get_sample_value("mailgate_check_results_total", labels) == 1
+
+
+async def test_disabled_and_without_resolver(dns_zone: ZoneDNSServer, health: ZoneHealth) -> None:
+    off = dataclasses.replace(policy(ZEN), dnsbl=DNSBLPolicy(enabled=False))
+    r = await run_ip(dns_zone, off, health)
+    assert (r.result, r.symbols) == ("none", ())
+    ctx = Context(client=ClientInfo(ip=CLIENT, port=1, session_id="S"), policy=policy(ZEN))
+    r = await DNSBLCheck(health).run(ctx)
+    assert r.result == "temperror" and symbols(r) == {"DNSBL_TEMPERROR": 0.0}
+
+
+def test_bind_metrics_reaches_the_shared_health(metrics: Metrics) -> None:
+    before = HEALTH.metrics
+    try:
+        bind_metrics(metrics)
+        assert HEALTH.metrics is metrics
+    finally:
+        HEALTH.metrics = before
