@@ -21,8 +21,7 @@ from email import policy as email_policy
 from functools import lru_cache
 from typing import Any, Literal
 
-import idna
-
+from filter.domains import to_a_label
 from filter.headers import field_value
 
 Mode = Literal["rfc9989", "rfc7489"]
@@ -190,21 +189,10 @@ def normalize_domain(text: str) -> str | None:
     form is used for SPF and DKIM identifiers so that alignment compares like with like
     (comparisons are case-insensitive, RFC 4343). Domain literals are not domains.
     """
-    name = text.strip()
-    if name.endswith("."):
-        name = name[:-1]
-    if not name or name.startswith("["):
+    name = to_a_label(text)
+    if name is None or len(name) > 253:
         return None
-    if not name.isascii():
-        try:
-            name = idna.encode(name, uts46=True).decode("ascii")
-        except (idna.IDNAError, UnicodeError):
-            return None
-    name = name.lower()
-    labels = name.split(".")
-    if len(name) > 253 or not all(_LDH.match(label) for label in labels):
-        return None
-    return name
+    return name if all(_LDH.match(label) for label in name.split(".")) else None
 
 
 def label_count(domain: str) -> int:

@@ -34,8 +34,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING
 
-import idna
-
+from filter.domains import is_multi_label_host, to_a_label
 from filter.netaddr import parse_ip
 
 if TYPE_CHECKING:
@@ -105,22 +104,8 @@ def a_label(domain: str) -> str | None:
     labels (a bare IP given as HELO): a DNSBL holds no entry for those, and
     querying them only leaks noise to the list operator.
     """
-    name = domain.strip().rstrip(".")
-    if not name or name.startswith("["):
-        return None
-    if name.isascii():
-        name = name.lower()
-    else:
-        try:
-            name = idna.encode(name, uts46=True).decode("ascii")
-        except (idna.IDNAError, UnicodeError, ValueError):
-            return None
-    labels = name.split(".")
-    if len(labels) < 2 or labels[-1].isdigit():
-        return None
-    if any(not 0 < len(label) < 64 for label in labels):
-        return None
-    return name
+    name = to_a_label(domain)
+    return name if name is not None and is_multi_label_host(name) else None
 
 
 def domain_query_name(domain: str, zone: str) -> str | None:

@@ -35,11 +35,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import idna
 import spf
 
 from filter import replies
 from filter.checks import Context
+from filter.domains import is_multi_label_host, to_a_label
 from filter.model import Stage
 from filter.netaddr import normalize_ip
 from filter.policy.schema import Policy
@@ -110,24 +110,8 @@ def a_label_domain(domain: str) -> str | None:
     2008 refuses some that DNS holds fine (underscores, odd hyphens), and SPF
     evaluation of those is the publisher's business.
     """
-    name = domain.strip().rstrip(".")
-    if not name or name.startswith("["):
-        return None
-    if name.isascii():
-        name = name.lower()
-    else:
-        try:
-            name = idna.encode(name, uts46=True).decode("ascii")
-        except (idna.IDNAError, UnicodeError, ValueError):
-            return None
-    labels = name.split(".")
-    if len(labels) < 2 or len(name) > 253:
-        return None
-    if any(not 0 < len(label) < 64 for label in labels):
-        return None
-    if labels[-1].isdigit():
-        return None
-    return name
+    name = to_a_label(domain)
+    return name if name is not None and is_multi_label_host(name) else None
 
 
 def helo_domain(helo: str | None) -> str | None:

@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "smtpdata": 0,
     "smtpsyntax": 0,
     "results": 0,
+    "domains": 0,
     # L1 pure logic
     "verdict": 1,
     "message": 1,
