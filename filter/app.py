@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from filter import __version__
 from filter.checks.dnsbl import bind_metrics as bind_dnsbl_metrics
@@ -138,10 +139,6 @@ def open_listeners(listen: Iterable[Address], reuse_port: bool) -> list[socket.s
     return sockets
 
 
-async def _false() -> bool:
-    return False
-
-
 class CapabilityCache:
     """The extensions the upstream offered last time we talked to it (shared by sessions)."""
 
@@ -180,21 +177,24 @@ def new_upstream(policy: Policy, caps: CapabilityCache | None) -> Upstream:
     )
 
 
-async def probe_store(policy: Policy) -> str | None:
-    """PING the store; None when it answers."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(
-        policy.redis.url, socket_timeout=1.5, socket_connect_timeout=1.5
-    )
+async def probe_store(policy: Policy, store: Store | None = None) -> str | None:
+    """PING the store (any URL form: standalone, Sentinel, Cluster); None when it answers."""
+    own = store is None
+    client = Store.from_policy(policy.redis) if store is None else store
     try:
-        await client.ping()
-    except Exception as exc:  # any failure means "not ready", with its reason
-        return f"store: {type(exc).__name__}: {exc}"
+        if await client.ping():
+            return None
+        return f"store: {redacted_url(policy.redis.url)} not answering"
     finally:
-        with contextlib.suppress(Exception):
+        if own:
             await client.aclose()
-    return None
+
+
+def redacted_url(url: str) -> str:
+    """A store URL fit for a log line or /readyz: no user, password or query string."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class Server:
@@ -246,15 +246,10 @@ class Server:
 
     async def readiness(self) -> list[str]:
         """/readyz: the upstream answers, the store answers, we are not draining."""
-        store = self.runtime.store
-        upstream_problem, store_ok = await asyncio.gather(
-            probe_upstream(self.policy, self.caps),
-            store.ping() if store is not None else _false(),
+        found = await asyncio.gather(
+            probe_upstream(self.policy, self.caps), probe_store(self.policy, self.runtime.store)
         )
-        problems = [upstream_problem] if upstream_problem else []
-        if not store_ok:
-            where = self.policy.redis.url.rsplit("@", 1)[-1]  # never print a password
-            problems.append(f"store: {where} not answering")
+        problems = [p for p in found if p]
         if self.frontend.draining:
             problems.append("shutting down")
         return problems

@@ -70,7 +70,10 @@ def build(results: Mapping[str, CheckResult], authserv_id: str) -> bytes:
         )
     arc = results.get("arc")
     if arc is not None:
-        out.append(ARCAuthenticationResult(result=arc.result))
+        # RFC 8617 registers only none/pass/fail for arc=; a chain that could not be
+        # validated (DNS trouble) is reported as fail, as its cv would be.
+        word = arc.result if arc.result in ("none", "pass", "fail") else "fail"
+        out.append(ARCAuthenticationResult(result=word))
     if not out:
         out.append(NoneAuthenticationResult())
     header = AuthenticationResultsHeader(authserv_id=authserv_id, results=out)

@@ -68,8 +68,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from filter.store import Store
 
     if args.replay:
-        print("mailgate check --replay: not available in this version yet", file=sys.stderr)
-        return 2
+        return cmd_replay(args)
     if not args.file or not args.ip:
         print("mailgate check: FILE.eml and --ip are required", file=sys.stderr)
         return 2
@@ -252,9 +251,204 @@ async def _print_greylist_show(store: Store, limit: int) -> None:
             print(f"  {entry.field:40} {_when(entry.expires)}")
 
 
-def cmd_pending(args: argparse.Namespace) -> int:
-    print(f"mailgate {args.command}: not available in this version yet", file=sys.stderr)
-    return 2
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``mailgate check --replay DIR --policy NEW [--policy OLD] [--json]``.
+
+    OLD defaults to the running configuration (``--config``), the usual question
+    being "what would this change do to the mail we get?". Exit 0 done, 2 bad input.
+    """
+    from filter.replay import (
+        Progress,
+        ReplayReport,
+        collect_files,
+        format_report,
+        replay,
+    )
+    from filter.resolver import Resolver
+
+    name = "mailgate check --replay"
+    given = args.policy or []
+    if not 1 <= len(given) <= 2 or args.file:
+        print(f"{name}: needs DIR, --policy NEW and at most one --policy OLD", file=sys.stderr)
+        return 2
+    paths = [Path(given[0]), Path(given[1]) if len(given) == 2 else _config(args)]
+    try:
+        new, old = (load_policy(p).policy for p in paths)
+    except PolicyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    folder = Path(args.replay)
+    try:
+        files = collect_files(folder)
+    except (OSError, ValueError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    report = ReplayReport(str(folder), str(paths[0]), str(paths[1]))
+    progress = Progress(len(files))
+
+    async def run() -> None:
+        resolver = Resolver(new.dns.nameservers, new.dns.timeout)
+        report.messages = await replay(files, new, old, resolver, folder, progress)
+
+    started = time.monotonic()
+    asyncio.run(run())
+    report.seconds = time.monotonic() - started
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        sys.stdout.write(format_report(report))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """``mailgate explain ID``: a kept verdict, by message id or session id.
+
+    Exit 0 found, 1 not found or the store failed, 2 bad input or policy.
+    """
+    from filter import verdictlog
+    from filter.store import StoreError, open_store
+    from filter.units import format_duration
+
+    try:
+        verdictlog.parse_id(args.id)
+    except ValueError as exc:
+        print(f"mailgate explain: {exc}", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(_config(args)).policy
+    except PolicyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+
+    async def run() -> dict[str, object] | None:
+        async with open_store(policy.redis) as store:
+            return await verdictlog.fetch(store, args.id)
+
+    try:
+        found = asyncio.run(run())
+    except StoreError as exc:
+        print(f"mailgate explain: store error: {exc}", file=sys.stderr)
+        return 1
+    if found is None:
+        keep = policy.explain.keep
+        why = (
+            f"verdicts are kept for {format_duration(keep)} (explain.keep)"
+            if keep > 0
+            else "explain.keep = 0: verdicts are not kept"
+        )
+        print(f"mailgate explain: no verdict kept for {args.id} ({why})", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    records = found.get("records")
+    for i, rec in enumerate(records if isinstance(records, list) else []):
+        if i:
+            print()
+        _print_verdict(rec)
+    return 0
+
+
+def _print_verdict(rec: dict[str, object]) -> None:
+    def text(key: str) -> str:
+        value = rec.get(key)
+        return "" if value is None else str(value)
+
+    event = "refused at RCPT" if rec.get("event") == "rcpt_refused" else text("outcome")
+    when = rec.get("time")
+    stamp = _when(float(when)) if isinstance(when, int | float) else "?"
+    print(f"message {text('id')}  {stamp}  {event}".rstrip())
+    name = f" ({text('client_name')})" if rec.get("client_name") else ""
+    print(f"client:   {text('client')}{name}   helo: {text('helo') or '-'}")
+    rcpts = rec.get("rcpts")
+    targets = ", ".join(f"<{r}>" for r in rcpts) if isinstance(rcpts, list) else ""
+    print(f"envelope: <{text('from')}> -> {targets or '-'}")
+    score = rec.get("score")
+    shown = f"{score:g}" if isinstance(score, int | float) else "-"
+    would = f"   (monitor mode: would {text('would')})" if rec.get("would") else ""
+    print(f"action:   {text('action')}   score: {shown}{would}")
+    if rec.get("reason"):
+        print(f"reason:   {text('reason')}")
+    print(f"reply:    {text('reply')}")
+    if rec.get("queue_id"):
+        print(f"queue id: {text('queue_id')}")
+    symbols = rec.get("symbols")
+    if isinstance(symbols, list) and symbols:
+        print(f"{'symbol':32} {'score':>7}  detail")
+        for s in symbols:
+            if isinstance(s, dict):
+                value = s.get("score")
+                num = f"{value:7.2f}" if isinstance(value, int | float) else f"{'-':>7}"
+                print(f"{s.get('name', '')!s:32} {num}  {s.get('detail') or ''}")
+
+
+def cmd_domain(args: argparse.Namespace) -> int:
+    """``mailgate domain DOMAIN``: SPF, DMARC and MX with their problems and advice.
+
+    Exit 0 no errors found (warnings allowed), 1 errors found, 2 bad input or policy.
+    """
+    from filter.domaincheck import audit
+
+    try:
+        policy = load_policy(_config(args)).policy
+    except PolicyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    try:
+        report = audit(args.domain, policy.dns.nameservers, policy.dns.timeout)
+    except ValueError as exc:
+        print(f"mailgate domain: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        _print_domain(report)
+    return 1 if report["errors"] else 0
+
+
+_SPF_ALL = {"pass": "+all", "fail": "-all", "softfail": "~all", "neutral": "?all"}
+
+
+def _print_domain(report: dict[str, object]) -> None:
+    def table(key: str) -> dict[str, object]:
+        value = report.get(key)
+        return value if isinstance(value, dict) else {}
+
+    servers = report.get("nameservers")
+    via = ", ".join(str(s) for s in servers) if isinstance(servers, list) and servers else ""
+    print(f"domain {report['domain']}" + (f"  (DNS through {via})" if via else ""))
+    spf = table("spf")
+    print(f"SPF     {spf.get('record') or '(none)'}")
+    if spf.get("record"):
+        print(
+            f"        {spf.get('dns_lookups')} of 10 DNS lookups, "
+            f"{spf.get('void_dns_lookups')} void, ends in {_SPF_ALL.get(str(spf.get('all')), '-')}"
+        )
+    dmarc = table("dmarc")
+    where = f"   (at _dmarc.{dmarc.get('location')})" if dmarc.get("inherited") else ""
+    print(f"DMARC   {dmarc.get('record') or '(none)'}{where}")
+    tags = dmarc.get("tags")
+    if isinstance(tags, dict) and tags:
+        print("        " + " ".join(f"{k}={v}" for k, v in tags.items() if k != "rua"))
+        print(f"        rua={tags.get('rua') or '-'}")
+    mx = table("mx")
+    hosts = mx.get("hosts")
+    if isinstance(hosts, list) and hosts:
+        for i, h in enumerate(hosts):
+            label = "MX" if i == 0 else ""
+            addrs = ", ".join(h.get("addresses") or []) or "(no address)"
+            print(f"{label:7} {h.get('preference')} {h.get('hostname')}  {addrs}")
+    else:
+        print("MX      (null MX: no mail accepted)" if mx.get("null_mx") else "MX      (none)")
+    problems = report.get("problems")
+    print()
+    if not isinstance(problems, list) or not problems:
+        print("no problems found")
+        return
+    print("problems:")
+    for p in problems:
+        print(f"  {p['severity']:8} {p['area']:6} {p['problem']}")
+        print(f"  {'':8} {'':6} advice: {p['advice']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,13 +507,19 @@ def build_parser() -> argparse.ArgumentParser:
     config_opt(gf)
     g.set_defaults(func=cmd_greylist)
 
-    for name, text in (
-        ("explain", "print a past verdict by session/message id"),
-        ("domain", "audit a domain's SPF, DMARC and MX"),
-    ):
-        x = sub.add_parser(name, help=text)
-        x.add_argument("rest", nargs=argparse.REMAINDER)
-        x.set_defaults(func=cmd_pending)
+    e = sub.add_parser("explain", help="print a past verdict by session/message id")
+    e.add_argument("id", metavar="ID", help="message id <session>.<n>, or a session id")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    config_opt(e)
+    e.set_defaults(func=cmd_explain)
+
+    d = sub.add_parser(
+        "domain", help="audit a domain's SPF, DMARC and MX (exit 1 when errors are found)"
+    )
+    d.add_argument("domain", metavar="DOMAIN")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    config_opt(d)
+    d.set_defaults(func=cmd_domain)
     return p
 
 

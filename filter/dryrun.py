@@ -19,6 +19,7 @@ from filter.policy.schema import Policy
 from filter.replies import Reply
 from filter.resolver import Resolver
 from filter.results import CheckResult
+from filter.session import common_override_domain
 from filter.store import Store
 from filter.verdict import Verdict, decide
 
@@ -78,10 +79,13 @@ async def evaluate(
                 )
                 got = await pipeline.run(stage, ctx)
                 collected.extend(got)
-                verdict = decide(collected, policy, stage)
+                rcpt_domain = rcpt.address.rpartition("@")[2] if rcpt is not None else None
+                verdict = decide(collected, policy, stage, rcpt_domain)
                 if verdict.refuses and verdict.reply is not None:
                     return DryRun(verdict, verdict.reply, stage, collected)
-        verdict = decide(collected, policy, Stage.DATA)
+        verdict = decide(
+            collected, policy, Stage.DATA, common_override_domain(policy, envelope.recipients)
+        )
         header = authresults.build({r.check: r for r in collected}, policy.authserv_id)
         ar = header.decode().replace("\r\n\t", " ").strip()
         return DryRun(verdict, _accepted(), Stage.DATA, collected, False, ar)

@@ -222,7 +222,7 @@ class _Connection:
     async def run(self) -> None:
         session = self.session
         try:
-            await session.on_connect()
+            session.start_connect_checks()
             if not await self._greet():
                 return
             while True:

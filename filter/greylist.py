@@ -22,6 +22,7 @@ No I/O here: the store (L2) and the check (L3) build on it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -63,6 +64,7 @@ _SRS0 = re.compile(r"^srs0[=+-][^=]+=[^=]+=(?P<domain>[^=]+)=(?P<local>.+)$")
 _SRS1 = re.compile(r"^srs1[=+-][^=]+=[^=]+==[^=]+=[^=]+=(?P<domain>[^=]+)=(?P<local>.+)$")
 
 
+@functools.lru_cache(maxsize=16384)
 def client_network(ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """The client's network as CIDR text (``192.0.2.0/24``, ``2001:db8::/64``).
 
@@ -74,18 +76,20 @@ def client_network(ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
 
-def covering_networks(ip: str) -> list[str]:
+@functools.lru_cache(maxsize=16384)
+def covering_networks(ip: str) -> tuple[str, ...]:
     """Every network an admin allow entry could name that contains ``ip``, narrowest first.
 
     The store looks these up in one command instead of scanning all allow entries:
-    25 names for IPv4 (/32../8), 113 for IPv6 (/128../16).
+    25 names for IPv4 (/32../8), 113 for IPv6 (/128../16). Memoised: building them
+    cost ~0.2 ms per recipient in profiles, and clients send many recipients.
     """
     addr = parse_ip(ip)
     top = 32 if addr.version == 4 else 128
-    return [
+    return tuple(
         str(ipaddress.ip_network(f"{addr}/{p}", strict=False))
         for p in range(top, MIN_ALLOW_PREFIX[addr.version] - 1, -1)
-    ]
+    )
 
 
 def _strip_tags(local: str, domain: str) -> tuple[str, str]:

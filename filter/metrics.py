@@ -110,6 +110,9 @@ CHECK_NAMES = (
     "rdns",
     "helo",
     "lists",
+    "lists_rcpt",
+    "ratelimit",
+    "ratelimit_connect",
 )
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -75,10 +75,10 @@ class Pipeline:
             async with asyncio.timeout(self.timeout):
                 result = await check.run(ctx)
         except TimeoutError:
-            result = _temperror(check.name, f"timed out after {self.timeout:g}s")
+            result = _failed(check, ctx, f"timed out after {self.timeout:g}s")
             log.warning("check=%s session=%s outcome=timeout", check.name, ctx.client.session_id)
         except Exception as exc:  # isolation is the point: any bug becomes temperror
-            result = _temperror(check.name, f"internal error: {type(exc).__name__}")
+            result = _failed(check, ctx, f"internal error: {type(exc).__name__}")
             log.exception(
                 "check=%s session=%s outcome=exception", check.name, ctx.client.session_id
             )
@@ -90,6 +90,19 @@ class Pipeline:
         )
 
 
-def _temperror(name: str, detail: str) -> CheckResult:
-    symbol = Symbol(f"{name.upper()}_TEMPERROR", 0.0, detail)
-    return CheckResult(name, "temperror", (symbol,), None, {"error": detail})
+def _failed(check: Check, ctx: Context, detail: str) -> CheckResult:
+    """temperror for a check that timed out or raised; the check may say more.
+
+    A check with a ``failure_result(ctx, detail)`` method words its own failure (DMARC
+    applies ``on_temperror``); otherwise a ``<NAME>_TEMPERROR`` symbol scored by policy.
+    """
+    custom = getattr(check, "failure_result", None)
+    if custom is not None:
+        try:
+            result: CheckResult = custom(ctx, detail)
+            return result
+        except Exception:
+            log.exception("check=%s failure_result failed", check.name)
+    name = f"{check.name.upper()}_TEMPERROR"
+    symbol = Symbol(name, ctx.policy.score(name), detail)
+    return CheckResult(check.name, "temperror", (symbol,), None, {"error": detail})

@@ -86,6 +86,7 @@ UPSTREAM_UNAVAILABLE = Reply(451, "4.3.0", "Service temporarily unavailable, try
 CHECK_TEMPFAIL = Reply(451, "4.7.1", "Temporary failure evaluating the message, try again later")
 STORE_TEMPFAIL = Reply(451, "4.3.0", "Temporary local problem, try again later")
 GREYLISTED = Reply(451, "4.7.1", "Greylisted, try again later")
+RATE_LIMITED = Reply(451, "4.7.0", "Rate limit exceeded, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
 
@@ -128,7 +129,8 @@ REJECT_SPAM = Reply(550, "5.7.1", "Message rejected as spam")
 REJECT_DMARC = Reply(550, "5.7.1", "Message rejected: DMARC policy of the sender domain")
 REJECT_SPF = Reply(550, "5.7.23", "Message rejected: SPF validation failed")
 REJECT_DNSBL = Reply(554, "5.7.1", "Service unavailable; client host blocked")
-TEMPFAIL_SCORE = Reply(451, "4.7.1", "Message deferred, try again later")
+# A block list entry ([lists]); which list and line is logged, never told to the client.
+ACCESS_DENIED = Reply(550, "5.7.1", "Access denied")
 
 
 def greylisted(retry_after_seconds: float) -> Reply:

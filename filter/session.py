@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from filter import authresults, dkimkeys, replies
+from filter import authresults, dkimkeys, replies, verdictlog
 from filter.checks import Context
 from filter.checks.arc import ARCSealError, seal_message
 from filter.checks.rdns import xclient_name
@@ -116,6 +116,7 @@ class Session:
         self.messages = 0
         self._identity_dirty = True  # connect/helo checks must (re)run for this identity
         self._name_for_upstream = "[UNAVAILABLE]"  # XCLIENT NAME: verified name or a [..] word
+        self._connect_task: asyncio.Task[None] | None = None
         self.client.trusted = ip_in(client.ip, policy.server.trusted_networks)
         self.hostname = policy.server.effective_hostname
 
@@ -130,9 +131,19 @@ class Session:
         """Front end: the socket peer is one of ``server.xforward_hosts``."""
         self._peer_allowed_xforward = ip_in(peer_ip, self.policy.server.xforward_hosts)
 
-    async def on_connect(self) -> None:
-        """Start connect-stage checks as soon as the client is known (DNSBL at connect)."""
-        await self._run_identity_stages(through=Stage.CONNECT)
+    def start_connect_checks(self) -> None:
+        """Start connect-stage checks (rDNS, DNSBL) alongside the greeting.
+
+        They run while the client reads the banner and says EHLO; the first command
+        that needs their results waits for them (``_connect_done``).
+        """
+        loop = asyncio.get_running_loop()
+        self._connect_task = loop.create_task(self._run_identity_stages(through=Stage.CONNECT))
+
+    async def _connect_done(self) -> None:
+        task, self._connect_task = self._connect_task, None
+        if task is not None:
+            await task
 
     async def _run_identity_stages(self, through: Stage) -> None:
         if self.client.trusted:
@@ -204,6 +215,7 @@ class Session:
             return self._error(replies.syntax(f"{verb} hostname"))
         if len(name) > 255:
             return self._error(replies.syntax(f"{verb} hostname"))
+        await self._connect_done()
         await self._end_transaction()
         self.helo_seen = True
         self.esmtp = verb == "EHLO"
@@ -253,6 +265,10 @@ class Session:
                 c.proto = value.upper()
             elif key == "PORT" and value.isdigit():
                 c.port = int(value)
+        if self._connect_task is not None:
+            # Checks of the previous identity (Postfix itself) must not land later.
+            self._connect_task.cancel()
+            self._connect_task = None
         c.source = "xforward"
         c.trusted = ip_in(c.ip, self.policy.server.trusted_networks)
         self._identity_dirty = True
@@ -271,6 +287,7 @@ class Session:
         problem = self._check_mail_params(path)
         if problem is not None:
             return self._error(problem)
+        await self._connect_done()
         if self._identity_dirty:
             await self._run_identity_stages(through=Stage.HELO)
         envelope = Envelope(
@@ -339,7 +356,9 @@ class Session:
             if self.pipeline.has_stage(Stage.RCPT):
                 ctx = self._context(envelope=txn.envelope, recipient=recipient)
                 rcpt_results = await self.pipeline.run(Stage.RCPT, ctx)
-            verdict = decide(self._all_results(rcpt_results), self.policy, Stage.RCPT)
+            verdict = decide(
+                self._all_results(rcpt_results), self.policy, Stage.RCPT, _domain(path.address)
+            )
             self._count_would(verdict)
             if verdict.refuses and verdict.reply is not None:
                 self._log_refusal(verdict, recipient)
@@ -414,7 +433,8 @@ class Session:
                 if self.pipeline.has_stage(Stage.DATA):
                     ctx = self._context(envelope=txn.envelope, message=message)
                     txn.results += await self.pipeline.run(Stage.DATA, ctx)
-                verdict = decide(self._all_results([]), self.policy, Stage.DATA)
+                domain = common_override_domain(self.policy, txn.envelope.recipients)
+                verdict = decide(self._all_results([]), self.policy, Stage.DATA, domain)
                 self._count_would(verdict)
                 final = {r.check: r for r in self._all_results([])}
                 headers = authresults.build(final, self.policy.authserv_id)
@@ -488,6 +508,9 @@ class Session:
 
     def abort(self) -> None:
         """Client gone or timed out: drop the upstream connection without a word."""
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            self._connect_task = None
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
@@ -595,24 +618,23 @@ class Session:
 
     def _log_refusal(self, verdict: Verdict, recipient: Recipient) -> None:
         txn = self.txn
-        log.info(
-            "",
-            extra={
-                "mailgate_fields": {
-                    "event": "rcpt_refused",
-                    "session": self.client.session_id,
-                    "client": self.client.ip,
-                    "helo": self.client.helo,
-                    "from": txn.envelope.mail_from if txn else "",
-                    "rcpt": recipient.address,
-                    "action": verdict.action.value,
-                    "score": verdict.score,
-                    "symbols": [s.name for s in verdict.symbols],
-                    "reason": verdict.reason,
-                    "reply": str(verdict.reply),
-                }
-            },
-        )
+        msg_id = txn.envelope.message_id if txn else f"{self.client.session_id}.0"
+        fields: dict[str, object] = {
+            "event": "rcpt_refused",
+            "id": msg_id,
+            "session": self.client.session_id,
+            "client": self.client.ip,
+            "helo": self.client.helo,
+            "from": txn.envelope.mail_from if txn else "",
+            "rcpt": recipient.address,
+            "action": verdict.action.value,
+            "score": verdict.score,
+            "symbols": [s.name for s in verdict.symbols],
+            "reason": verdict.reason,
+            "reply": str(verdict.reply),
+        }
+        log.info("", extra={"mailgate_fields": fields})
+        self._keep_for_explain(msg_id, fields, verdict)
 
     def _log_message(
         self,
@@ -647,6 +669,37 @@ class Session:
         if verdict is not None and verdict.would is not None:
             fields["would"] = verdict.would.value
         log.info("", extra={"mailgate_fields": fields})
+        self._keep_for_explain(env.message_id, fields, verdict)
+
+    def _keep_for_explain(
+        self, msg_id: str, fields: dict[str, object], verdict: Verdict | None
+    ) -> None:
+        """Keep the verdict in the store for `mailgate explain ID` (in the background)."""
+        if self.store is None or self.policy.explain.keep <= 0:
+            return
+        record = verdictlog.build_record(fields, verdict)
+        verdictlog.record_soon(
+            self.store, msg_id, record, self.policy.explain.keep, self._background
+        )
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def common_override_domain(policy: Policy, recipients: Iterable[Recipient]) -> str | None:
+    """The recipient domain whose [domains] override judges the message after DATA.
+
+    One DATA serves every recipient, so an override applies only when all recipients
+    fall under the same one; otherwise the global policy judges (documented).
+    """
+    domains = [_domain(r.address) for r in recipients]
+    if not domains:
+        return None
+    first = policy.override_for(domains[0])
+    if all(policy.override_for(d) is first for d in domains[1:]):
+        return domains[0]
+    return None
 
 
 def _content_problem(problems: DataProblems) -> Reply | None:

@@ -1,10 +1,10 @@
 """The store (L2): Redis through redis-py asyncio, and every key mailgate keeps there.
 
 Why this module exists: checks must not speak Redis. They call a few operations
-here (evaluate a greylist triplet, ping), get plain values back, and see one
-exception type, :class:`StoreError`, whatever went wrong underneath (refused
-connection, timeout, failover, a script error). Each failure is counted in
-``mailgate_store_errors_total`` here, so no caller can forget to.
+here (evaluate a greylist triplet, count a rate-limited event, ping), get plain
+values back, and see one exception type, :class:`StoreError`, whatever went wrong
+underneath (refused connection, timeout, failover, a script error). Each failure
+is counted in ``mailgate_store_errors_total`` here, so no caller can forget to.
 
 Deployments (``redis.url``):
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -60,6 +61,8 @@ __all__ = [
     "GreylistOutcome",
     "GreylistStats",
     "KeySpec",
+    "RateCounter",
+    "RateOutcome",
     "Store",
     "StoreError",
     "StoreURL",
@@ -105,6 +108,43 @@ KEYS: dict[str, KeySpec] = {
         "carries its own expiry, checked on read and pruned on write",
         "admin allow entries from `mailgate greylist allow` (domains count only when SPF "
         "passes for them)",
+    ),
+    "verdict": KeySpec(
+        "v:{message id <session>.<n>}",
+        "list of JSON records (filter.verdictlog): RCPT refusals, then the message verdict",
+        "explain.keep, set on every write",
+        "what mailgate decided about one transaction and why (envelope, symbols with "
+        "scores and details, action, reply, queue id), for `mailgate explain ID`; at most "
+        "the last 200 records",
+    ),
+    "verdict_session": KeySpec(
+        "vs:{session id}",
+        "sorted set: message id -> time of its first record",
+        "explain.keep, set on every write",
+        "the message ids of one session that have verdict records, so `mailgate explain "
+        "SESSION` finds them all; at most the last 1000",
+    ),
+    "rl_connections": KeySpec(
+        "rl:c:{client network CIDR}",
+        "sorted set: c:{session id} -> time (ms)",
+        "ratelimit.window, renewed on every counted connection",
+        "sliding-window log of the connections a client network made; holds at most "
+        "ratelimit.connections_per_network members (refused events are not logged)",
+    ),
+    "rl_messages": KeySpec(
+        "rl:m:{net:CIDR | dom:sender domain | domnet:sender domain|CIDR}",
+        "sorted set: m:{transaction id} -> time (ms)",
+        "ratelimit.window, renewed on every counted message",
+        "sliding-window log of the messages (transactions) of a client network or sender "
+        "domain (domnet: the domain as claimed without an SPF pass, per client network); "
+        "the transaction id as member counts a message once however many recipients it has",
+    ),
+    "rl_recipients": KeySpec(
+        "rl:r:{net:CIDR | dom:sender domain | domnet:sender domain|CIDR}",
+        "sorted set: r:{random event id} -> time (ms)",
+        "ratelimit.window, renewed on every counted recipient",
+        "sliding-window log of the recipients (RCPT commands) of a client network or sender "
+        "domain, scoped like rl:m:",
     ),
 }
 
@@ -210,6 +250,97 @@ local want = math.ceil(tonumber(ARGV[3]) * 1000)
 if redis.call('PTTL', KEYS[1]) < want then redis.call('PEXPIRE', KEYS[1], want) end
 return 1
 """
+
+
+# Sliding-window rate counters, one round trip for all the counters an event touches.
+#
+# Why a log (a sorted set of event id -> time) and not the cheaper two-bucket estimate
+# (current fixed window + the previous one weighted by overlap): the log is exact, so a
+# limit of N means at most N events in any window length, concurrent instances
+# included; the estimate over-counts right after a burst and under-counts when the
+# previous window's events were bunched at its end. The log costs one member per
+# counted event per counter, and since refused events are not logged, a key never
+# holds more members than its limit: memory is bounded by min(traffic, limit) per
+# key, and every key expires one window after its last event. Members are event ids,
+# so the same transaction counted again (its second recipient, a re-run after
+# XFORWARD) is no new event: that is how "messages" count transactions, not RCPTs.
+#
+# All-or-nothing: every counter is checked first; only when none is full is the event
+# logged in all of them, so a refused recipient uses up no quota anywhere. Times are
+# the caller's (ARGV[1], ms) like the greylist's, so tests can inject a clock; Redis
+# TTLs (server time) only bound memory. ARGV[3] = "0" evaluates without writing (dry
+# run): expired members are then skipped by score instead of removed.
+# KEYS[i]: a counter; ARGV[2 + 2i]: its limit; ARGV[3 + 2i]: the event's member.
+# Returns {over, retry_ms, count_1, ..., count_k}: over is the index of the first full
+# counter (0: none, the event was counted), retry_ms the time until its oldest member
+# leaves the window; count_i the members of counter i in the window before this event
+# (k = over when refused: later counters were not looked at).
+_RATELIMIT_LUA = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local write = ARGV[3] == '1'
+local since = now - window
+local counts, fresh = {}, {}
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[2 + 2 * i])
+  local member = ARGV[3 + 2 * i]
+  if write then redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', since) end
+  local n = redis.call('ZCOUNT', KEYS[i], '(' .. since, '+inf')
+  local seen = tonumber(redis.call('ZSCORE', KEYS[i], member))
+  counts[i] = n
+  fresh[i] = not (seen and seen > since)
+  if fresh[i] and n >= limit then
+    local oldest = redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. since, '+inf',
+      'WITHSCORES', 'LIMIT', 0, 1)
+    local retry = window
+    if oldest[2] then retry = math.max(0, tonumber(oldest[2]) + window - now) end
+    local out = {i, retry}
+    for j = 1, i do out[#out + 1] = counts[j] end
+    return out
+  end
+end
+if write then
+  for i = 1, #KEYS do
+    if fresh[i] then
+      redis.call('ZADD', KEYS[i], now, ARGV[3 + 2 * i])
+      redis.call('PEXPIRE', KEYS[i], window)
+    end
+  end
+end
+local out = {0, 0}
+for i = 1, #KEYS do out[#out + 1] = counts[i] end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class RateCounter:
+    """One sliding-window counter an event counts toward.
+
+    ``kind`` is a :data:`KEYS` name (``rl_connections``, ``rl_messages``,
+    ``rl_recipients``), ``subject`` the rest of the key (``net:192.0.2.0/24``),
+    ``member`` the event's id: an id already in the window is not counted again.
+    """
+
+    kind: str
+    subject: str
+    limit: int
+    member: str
+
+
+@dataclass(frozen=True)
+class RateOutcome:
+    """What the store says about one event.
+
+    ``over``: index into the counters of the first one that was full (the event was
+    refused and counted nowhere), or None (counted everywhere, unless a dry run).
+    ``counts``: events per counter in the window before this one (when refused, only
+    up to the full counter). ``retry_after``: seconds until the full counter has room.
+    """
+
+    over: int | None
+    counts: tuple[int, ...]
+    retry_after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -402,6 +533,7 @@ class Store:
         self.client: Any = self._build(max_connections, socket_timeout, pool_timeout)
         self._greylist_script = self.client.register_script(_GREYLIST_LUA)
         self._allow_script = self.client.register_script(_ALLOW_LUA)
+        self._ratelimit_script = self.client.register_script(_RATELIMIT_LUA)
 
     @classmethod
     def from_policy(cls, policy: RedisPolicy, metrics: Metrics | None = None) -> Store:
@@ -471,6 +603,14 @@ class Store:
                 self.metrics.store_errors.inc()
             raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
+    async def call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """One operation of a module that keeps its own keys here (``filter.verdictlog``).
+
+        Public so those modules get the same failure handling (a counted StoreError)
+        without reaching into this class.
+        """
+        return await self._call(what, op)
+
     def count_greylist(self, result: str) -> None:
         """``mailgate_greylist_total{result}``, when the app passed metrics in."""
         if self.metrics is not None:
@@ -527,6 +667,34 @@ class Store:
         raw = await self._call("greylist", lambda: self._greylist_script(keys=keys, args=args))
         result, retry_after, detail = (str(x) for x in raw)
         return GreylistOutcome(result, max(0.0, float(retry_after)), detail)
+
+    # --- rate limits on the mail path ---------------------------------------------------
+
+    async def rate_limit(
+        self,
+        counters: Sequence[RateCounter],
+        window: float,
+        now: float,
+        write: bool = True,
+    ) -> RateOutcome:
+        """Check (and unless ``write`` is False, count) one event, in one round trip.
+
+        The event is counted in every counter only if none of them is full; see the
+        script's comment for why a sorted-set log and why refusals are not counted.
+        """
+        if not counters:
+            return RateOutcome(None, ())
+        keys = [self.key(c.kind, c.subject) for c in counters]
+        args: list[str | int] = [
+            int(now * 1000),
+            max(1, math.ceil(window * 1000)),
+            "1" if write else "0",
+        ]
+        for c in counters:
+            args += [c.limit, c.member]
+        raw = await self._call("ratelimit", lambda: self._ratelimit_script(keys=keys, args=args))
+        over, retry_ms, *counts = (int(x) for x in raw)
+        return RateOutcome(over - 1 if over else None, tuple(counts), retry_ms / 1000)
 
     # --- admin commands -----------------------------------------------------------------
 

@@ -4,7 +4,9 @@ Hard decisions first (the hardest wins), then, once the message is in, the score
 against the ``[actions]`` thresholds. Greylisting is never decided by the score alone:
 it needs state, so the greylist check makes that decision (and reads the score when
 ``greylist.apply = "score"``). Monitor mode turns anything that would refuse mail into
-acceptance and remembers what would have happened.
+acceptance and remembers what would have happened: globally (``server.mode``), per
+recipient domain (``[domains]``) or per check (each check's ``mode``, where its symbols
+also score 0 so that trying a check out cannot tip the score).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 from filter import replies
 from filter.model import Stage
-from filter.policy.schema import Policy
+from filter.policy.schema import DomainOverride, Policy
 from filter.replies import Reply
 from filter.results import Action, CheckResult, Decision, Symbol
 
@@ -39,32 +41,81 @@ def total_score(symbols: Iterable[Symbol]) -> float:
     return round(float(sum(s.score for s in symbols)), 4)
 
 
-def decide(results: Iterable[CheckResult], policy: Policy, stage: Stage) -> Verdict:
-    """Turn the results gathered so far into the action for ``stage``."""
+def decide(
+    results: Iterable[CheckResult], policy: Policy, stage: Stage, domain: str | None = None
+) -> Verdict:
+    """Turn the results gathered so far into the action for ``stage``.
+
+    ``domain`` is the recipient domain whose ``[domains]`` override applies (per
+    recipient at RCPT; after DATA only when every recipient shares it).
+    """
+    override = policy.override_for(domain)
+    symbols: list[Symbol] = []
+    decisions: list[Decision] = []
+    would_checks: list[Decision] = []
     results = list(results)
-    symbols = tuple(s for r in results for s in r.symbols)
+    allow_listed = any(
+        r.check == "lists"
+        and r.data.get("allowlisted") is True
+        and policy.check_mode(r.check, override) == "enforce"
+        for r in results
+    )
+    for r in results:
+        mode = policy.check_mode(r.check, override)
+        if mode == "off":
+            continue
+        for sym in r.symbols:
+            if mode == "monitor":
+                symbols.append(Symbol(sym.name, 0.0, f"{sym.detail} (monitor)".strip()))
+            elif override is not None and sym.name in override.scores:
+                symbols.append(Symbol(sym.name, override.scores[sym.name], sym.detail))
+            else:
+                symbols.append(sym)
+        if r.decision is not None:
+            if allow_listed and not r.check.startswith("lists"):
+                # An allow-list entry is Postfix's OK: other checks' refusals are moot.
+                continue
+            (would_checks if mode == "monitor" else decisions).append(r.decision)
     score = total_score(symbols)
-    hard = _hardest(r.decision for r in results if r.decision is not None)
+    reject_at, add_header_at = _thresholds(policy, override)
+    hard = _hardest(decisions)
     action: Action = Action.ACCEPT
     reply: Reply | None = None
     reason = ""
     if stage is Stage.DATA:
-        thresholds = policy.actions
-        if score >= thresholds.reject:
+        if score >= reject_at:
             action, reply = Action.REJECT, replies.REJECT_SPAM
-            reason = f"score {score:g} >= reject {thresholds.reject:g}"
-        elif score >= thresholds.add_header:
+            reason = f"score {score:g} >= reject {reject_at:g}"
+        elif score >= add_header_at:
             action = Action.ADD_HEADER
-            reason = f"score {score:g} >= add_header {thresholds.add_header:g}"
+            reason = f"score {score:g} >= add_header {add_header_at:g}"
     if hard is not None and (hard.action.severity >= action.severity):
         # A check's own decision wins unless the score asks for something harder.
         action, reply, reason = hard.action, hard.reply, hard.reason
-    if action in REFUSING and policy.server.mode == "monitor":
-        mild = Action.ADD_HEADER if score >= policy.actions.add_header else Action.ACCEPT
+    global_mode = policy.server.mode
+    if override is not None and override.mode != "inherit":
+        global_mode = override.mode
+    if action in REFUSING and global_mode == "monitor":
+        mild = Action.ADD_HEADER if score >= add_header_at else Action.ACCEPT
         return Verdict(
-            mild, score, symbols, None, f"monitor mode: would {action}: {reason}", action
+            mild, score, tuple(symbols), None, f"monitor mode: would {action}: {reason}", action
         )
-    return Verdict(action, score, symbols, reply, reason)
+    would = _hardest(d for d in would_checks if d.action in REFUSING)
+    if would is not None and would.action.severity > action.severity:
+        # A check in monitor mode would have refused: remember it, change nothing.
+        reason = f"check in monitor mode: would {would.action}: {would.reason}"
+        return Verdict(action, score, tuple(symbols), reply, reason, would.action)
+    return Verdict(action, score, tuple(symbols), reply, reason)
+
+
+def _thresholds(policy: Policy, override: DomainOverride | None) -> tuple[float, float]:
+    reject_at, add_header_at = policy.actions.reject, policy.actions.add_header
+    if override is not None:
+        if override.reject is not None:
+            reject_at = override.reject
+        if override.add_header is not None:
+            add_header_at = override.add_header
+    return reject_at, add_header_at
 
 
 def _hardest(decisions: Iterable[Decision]) -> Decision | None:

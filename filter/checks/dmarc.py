@@ -125,7 +125,7 @@ class DMARCCheck:
     async def run(self, ctx: Context) -> CheckResult:
         started = time.monotonic()
         cfg = ctx.policy.dmarc
-        mode: dmarc.Mode = "rfc7489" if cfg.mode == "rfc7489" else "rfc9989"
+        mode: dmarc.Mode = "rfc7489" if cfg.standard == "rfc7489" else "rfc9989"
         if not cfg.enabled:
             ev = Evaluation("none", reason="DMARC disabled by policy")
         elif ctx.message is None:
@@ -139,6 +139,15 @@ class DMARCCheck:
             else:
                 ev = await self._evaluate(ctx, author.domain, ctx.resolver, mode)
         return self._report(ctx, ev, mode, time.monotonic() - started)
+
+    def failure_result(self, ctx: Context, detail: str) -> CheckResult:
+        """What the pipeline reports when this check times out or crashes.
+
+        The same as a DNS temperror during evaluation, so ``[dmarc] on_temperror``
+        decides (a tempfail by default), never a silent pass.
+        """
+        mode: dmarc.Mode = "rfc7489" if ctx.policy.dmarc.standard == "rfc7489" else "rfc9989"
+        return self._report(ctx, Evaluation("temperror", reason=detail), mode, 0.0)
 
     # -- evaluation ------------------------------------------------------------------------
 

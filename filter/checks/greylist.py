@@ -102,10 +102,18 @@ def exemption(ctx: Context, recipient: str) -> str | None:
     dnsbl = ctx.results.get("dnsbl")
     if dnsbl is not None and dnsbl.data.get("allowlisted") is True:
         return "client is listed on a DNS allowlist"
+    lists = ctx.results.get("lists")
+    if lists is not None and lists.data.get("allowlisted") is True:
+        return f"allow-listed: {lists.data.get('reason')}"
     if gl.apply == "score":
         score = score_so_far(ctx)
-        if score < ctx.policy.actions.greylist:
-            return f"score {score:g} < actions.greylist {ctx.policy.actions.greylist:g}"
+        threshold = ctx.policy.actions.greylist
+        rcpt_domain = ctx.recipient.address.rpartition("@")[2] if ctx.recipient else ""
+        override = ctx.policy.override_for(rcpt_domain)
+        if override is not None and override.greylist is not None:
+            threshold = override.greylist  # [domains."…"] greylist = …
+        if score < threshold:
+            return f"score {score:g} < actions.greylist {threshold:g}"
     return None
 
 
@@ -114,7 +122,7 @@ class GreylistCheck:
 
     name = "greylist"
     stage = Stage.RCPT
-    needs: tuple[str, ...] = ("spf", "dnsbl")
+    needs: tuple[str, ...] = ("spf", "dnsbl", "lists")
 
     async def run(self, ctx: Context) -> CheckResult:
         gl = ctx.policy.greylist

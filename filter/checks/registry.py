@@ -14,6 +14,8 @@ from filter.checks.dmarc import DMARCCheck
 from filter.checks.dnsbl import DNSBLCheck, DNSBLDomainCheck
 from filter.checks.greylist import GreylistCheck
 from filter.checks.helo import HeloCheck
+from filter.checks.lists import list_checks
+from filter.checks.ratelimit import RateLimitCheck, RateLimitConnectCheck
 from filter.checks.rdns import RDNSCheck
 from filter.checks.spf import SPFCheck
 from filter.policy.schema import Policy
@@ -38,6 +40,19 @@ def build_checks(policy: Policy) -> list[Check]:
         checks.append(ARCCheck())
     if policy.dmarc.enabled:
         checks.append(DMARCCheck())
+    checks.extend(list_checks(policy))
+    rl = policy.ratelimit
+    if rl.enabled:
+        if rl.connections_per_network:
+            checks.append(RateLimitConnectCheck())
+        counted = (
+            rl.messages_per_network,
+            rl.recipients_per_network,
+            rl.messages_per_sender_domain,
+            rl.recipients_per_sender_domain,
+        )
+        if any(counted):
+            checks.append(RateLimitCheck())
     if policy.greylist.enabled:
         checks.append(GreylistCheck())
     return checks

@@ -7,6 +7,7 @@ as ``file: key: message``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filter.lists import ListFileError, load_list
 from filter.policy.schema import Policy, policy_from_dict
 
 CONFIG_ENV = "MAILGATE_CONFIG"
@@ -138,12 +140,21 @@ def origin_of(key: str, origins: Mapping[str, str], fallback: str = "-") -> str:
     return origins.get("", fallback)
 
 
-def build_policy(data: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> Policy:
-    """Validate merged TOML data; ``origins`` maps dotted keys to files (``""``: the fallback)."""
+def build_policy(
+    data: Mapping[str, Any],
+    origins: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> Policy:
+    """Validate merged TOML data; ``origins`` maps dotted keys to files (``""``: the fallback).
+
+    ``base_dir`` (the main policy file's directory) anchors relative list file paths.
+    """
     origins = origins or {}
     policy, problems = policy_from_dict(data)
     issues = [PolicyIssue(origin_of(key, origins), key, message) for key, message in problems]
     if policy is not None:
+        if base_dir is not None:
+            policy = _resolve_list_paths(policy, base_dir)
         issues.extend(_file_issues(policy, origins))
     if issues or policy is None:
         raise PolicyError(issues)
@@ -164,6 +175,46 @@ def _file_issues(policy: Policy, origins: Mapping[str, str]) -> list[PolicyIssue
         except OSError as exc:
             message = f"cannot read {path}: {exc.strerror or exc}"
             issues.append(PolicyIssue(origin_of(key, origins), key, message))
+    issues.extend(_list_issues(policy, origins))
+    return issues
+
+
+def _resolve_list_paths(policy: Policy, base_dir: Path) -> Policy:
+    """Relative ``[lists]`` paths made absolute against the main policy file's directory.
+
+    Where the list sits next to the policy is the only reading that does not change
+    with the daemon's working directory; the policy keeps the absolute path, so
+    ``policy show`` and the logs name the file actually read.
+    """
+    lists = policy.lists
+    changes: dict[str, Any] = {
+        name: str(base_dir.absolute() / path)
+        for name, path in lists.files()
+        if not Path(path).is_absolute()
+    }
+    if not changes:
+        return policy
+    return dataclasses.replace(policy, lists=dataclasses.replace(lists, **changes))
+
+
+def _list_issues(policy: Policy, origins: Mapping[str, str]) -> list[PolicyIssue]:
+    """Every list file must read and parse now: a reload with a bad line is refused.
+
+    Parsing here also fills the list cache, so building the checks right after
+    re-reads nothing.
+    """
+    if not policy.lists.enabled:
+        return []
+    issues = []
+    for name, path in policy.lists.files():
+        key = f"lists.{name}"
+        origin = origin_of(key, origins)
+        try:
+            load_list(name, path)
+        except OSError as exc:
+            issues.append(PolicyIssue(origin, key, f"cannot read {path}: {exc.strerror or exc}"))
+        except ListFileError as exc:
+            issues.extend(PolicyIssue(origin, key, message) for message in exc.messages())
     return issues
 
 
@@ -180,5 +231,5 @@ def load_policy(path: str | Path) -> LoadedPolicy:
             merge_into(merged, data, str(file), origins)
     if issues:
         raise PolicyError(issues)
-    policy = build_policy(merged, origins)
+    policy = build_policy(merged, origins, main.parent)
     return LoadedPolicy(policy, tuple(files), merged)

@@ -64,6 +64,25 @@ def join_key(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+# A check's switch: "enforce" applies its decisions; "monitor" logs them as would-haves
+# and scores its symbols 0. "off" (domain overrides only) ignores its results.
+CHECK_MODES = ("enforce", "monitor")
+DOMAIN_CHECK_MODES = ("enforce", "monitor", "off")
+# Policy tables of checks; a check named "dnsbl_domain" or "lists_rcpt" uses "dnsbl"/"lists".
+CHECK_TABLES = (
+    "spf",
+    "dkim",
+    "dmarc",
+    "arc",
+    "dnsbl",
+    "greylist",
+    "rdns",
+    "helo",
+    "lists",
+    "ratelimit",
+)
+
+
 # --- kinds ------------------------------------------------------------------
 
 
@@ -325,6 +344,74 @@ class ScoreMapKind(Kind):
         return dict(cast(Mapping[str, float], value))
 
 
+@dataclass(frozen=True)
+class OptionalFloatKind(Kind):
+    """A number that may be left out: ``None`` means "inherit the global value"."""
+
+    def convert(self, raw: object) -> float:
+        return FloatKind().convert(raw)
+
+
+@dataclass(frozen=True)
+class CheckModeMapKind(Kind):
+    """``checks = { greylist = "off", spf = "monitor" }``: a mode per check table name."""
+
+    def parse(self, raw: object, key: str, problems: list[Problem]) -> Any:
+        if not isinstance(raw, dict):
+            problems.append((key, f"expected a table, got {show_value(raw)}"))
+            return INVALID
+        ok = True
+        for name, mode in raw.items():
+            item = join_key(key, name)
+            if name not in CHECK_TABLES:
+                problems.append((item, "unknown check" + _did_you_mean(name, CHECK_TABLES)))
+                ok = False
+            elif mode not in DOMAIN_CHECK_MODES:
+                choices = ", ".join(f'"{m}"' for m in DOMAIN_CHECK_MODES)
+                problems.append((item, f"expected one of {choices}, got {show_value(mode)}"))
+                ok = False
+        return MappingProxyType(dict(raw)) if ok else INVALID
+
+    def dump(self, value: Any) -> TomlValue:
+        return dict(cast(Mapping[str, str], value))
+
+
+@dataclass(frozen=True)
+class DomainMapKind(Kind):
+    """``[domains."example.com"]`` tables: per recipient domain overrides."""
+
+    def parse(self, raw: object, key: str, problems: list[Problem]) -> Any:
+        if not isinstance(raw, dict):
+            problems.append((key, f"expected a table, got {show_value(raw)}"))
+            return INVALID
+        out: dict[str, Any] = {}
+        ok = True
+        for domain, table in raw.items():
+            item = join_key(key, f'"{domain}"')
+            name = domain.lower().rstrip(".")
+            if not is_hostname(name):
+                problems.append((item, "expected a domain name like example.com"))
+                ok = False
+                continue
+            value = build_table(DomainOverride, table, item, problems)
+            if isinstance(value, _Invalid):
+                ok = False
+            else:
+                out[name] = value
+        return MappingProxyType(out) if ok else INVALID
+
+    def dump(self, value: Any) -> TomlValue:
+        out: dict[str, TomlValue] = {}
+        for domain, override in cast(Mapping[str, Any], value).items():
+            data = to_toml_data(override)
+            out[domain] = {
+                k: v
+                for k, v in data.items()
+                if v is not None and v != {} and not (k == "mode" and v == "inherit")
+            }
+        return out
+
+
 # --- field helpers: one line per key in the dataclasses below ---------------
 
 
@@ -559,6 +646,7 @@ class SPFPolicy:
     """``[spf]``: RFC 7208 for the MAIL FROM identity (and the HELO identity)."""
 
     enabled: bool = boolean(True)
+    mode: str = choice("enforce", *CHECK_MODES)
     helo: bool = boolean(True)
     reject_on_fail: bool = boolean(False)
 
@@ -568,6 +656,7 @@ class DKIMPolicy:
     """``[dkim]``: RFC 6376 verification with RFC 8301/8463 algorithm rules."""
 
     enabled: bool = boolean(True)
+    mode: str = choice("enforce", *CHECK_MODES)
     max_signatures: int = integer(5, minimum=1, maximum=50)
     min_key_bits: int = integer(1024, minimum=1024, maximum=16384)
 
@@ -577,9 +666,10 @@ class DMARCPolicy:
     """``[dmarc]``: RFC 9989 evaluation (RFC 7489 on request)."""
 
     enabled: bool = boolean(True)
+    mode: str = choice("enforce", *CHECK_MODES)
     honor_reject: bool = boolean(True)
     honor_quarantine: bool = boolean(True)
-    mode: str = choice("rfc9989", "rfc9989", "rfc7489")
+    standard: str = choice("rfc9989", "rfc9989", "rfc7489")
     on_temperror: str = choice("tempfail", "tempfail", "accept")
 
 
@@ -588,6 +678,7 @@ class ARCPolicy:
     """``[arc]``: RFC 8617 chain verification, trusted sealers, optional sealing."""
 
     enabled: bool = boolean(True)
+    mode: str = choice("enforce", *CHECK_MODES)
     trusted_sealers: tuple[str, ...] = field(
         default=(), metadata={KIND: ListKind(StrKind(is_hostname, "a domain name", False))}
     )
@@ -606,6 +697,7 @@ class RDNSPolicy:
     """``[rdns]``: forward-confirmed reverse DNS of the client (RFC 8601 iprev), at connect."""
 
     enabled: bool = boolean(True)
+    mode: str = choice("enforce", *CHECK_MODES)
 
 
 @dataclass(frozen=True)
@@ -613,6 +705,7 @@ class HeloPolicy:
     """``[helo]``: HELO/EHLO name sanity, scored (RFC 5321 forbids refusing on it alone)."""
 
     enabled: bool = boolean(True)
+    mode: str = choice("enforce", *CHECK_MODES)
 
 
 @dataclass(frozen=True)
@@ -762,6 +855,7 @@ class DNSBLPolicy:
     """``[dnsbl]``: client IP (at connect) and HELO/sender domain (at MAIL) lookups."""
 
     enabled: bool = boolean(True)
+    mode: str = choice("enforce", *CHECK_MODES)
     # postscreen_dnsbl_threshold: the summed scores of all hits reject at or
     # above this; 0 leaves rejecting to the zones' own reject flags.
     threshold: float = number(0.0, minimum=0.0)
@@ -793,6 +887,7 @@ class GreylistPolicy:
     """``[greylist]``: triplet greylisting kept in the store."""
 
     enabled: bool = boolean(True)
+    mode: str = choice("enforce", *CHECK_MODES)
     apply: str = choice("always", "always", "score")
     delay: float = duration("5m")
     retry_window: float = duration("2d", minimum="1m")
@@ -824,6 +919,80 @@ class GreylistPolicy:
             yield "delay", "must be shorter than retry_window"
         if self.max_age < self.retry_window:
             yield "max_age", "must be at least retry_window"
+
+
+@dataclass(frozen=True)
+class ExplainPolicy:
+    """``[explain]``: how long each verdict stays in the store for ``mailgate explain``.
+
+    Bounded so that Redis memory follows recent traffic (every record carries this
+    TTL); 0 keeps nothing, for sites that must not hold envelopes outside their logs.
+    """
+
+    keep: float = duration("7d", maximum="365d")
+
+
+@dataclass(frozen=True)
+class RateLimitPolicy:
+    """``[ratelimit]``: cluster-wide sliding-window limits kept in the store; off by default.
+
+    Each limit is events per ``window``; 0 leaves that one unlimited. Over a limit the
+    client gets 451 4.7.0 (it retries later, as for greylisting). Sender domains count
+    as themselves only when SPF passed for them; otherwise per claimed domain and
+    client network, so a forged MAIL FROM cannot use up a real domain's quota.
+    """
+
+    enabled: bool = boolean(False)
+    mode: str = choice("enforce", *CHECK_MODES)
+    window: float = duration("1m", minimum="1s", maximum="1d")
+    connections_per_network: int = integer(0, minimum=0, maximum=1_000_000)
+    messages_per_network: int = integer(0, minimum=0, maximum=1_000_000)
+    recipients_per_network: int = integer(0, minimum=0, maximum=1_000_000)
+    messages_per_sender_domain: int = integer(0, minimum=0, maximum=1_000_000)
+    recipients_per_sender_domain: int = integer(0, minimum=0, maximum=1_000_000)
+    ipv4_prefix: int = integer(24, minimum=8, maximum=32)
+    ipv6_prefix: int = integer(64, minimum=32, maximum=128)
+    exempt_clients: tuple[Network, ...] = networks()
+
+
+def _is_path(value: str) -> bool:
+    """A file name as written: no NUL, no surrounding spaces (a pasted path keeps them)."""
+    return "\0" not in value and value == value.strip()
+
+
+@dataclass(frozen=True)
+class ListsPolicy:
+    """``[lists]``: allow and block list files (see ``policies/lists/README``).
+
+    Paths only: this module reads no files. The loader resolves relative paths
+    against the main policy file's directory and parses every named file at each
+    load, so a bad line refuses the policy (and a SIGHUP) like any other error.
+    A block list entry is a hard reject; an allow list entry scores (``LIST_ALLOW_*``)
+    and exempts from greylisting. Allowing by sender needs SPF to pass for the
+    sender's domain unless ``allow_senders_require_spf`` is off: anyone can write
+    any MAIL FROM.
+    """
+
+    enabled: bool = boolean(True)
+    mode: str = choice("enforce", *CHECK_MODES)
+    allow_clients: str = text("", _is_path, "a file name")
+    block_clients: str = text("", _is_path, "a file name")
+    allow_senders: str = text("", _is_path, "a file name")
+    block_senders: str = text("", _is_path, "a file name")
+    block_recipients: str = text("", _is_path, "a file name")
+    allow_senders_require_spf: bool = boolean(True)
+
+    def files(self) -> list[tuple[str, str]]:
+        """(key, path) of every list that is set, in a fixed order."""
+        names = ("allow_clients", "block_clients", "allow_senders", "block_senders")
+        return [(n, getattr(self, n)) for n in (*names, "block_recipients") if getattr(self, n)]
+
+    def problems(self) -> Iterable[Problem]:
+        seen: dict[str, str] = {}
+        for name, path in self.files():
+            if path in seen:
+                yield name, f"also set as {seen[path]}: one file is one list"
+            seen.setdefault(path, name)
 
 
 @dataclass(frozen=True)
@@ -869,6 +1038,10 @@ DEFAULT_SCORES: Mapping[str, float] = MappingProxyType(
         "GREYLIST_PASSED": 0.0,
         "GREYLIST_AWL": 0.0,
         "GREYLIST_STORE_ERROR": 0.0,
+        "RATELIMIT_CONNECTIONS": 0.0,
+        "RATELIMIT_MESSAGES": 0.0,
+        "RATELIMIT_RECIPIENTS": 0.0,
+        "RATELIMIT_STORE_ERROR": 0.0,
         # DNSBL hits score per zone/code ([dnsbl]); these cover "no zone answered".
         "DNSBL_TEMPERROR": 0.0,
         "DNSBL_DOMAIN_TEMPERROR": 0.0,
@@ -883,8 +1056,35 @@ DEFAULT_SCORES: Mapping[str, float] = MappingProxyType(
         "HELO_OURS": 4.0,
         "HELO_NXDOMAIN": 0.5,
         "HELO_TEMPERROR": 0.0,
+        # List files ([lists]): an allow entry outweighs a typical spam score; a block
+        # entry rejects by itself, its score only counts in monitor mode.
+        "LIST_ALLOW_CLIENT": -10.0,
+        "LIST_ALLOW_SENDER": -10.0,
+        "LIST_BLOCK_CLIENT": 10.0,
+        "LIST_BLOCK_SENDER": 10.0,
+        "LIST_BLOCK_RECIPIENT": 10.0,
     }
 )
+
+
+@dataclass(frozen=True)
+class DomainOverride:
+    """One ``[domains."example.com"]`` table: what differs for mail to that domain.
+
+    Applies to recipients in the domain and its subdomains (the most specific entry
+    wins). Keys left out inherit the global policy.
+    """
+
+    mode: str = choice("inherit", "inherit", "enforce", "monitor")
+    checks: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), metadata={KIND: CheckModeMapKind()}
+    )
+    reject: float | None = field(default=None, metadata={KIND: OptionalFloatKind()})
+    add_header: float | None = field(default=None, metadata={KIND: OptionalFloatKind()})
+    greylist: float | None = field(default=None, metadata={KIND: OptionalFloatKind()})
+    scores: Mapping[str, float] = field(
+        default_factory=lambda: MappingProxyType({}), metadata={KIND: ScoreMapKind({})}
+    )
 
 
 @dataclass(frozen=True)
@@ -906,8 +1106,37 @@ class Policy:
     helo: HeloPolicy = field(default_factory=HeloPolicy, metadata=table(HeloPolicy))
     dnsbl: DNSBLPolicy = field(default_factory=DNSBLPolicy, metadata=table(DNSBLPolicy))
     greylist: GreylistPolicy = field(default_factory=GreylistPolicy, metadata=table(GreylistPolicy))
+    lists: ListsPolicy = field(default_factory=ListsPolicy, metadata=table(ListsPolicy))
+    ratelimit: RateLimitPolicy = field(
+        default_factory=RateLimitPolicy, metadata=table(RateLimitPolicy)
+    )
     logging: LoggingPolicy = field(default_factory=LoggingPolicy, metadata=table(LoggingPolicy))
+    explain: ExplainPolicy = field(default_factory=ExplainPolicy, metadata=table(ExplainPolicy))
     scores: Mapping[str, float] = score_map(DEFAULT_SCORES)
+    domains: Mapping[str, DomainOverride] = field(
+        default_factory=lambda: MappingProxyType({}), metadata={KIND: DomainMapKind()}
+    )
+
+    def override_for(self, domain: str | None) -> DomainOverride | None:
+        """The ``[domains]`` entry for ``domain`` or its nearest parent, if any."""
+        if not domain or not self.domains:
+            return None
+        labels = domain.lower().rstrip(".").split(".")
+        for i in range(len(labels) - 1):
+            found = self.domains.get(".".join(labels[i:]))
+            if found is not None:
+                return found
+        return None
+
+    def check_mode(self, check: str, override: DomainOverride | None = None) -> str:
+        """ "enforce", "monitor" or "off" for a check, domain override first."""
+        table = check.split("_", 1)[0]
+        if override is not None and table in override.checks:
+            return override.checks[table]
+        section = getattr(self, table, None)
+        if section is not None and not getattr(section, "enabled", True):
+            return "off"
+        return str(getattr(section, "mode", "enforce"))
 
     def score(self, symbol: str, default: float = 0.0) -> float:
         """Score of ``symbol`` from ``[scores]``, else ``default``."""

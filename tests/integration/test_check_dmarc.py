@@ -371,7 +371,7 @@ async def test_invalid_policy_without_rua_is_permerror(dns_zone: ZoneDNSServer) 
 
 async def test_rfc7489_pct_0_lowers_reject(dns_zone: ZoneDNSServer) -> None:
     publish(dns_zone, "example.test", "v=DMARC1; p=reject; pct=0")
-    res = await run(dns_zone, "a@example.test", mode="rfc7489")
+    res = await run(dns_zone, "a@example.test", standard="rfc7489")
     assert res.result == "fail"
     assert (res.data["policy"], res.data["requested"]) == ("reject", "quarantine")
     assert res.data["override"] == ""
@@ -380,21 +380,23 @@ async def test_rfc7489_pct_0_lowers_reject(dns_zone: ZoneDNSServer) -> None:
 
 async def test_rfc7489_pct_100_rejects(dns_zone: ZoneDNSServer) -> None:
     publish(dns_zone, "example.test", "v=DMARC1; p=reject; pct=100")
-    res = await run(dns_zone, "a@example.test", mode="rfc7489")
+    res = await run(dns_zone, "a@example.test", standard="rfc7489")
     assert res.decision is not None and res.decision.action is Action.REJECT
 
 
 async def test_rfc7489_pct_uses_the_injected_rng(dns_zone: ZoneDNSServer) -> None:
     publish(dns_zone, "example.test", "v=DMARC1; p=quarantine; pct=50")
-    hit = await run(dns_zone, "a@example.test", mode="rfc7489", rng=lambda: 0.10)
+    hit = await run(dns_zone, "a@example.test", standard="rfc7489", rng=lambda: 0.10)
     assert hit.data["requested"] == "quarantine"
     assert hit.decision is not None and hit.decision.action is Action.ADD_HEADER
-    miss = await run(dns_zone, "a@example.test", mode="rfc7489", rng=lambda: 0.99)
+    miss = await run(dns_zone, "a@example.test", standard="rfc7489", rng=lambda: 0.99)
     assert miss.data["requested"] == "none" and miss.decision is None
     assert miss.data["override"] == "sampled_out"
     # a seeded generator gives a reproducible sequence of decisions
     seq = [
-        (await run(dns_zone, "a@example.test", mode="rfc7489", rng=rng.random)).data["requested"]
+        (await run(dns_zone, "a@example.test", standard="rfc7489", rng=rng.random)).data[
+            "requested"
+        ]
         for rng in [random.Random(7)] * 6
     ]
     ref = random.Random(7)
@@ -404,7 +406,7 @@ async def test_rfc7489_pct_uses_the_injected_rng(dns_zone: ZoneDNSServer) -> Non
 async def test_rfc7489_uses_the_psl_not_a_walk(dns_zone: ZoneDNSServer) -> None:
     publish(dns_zone, "example.test", "v=DMARC1; p=reject; sp=none")
     dns_zone.add("a.b.sub.example.test", "A", "192.0.2.12")
-    res = await run(dns_zone, "x@a.b.sub.example.test", mode="rfc7489")
+    res = await run(dns_zone, "x@a.b.sub.example.test", standard="rfc7489")
     assert res.data["record_domain"] == "example.test"
     assert res.data["policy"] == "none"
     assert [q for q, t, _ in dns_zone.query_log() if t == "TXT"] == [

@@ -30,7 +30,7 @@ from filter.model import ClientInfo, Envelope, Recipient
 from filter.policy.schema import Policy, policy_from_dict
 from filter.results import Action, CheckResult, Symbol
 from filter.store import Store
-from tests.rig.ports import free_port
+from tests.rig.ports import free_cluster_port, free_port
 
 T0 = 1_700_000_000.0
 DELAY = 300.0
@@ -615,7 +615,7 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A two-node Redis Cluster (slots split in half), joined by hand: seconds faster
     than ``redis-cli --cluster create``."""
     tmp = tmp_path_factory.mktemp("cluster")
-    ports = [free_port(), free_port()]
+    ports = [free_cluster_port(), free_cluster_port()]
     procs = []
     for i, port in enumerate(ports):
         d = tmp / str(i)

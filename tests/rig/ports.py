@@ -12,3 +12,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def free_cluster_port(host: str = "127.0.0.1") -> int:
+    """A free port that a Redis Cluster node can use: its bus port (+10000) must fit too."""
+    for _ in range(200):
+        port = free_port(host)
+        if port + 10000 <= 65535:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")

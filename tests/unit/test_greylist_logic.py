@@ -176,7 +176,8 @@ def test_key_names_come_from_the_keys_table() -> None:
     with pytest.raises(KeyError):
         store.key("nope")
     for spec in KEYS.values():  # every key kind says its type, TTL and purpose
-        assert spec.pattern.startswith("gl:") and spec.type and spec.ttl and spec.purpose
+        namespace = spec.pattern.split(":", 1)[0]  # gl: greylist, rl: rate, v/vs: verdicts
+        assert namespace in ("gl", "rl", "v", "vs") and spec.type and spec.ttl and spec.purpose
     cluster = Store("redis+cluster://127.0.0.1:7000,127.0.0.1:7001", "mg:")
     assert cluster.key("triplet", "ab12") == "{mg:}gl:t:ab12"  # one hash slot for all
 

@@ -51,6 +51,8 @@ LAYERS: dict[str, int] = {
     "resolver": 2,
     "resolver.*": 2,
     "dkimkeys": 2,
+    "verdictlog": 2,
+    "domaincheck": 2,
     "store": 2,
     "store.*": 2,
     # L3 checks
@@ -60,6 +62,7 @@ LAYERS: dict[str, int] = {
     "pipeline": 4,
     "session": 4,
     "dryrun": 4,
+    "replay": 4,
     # L5 protocol I/O
     "frontend": 5,
     "relay": 5,

@@ -230,3 +230,68 @@ async def test_metrics_are_counted() -> None:
         assert n == 2, name
     total = registry.get_sample_value("mailgate_check_duration_seconds_sum", {"check": "dnsbl"})
     assert total is not None and total >= 0.2
+
+
+class _SlowWithOwnFailure:
+    """A check that overruns, and says what its failure means."""
+
+    name = "dmarc"
+    stage = Stage.DATA
+    needs: tuple[str, ...] = ()
+
+    async def run(self, ctx: Context) -> CheckResult:
+        await asyncio.sleep(5)
+        raise AssertionError("unreachable")
+
+    def failure_result(self, ctx: Context, detail: str) -> CheckResult:
+        return CheckResult("dmarc", "temperror", (Symbol("OWN_FAILURE", 1.5, detail),))
+
+
+class _Raises:
+    name = "helo"
+    stage = Stage.HELO
+    needs: tuple[str, ...] = ()
+
+    async def run(self, ctx: Context) -> CheckResult:
+        raise RuntimeError("bug")
+
+
+async def test_a_check_words_its_own_failure() -> None:
+    pipe = Pipeline([_SlowWithOwnFailure()], timeout=0.05)
+    ctx = Context(client=ClientInfo("192.0.2.1", 1, "S"), policy=DEFAULT_POLICY)
+    [result] = await pipe.run(Stage.DATA, ctx)
+    assert result.result == "temperror" and result.symbols[0].name == "OWN_FAILURE"
+    assert "timed out" in result.symbols[0].detail
+
+
+async def test_generic_temperror_is_scored_by_policy() -> None:
+    import dataclasses
+    from types import MappingProxyType
+
+    policy = dataclasses.replace(
+        DEFAULT_POLICY, scores=MappingProxyType({**DEFAULT_POLICY.scores, "HELO_TEMPERROR": 0.7})
+    )
+    ctx = Context(client=ClientInfo("192.0.2.1", 1, "S"), policy=policy)
+    [result] = await Pipeline([_Raises()], timeout=1).run(Stage.HELO, ctx)
+    assert (result.result, result.symbols[0].name, result.symbols[0].score) == (
+        "temperror",
+        "HELO_TEMPERROR",
+        0.7,
+    )
+
+
+async def test_dmarc_timeout_follows_on_temperror() -> None:
+    import dataclasses
+
+    from filter.checks.dmarc import DMARCCheck
+    from filter.results import Action
+
+    ctx = Context(client=ClientInfo("192.0.2.1", 1, "S"), policy=DEFAULT_POLICY)
+    result = DMARCCheck().failure_result(ctx, "timed out after 20s")
+    assert result.result == "temperror"
+    assert result.decision is not None and result.decision.action is Action.TEMPFAIL
+    accept = dataclasses.replace(
+        DEFAULT_POLICY, dmarc=dataclasses.replace(DEFAULT_POLICY.dmarc, on_temperror="accept")
+    )
+    ctx2 = Context(client=ClientInfo("192.0.2.1", 1, "S"), policy=accept)
+    assert DMARCCheck().failure_result(ctx2, "timed out").decision is None

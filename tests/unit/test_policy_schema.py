@@ -67,7 +67,7 @@ def test_defaults_match_the_contract() -> None:
     assert all(-2.0 <= x < 0 for x in passes) and sum(passes) >= -2.0
     assert p.score("SPF_FAIL") > 0 and p.score("DKIM_FAIL") > 0
     assert p.spf.reject_on_fail is False  # DMARC decides by default
-    assert p.dmarc.honor_reject and p.dmarc.mode == "rfc9989"
+    assert p.dmarc.honor_reject and p.dmarc.standard == "rfc9989"
     assert p.dmarc.on_temperror == "tempfail"
 
 

@@ -1,0 +1,285 @@
+"""``mailgate domain DOMAIN``: audit a domain's SPF, DMARC and MX for its admins (L2).
+
+Why in mailgate: the admin who runs the filter is usually the one asked "why does
+our mail land in spam elsewhere?", and the answer is mostly in these three records.
+checkdmarc does the lookups and the parsing (LIBRARY-NOTES §5); this module points
+it at ``dns.nameservers`` (so the audit sees what mailgate sees, and tests see the
+loopback test server only), collects what it found into one plain dict, and turns
+the common problems into advice an admin can act on.
+
+DMARC is shown the RFC 9989 way, as checkdmarc 6 reads it: the policy record is
+found by the DNS tree walk (not a public suffix list), ``pct`` no longer exists
+(``t=y`` marks a testing policy), and ``np`` covers non-existent subdomains.
+
+checkdmarc is synchronous and keeps a module-global DNS cache; the cache is cleared
+at the start of each audit so a fix published a minute ago is seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import checkdmarc.dmarc
+import checkdmarc.smtp
+import checkdmarc.spf
+import checkdmarc.utils
+import dns.nameserver
+
+from filter.domains import to_a_label
+from filter.units import Address
+
+__all__ = ["MAX_SPF_LOOKUPS", "MAX_SPF_VOID_LOOKUPS", "audit"]
+
+MAX_SPF_LOOKUPS = 10  # RFC 7208 section 4.6.4
+MAX_SPF_VOID_LOOKUPS = 2  # RFC 7208 section 4.6.4
+
+_DMARC_TAGS = ("p", "sp", "np", "adkim", "aspf", "t", "psd", "fo", "rua", "ruf")
+
+
+def _nameservers(servers: Sequence[Address]) -> list[dns.nameserver.Nameserver] | None:
+    """checkdmarc's form of ``dns.nameservers``: it takes no "ip:port" strings."""
+    if not servers:
+        return None  # /etc/resolv.conf, as everywhere else in mailgate
+    return [dns.nameserver.Do53Nameserver(a.host, port=a.port) for a in servers]
+
+
+def _problem(
+    out: list[dict[str, str]], severity: str, area: str, problem: str, advice: str
+) -> None:
+    out.append({"severity": severity, "area": area, "problem": problem, "advice": advice})
+
+
+def audit(domain: str, nameservers: Sequence[Address] = (), timeout: float = 3.0) -> dict[str, Any]:
+    """Look up and judge ``domain``'s SPF, DMARC and MX records.
+
+    Returns ``{"domain", "spf", "dmarc", "mx", "problems", "errors", "warnings"}``;
+    ``problems`` is a list of ``{"severity": "error"|"warning", "area", "problem",
+    "advice"}`` and ``errors``/``warnings`` count them. Raises ValueError when
+    ``domain`` is not a domain name.
+    """
+    name = to_a_label(domain)
+    if name is None or "." not in name:
+        raise ValueError(f"{domain!r} is not a domain name")
+    ns = _nameservers(nameservers)
+    checkdmarc.utils.DNS_CACHE.clear()
+    kw: dict[str, Any] = {"nameservers": ns, "timeout": timeout}
+    spf = dict(checkdmarc.spf.check_spf(name, **kw))
+    dmarc = dict(checkdmarc.dmarc.check_dmarc(name, **kw))
+    mx = dict(checkdmarc.smtp.check_mx(name, **kw))
+    problems: list[dict[str, str]] = []
+    spf_view = _spf(name, spf, problems)
+    dmarc_view = _dmarc(name, dmarc, problems)
+    mx_view = _mx(name, mx, problems)
+    return {
+        "domain": name,
+        "nameservers": [str(a) for a in nameservers],
+        "spf": spf_view,
+        "dmarc": dmarc_view,
+        "mx": mx_view,
+        "problems": problems,
+        "errors": sum(1 for p in problems if p["severity"] == "error"),
+        "warnings": sum(1 for p in problems if p["severity"] == "warning"),
+    }
+
+
+def _spf(domain: str, res: dict[str, Any], problems: list[dict[str, str]]) -> dict[str, Any]:
+    parsed = res.get("parsed") or {}
+    view: dict[str, Any] = {
+        "record": res.get("record"),
+        "valid": bool(res.get("valid")),
+        "dns_lookups": res.get("dns_lookups"),
+        "void_dns_lookups": res.get("void_dns_lookups"),
+        "all": parsed.get("all") if isinstance(parsed, dict) else None,
+        "redirect": parsed.get("redirect") if isinstance(parsed, dict) else None,
+        "error": res.get("error"),
+        "warnings": list(res.get("warnings") or []),
+    }
+    error = str(res.get("error") or "")
+    if view["record"] is None:
+        if "does not exist" in error and "domain" in error.lower():
+            _problem(
+                problems,
+                "error",
+                "domain",
+                f"{domain} does not exist in DNS",
+                "check the spelling; a domain that sends mail needs to exist",
+            )
+            return view
+        _problem(
+            problems,
+            "error",
+            "spf",
+            f"no SPF record ({error})" if error else "no SPF record",
+            f'publish a TXT record at {domain}: "v=spf1 mx -all" (list every host that '
+            'sends as the domain); a domain that sends no mail publishes "v=spf1 -all"',
+        )
+        return view
+    lookups = view["dns_lookups"]
+    if isinstance(lookups, int) and lookups > MAX_SPF_LOOKUPS:
+        _problem(
+            problems,
+            "error",
+            "spf",
+            f"too many DNS lookups: {lookups} > {MAX_SPF_LOOKUPS} (RFC 7208 4.6.4); "
+            "receivers answer permerror, which counts as no SPF",
+            "replace include:/a/mx mechanisms of fixed hosts by ip4:/ip6: ranges, and drop "
+            "includes of services the domain no longer uses",
+        )
+    voids = view["void_dns_lookups"]
+    if isinstance(voids, int) and voids > MAX_SPF_VOID_LOOKUPS:
+        _problem(
+            problems,
+            "error",
+            "spf",
+            f"too many void lookups: {voids} > {MAX_SPF_VOID_LOOKUPS} (RFC 7208 4.6.4)",
+            "remove mechanisms that name hosts without records",
+        )
+    too_many = isinstance(lookups, int) and lookups > MAX_SPF_LOOKUPS
+    if error and not view["valid"] and not too_many:
+        _problem(
+            problems,
+            "error",
+            "spf",
+            f"SPF record is invalid: {error}",
+            "fix the record's syntax; receivers treat an invalid record as permerror",
+        )
+    qualifier = view["all"]
+    if qualifier == "pass":
+        _problem(
+            problems,
+            "error",
+            "spf",
+            "the record ends in +all: every host on the Internet may send as the domain",
+            "end the record with -all (or ~all while moving senders over)",
+        )
+    elif qualifier == "neutral" and view["redirect"] is None:
+        _problem(
+            problems,
+            "warning",
+            "spf",
+            "the record ends in ?all (or has no all): it says nothing about other hosts",
+            "end the record with ~all, then -all once every sender is listed",
+        )
+    return view
+
+
+def _dmarc(domain: str, res: dict[str, Any], problems: list[dict[str, str]]) -> dict[str, Any]:
+    tags_raw = res.get("tags") or {}
+    tags = {
+        k: v.get("value") if isinstance(v, dict) else v
+        for k, v in (tags_raw.items() if isinstance(tags_raw, dict) else [])
+    }
+    view: dict[str, Any] = {
+        "record": res.get("record"),
+        "location": res.get("location"),
+        "valid": bool(res.get("valid")),
+        "inherited": bool(res.get("location")) and res.get("location") != domain,
+        "tags": {k: tags[k] for k in _DMARC_TAGS if k in tags},
+        "error": res.get("error"),
+        "warnings": list(res.get("warnings") or []),
+    }
+    if view["record"] is None:
+        _problem(
+            problems,
+            "error",
+            "dmarc",
+            f"no DMARC record ({res.get('error') or 'not found'})",
+            f'publish a TXT record at _dmarc.{domain}: "v=DMARC1; p=none; '
+            f'rua=mailto:dmarc-reports@{domain}" to collect reports, then move to '
+            "p=quarantine and p=reject once the reports show every sender aligned",
+        )
+        return view
+    if not view["valid"]:
+        _problem(
+            problems,
+            "error",
+            "dmarc",
+            f"DMARC record is invalid: {res.get('error')}",
+            "fix the record; receivers ignore an invalid DMARC record",
+        )
+        return view
+    policy = tags.get("p")
+    if policy == "none":
+        _problem(
+            problems,
+            "warning",
+            "dmarc",
+            "p=none: monitoring only, receivers take no action on failing mail",
+            "once aggregate reports show your senders pass, move to p=quarantine, then p=reject",
+        )
+    if tags.get("t") == "y":
+        _problem(
+            problems,
+            "warning",
+            "dmarc",
+            "t=y: the policy is in testing mode (RFC 9989), receivers are asked not to "
+            "apply it in full",
+            "remove t=y when the testing period is over",
+        )
+    if _has_tag(str(view["record"]), "pct"):
+        _problem(
+            problems,
+            "warning",
+            "dmarc",
+            "pct= is no longer part of DMARC (RFC 9989); receivers ignore it",
+            "remove pct=; use t=y for a gradual start instead",
+        )
+    if not tags.get("rua"):
+        _problem(
+            problems,
+            "warning",
+            "dmarc",
+            "no rua: the domain gets no aggregate reports",
+            f"add rua=mailto:dmarc-reports@{domain} to learn who sends as the domain",
+        )
+    return view
+
+
+def _has_tag(record: str, tag: str) -> bool:
+    return any(part.split("=", 1)[0].strip().lower() == tag for part in record.split(";"))
+
+
+def _mx(domain: str, res: dict[str, Any], problems: list[dict[str, str]]) -> dict[str, Any]:
+    hosts = [
+        {
+            "preference": h.get("preference"),
+            "hostname": h.get("hostname"),
+            "addresses": list(h.get("addresses") or []),
+        }
+        for h in (res.get("hosts") or [])
+        if isinstance(h, dict)
+    ]
+    warnings = [str(w) for w in (res.get("warnings") or [])]
+    view: dict[str, Any] = {"hosts": hosts, "error": res.get("error"), "warnings": warnings}
+    null_mx = any("null MX" in w for w in warnings)
+    view["null_mx"] = null_mx
+    if res.get("error"):
+        _problem(
+            problems,
+            "error",
+            "mx",
+            f"MX lookup failed: {res.get('error')}",
+            "check that the domain's name servers answer",
+        )
+    elif null_mx:
+        pass  # a deliberate "no mail here" (RFC 7505): not a problem to fix
+    elif not hosts:
+        _problem(
+            problems,
+            "error",
+            "mx",
+            "no MX record: senders fall back to the domain's A/AAAA record, if any",
+            f"publish an MX record for {domain} naming the host that receives its mail "
+            '(or a null MX, "0 .", if the domain receives none)',
+        )
+    for h in hosts:
+        if not h["addresses"]:
+            _problem(
+                problems,
+                "error",
+                "mx",
+                f"MX host {h['hostname']} has no A/AAAA record",
+                "give the host an address, or point the MX at a host that has one",
+            )
+    return view

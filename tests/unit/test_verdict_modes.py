@@ -1,0 +1,152 @@
+"""Per-check enforce/monitor/off switches and per-recipient-domain overrides."""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+import pytest
+
+from filter import replies
+from filter.model import Recipient, Stage
+from filter.policy import render_toml
+from filter.policy.loader import build_policy
+from filter.policy.schema import DEFAULT_POLICY, Policy
+from filter.results import Action, CheckResult, Decision, Symbol
+from filter.session import common_override_domain
+from filter.verdict import decide
+
+DNSBL_HIT = CheckResult(
+    "dnsbl",
+    "fail",
+    (Symbol("DNSBL_ZEN_SBL", 10.0, "listed"),),
+    Decision(Action.REJECT, replies.REJECT_DNSBL, "listed in zen"),
+)
+SPF_FAIL = CheckResult("spf", "fail", (Symbol("SPF_FAIL", 2.0, "-all"),))
+
+
+def policy(data: dict[str, Any]) -> Policy:
+    return build_policy(data)
+
+
+def test_enforced_check_refuses() -> None:
+    v = decide([DNSBL_HIT], DEFAULT_POLICY, Stage.RCPT)
+    assert v.action is Action.REJECT and v.reply == replies.REJECT_DNSBL
+
+
+def test_check_in_monitor_mode_would_refuse_and_scores_zero() -> None:
+    p = policy({"dnsbl": {"mode": "monitor"}})
+    v = decide([DNSBL_HIT, SPF_FAIL], p, Stage.DATA)
+    assert v.action is Action.ACCEPT and v.reply is None
+    assert v.would is Action.REJECT
+    assert v.score == 2.0  # only SPF_FAIL counts
+    assert [s.score for s in v.symbols if s.name == "DNSBL_ZEN_SBL"] == [0.0]
+
+
+def test_domain_override_switches_a_check_off_for_its_recipients_only() -> None:
+    p = policy({"domains": {"partner.example": {"checks": {"dnsbl": "off"}}}})
+    off = decide([DNSBL_HIT], p, Stage.RCPT, "partner.example")
+    assert off.action is Action.ACCEPT and off.would is None
+    assert not off.symbols  # an "off" check leaves no trace in the verdict
+    sub = decide([DNSBL_HIT], p, Stage.RCPT, "mx.partner.example")  # subdomains too
+    assert sub.action is Action.ACCEPT
+    other = decide([DNSBL_HIT], p, Stage.RCPT, "example.org")
+    assert other.action is Action.REJECT
+
+
+def test_domain_monitor_mode_and_thresholds_and_scores() -> None:
+    p = policy(
+        {
+            "domains": {
+                "lab.example": {"mode": "monitor"},
+                "strict.example": {"reject": 2.0, "add_header": 1.0},
+                "lax.example": {"scores": {"SPF_FAIL": 0.0}},
+            }
+        }
+    )
+    lab = decide([DNSBL_HIT], p, Stage.RCPT, "lab.example")
+    # Domain-wide monitor: never refused; flagged, since 10 >= add_header.
+    assert lab.action is Action.ADD_HEADER and lab.reply is None and lab.would is Action.REJECT
+    strict = decide([SPF_FAIL], p, Stage.DATA, "strict.example")
+    assert strict.action is Action.REJECT  # 2.0 >= 2.0 there, not at the global 15
+    assert decide([SPF_FAIL], p, Stage.DATA).action is Action.ACCEPT
+    assert decide([SPF_FAIL], p, Stage.DATA, "lax.example").score == 0.0
+
+
+def test_most_specific_domain_entry_wins() -> None:
+    p = policy(
+        {
+            "domains": {
+                "example.com": {"checks": {"dnsbl": "off"}},
+                "hr.example.com": {"checks": {"dnsbl": "enforce"}},
+            }
+        }
+    )
+    assert decide([DNSBL_HIT], p, Stage.RCPT, "a.example.com").action is Action.ACCEPT
+    assert decide([DNSBL_HIT], p, Stage.RCPT, "hr.example.com").action is Action.REJECT
+
+
+def test_after_data_an_override_applies_only_if_all_recipients_share_it() -> None:
+    p = policy({"domains": {"lab.example": {"mode": "monitor"}}})
+    same = [Recipient("a@lab.example"), Recipient("b@x.lab.example")]
+    mixed = [Recipient("a@lab.example"), Recipient("b@example.org")]
+    assert common_override_domain(p, same) == "lab.example"
+    assert common_override_domain(p, mixed) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        (
+            {"domains": {"x.example": {"checks": {"spff": "off"}}}},
+            'domains."x.example".checks.spff',
+        ),
+        (
+            {"domains": {"x.example": {"checks": {"spf": "maybe"}}}},
+            'domains."x.example".checks.spf',
+        ),
+        ({"domains": {"x.example": {"reject": "high"}}}, 'domains."x.example".reject'),
+        ({"domains": {"not a domain": {}}}, 'domains."not a domain"'),
+        ({"spf": {"mode": "off"}}, "spf.mode"),  # "off" is enabled = false globally
+    ],
+)
+def test_invalid_overrides_are_reported_by_key(data: dict[str, Any], key: str) -> None:
+    from filter.policy import PolicyError
+
+    with pytest.raises(PolicyError) as err:
+        build_policy(data, {"": "local.d/50.toml"})
+    assert any(i.key == key for i in err.value.issues), [str(i) for i in err.value.issues]
+
+
+def test_domains_round_trip_through_policy_show() -> None:
+    p = policy(
+        {
+            "domains": {
+                "example.com": {
+                    "mode": "monitor",
+                    "checks": {"greylist": "off"},
+                    "reject": 20.0,
+                    "scores": {"SPF_FAIL": 5.0},
+                }
+            }
+        }
+    )
+    text = render_toml(p, changed_only=True)
+    again = build_policy(tomllib.loads(text))
+    assert again.domains == p.domains
+    assert render_toml(DEFAULT_POLICY, changed_only=True) == ""
+
+
+def test_an_allow_listed_client_overrides_other_refusals() -> None:
+    allow = CheckResult(
+        "lists",
+        "pass",
+        (Symbol("LIST_ALLOW_CLIENT", -10.0, "partner"),),
+        None,
+        {"allowlisted": True, "reason": "client 192.0.2.7 in allow-clients.txt"},
+    )
+    v = decide([DNSBL_HIT, allow], DEFAULT_POLICY, Stage.RCPT)
+    assert v.action is Action.ACCEPT and v.score == 0.0
+    # In monitor mode the list does not override anything.
+    p = policy({"lists": {"mode": "monitor"}})
+    assert decide([DNSBL_HIT, allow], p, Stage.RCPT).action is Action.REJECT
