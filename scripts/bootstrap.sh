@@ -66,3 +66,19 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet -e '.[dev]'
     echo "$want" >"$stamp"
 fi
+
+# promtool, for `promtool check rules` / `promtool test rules` on deploy/prometheus/
+# (tests/integration/test_deploy_files.py). Debian ships it in the prometheus package,
+# whose installation would also set up and start a Prometheus server: take only the
+# binary out of the .deb, into the venv.
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x .venv/bin/promtool ]; then
+    echo "bootstrap: extracting promtool from Debian's prometheus package into .venv/bin" >&2
+    tmp="$(mktemp -d)"
+    if ! (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); then
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -o DPkg::Lock::Timeout=600
+        (cd "$tmp" && apt-get download prometheus)
+    fi
+    dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
+    install -m 0755 "$tmp/usr/bin/promtool" .venv/bin/promtool
+    rm -rf "$tmp"
+fi

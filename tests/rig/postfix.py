@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 DOMAIN = "example.test"
@@ -100,6 +101,13 @@ class PostfixInstance:
     (mailgate in filter mode, which gets XFORWARD from Postfix), and mailgate delivers to
     a restriction-less smtpd on ``127.0.0.1:<after>`` that believes XFORWARD/XCLIENT
     from loopback, as in SMTPD_PROXY_README.
+
+    Admin snippets (``main_snippets`` / ``master_snippets``): text appended verbatim to
+    main.cf / master.cf, e.g. the files in ``deploy/postfix/`` with their ports changed.
+    A main.cf parameter a snippet sets is left out of the rig's own settings, so the
+    snippet's value is the one Postfix reads (no duplicate-entry warnings).  With
+    ``own_listeners=False`` the rig writes none of its smtpd services: the master
+    snippets must provide ``listen_port`` (and the filter ports) themselves.
     """
 
     def __init__(
@@ -116,6 +124,9 @@ class PostfixInstance:
         after_filter_port: int | None = None,
         proxy_options: str = "",
         proxy_timeout: str = "30s",
+        main_snippets: Sequence[str] = (),
+        master_snippets: Sequence[str] = (),
+        own_listeners: bool = True,
     ) -> None:
         if (proxy_filter_port is None) != (after_filter_port is None):
             raise ValueError("the filter topology needs both proxy_filter_port and after_port")
@@ -130,6 +141,9 @@ class PostfixInstance:
         self.after_filter_port = after_filter_port
         self.proxy_options = proxy_options
         self.proxy_timeout = proxy_timeout
+        self.main_snippets = list(main_snippets)
+        self.master_snippets = list(master_snippets)
+        self.own_listeners = own_listeners
         self.ipv6 = ipv6_loopback_available()
 
     @classmethod
@@ -231,13 +245,24 @@ class PostfixInstance:
             "default_process_limit": "100",
         }
         cf.update(self.extra_main)
+        for key in self.snippet_main_keys():
+            cf.pop(key, None)
         return cf
+
+    def snippet_main_keys(self) -> set[str]:
+        """main.cf parameters that ``main_snippets`` set (commented lines do not count)."""
+        keys: set[str] = set()
+        for text in self.main_snippets:
+            keys.update(re.findall(r"^([A-Za-z0-9_]+)[ \t]*=", text, flags=re.MULTILINE))
+        return keys
 
     def master_cf(self) -> str:
         lines: list[str] = []
         hosts = [self.listen_host]
         if self.listen_host == "127.0.0.1" and self.ipv6:
             hosts.append("[::1]")
+        if not self.own_listeners:
+            hosts = []
         for host in hosts:
             lines.append(f"{host}:{self.listen_port} inet n - n - - smtpd")
             if self.proxy_filter_port is not None:
@@ -247,7 +272,7 @@ class PostfixInstance:
                     f"  -o smtpd_proxy_timeout={self.proxy_timeout}",
                     "  -o smtpd_proxy_ehlo=postfix-before.mailgate.test",
                 ]
-        if self.after_filter_port is not None:
+        if self.after_filter_port is not None and self.own_listeners:
             lines += [
                 f"127.0.0.1:{self.after_filter_port} inet n - n - - smtpd",
                 "  -o syslog_name=postfix-after-filter",
@@ -265,6 +290,7 @@ class PostfixInstance:
             ]
         lines.append(_MASTER_SERVICES)
         lines += self.extra_master
+        lines += [text.rstrip("\n") for text in self.master_snippets]
         return "\n".join(lines) + "\n"
 
     def write_config(self) -> None:
@@ -283,6 +309,7 @@ class PostfixInstance:
         shutil.chown(self.base_dir / "data", "postfix", "postfix")
         shutil.chown(self.vmail_dir, "nobody", "nogroup")
         main = "".join(f"{k} = {v}\n" for k, v in self.main_cf().items())
+        main += "".join("\n" + text.rstrip("\n") + "\n" for text in self.main_snippets)
         (self.config_dir / "main.cf").write_text(main)
         (self.config_dir / "master.cf").write_text(self.master_cf())
         self._write_mailboxes()
