@@ -49,7 +49,7 @@ log = logging.getLogger("mailgate.session")
 
 _QUEUE_ID = re.compile(r"queued as ([A-Za-z0-9]+)")
 # Headers mailgate owns on accepted mail; copies arriving from outside are dropped.
-OWN_HEADERS = (b"x-spam-flag", b"x-spam-score", b"x-spam-status")
+OWN_HEADERS = (b"x-spam-flag", b"x-spam-score", b"x-spam-status", b"x-mailgate-id")
 
 
 class UpstreamPort(Protocol):
@@ -439,6 +439,9 @@ class Session:
                 final = {r.check: r for r in self._all_results([])}
                 headers = authresults.build(final, self.policy.authserv_id)
                 headers += self._spam_headers(verdict)
+                # The id of our log line and of `mailgate explain`, for following one
+                # message from mailgate's log into Postfix's queue and the mailbox.
+                headers += render_field("X-Mailgate-ID", txn.envelope.message_id)
             t_checks = time.monotonic() - t_checks
             if verdict.refuses and verdict.reply is not None:
                 await self._abort_upstream_txn()

@@ -5,6 +5,7 @@ Client -> real mailgate process -> scripted upstream (fault injection per stage)
 
 from __future__ import annotations
 
+import re
 import smtplib
 import time
 
@@ -36,6 +37,9 @@ def test_message_is_relayed_with_the_upstreams_own_reply(
     body = txn.message
     assert body.endswith(b"hello\r\n")
     assert b"X-Spam-Status: No, score=" in body  # judged: our verdict header is there
+    # The message id of mailgate's log line travels with the message.
+    logged = re.search(r"event=message id=(\S+)", mg.logs())
+    assert logged and f"X-Mailgate-ID: {logged.group(1)}\r\n".encode() in body
 
 
 def test_per_recipient_answers_pass_through(
