@@ -199,15 +199,25 @@ async def test_keep_zero_keeps_nothing_and_a_down_store_never_raises(
 
 
 async def test_record_soon_writes_in_the_background(store: Store, raw: redis.Redis) -> None:
-    tasks: set[asyncio.Task[None]] = set()
     rec = verdictlog.build_record(message_fields(3), SPAM)
-    verdictlog.record_soon(store, f"{SESSION}.3", rec, 60, tasks)
-    verdictlog.record_soon(None, f"{SESSION}.4", rec, 60, tasks)  # no store: nothing to do
-    assert len(tasks) == 1
-    await asyncio.gather(*tasks)
+    verdictlog.record_soon(store, f"{SESSION}.3", rec, 60)
+    verdictlog.record_soon(None, f"{SESSION}.4", rec, 60)  # no store: nothing to do
+    # Nothing is written before the batch interval: the SMTP reply never waits.
+    assert await verdictlog.fetch(store, f"{SESSION}.3") is None
+    await asyncio.sleep(verdictlog.FLUSH_DELAY * 4)
     found = await verdictlog.fetch(store, f"{SESSION}.3")
     assert found is not None and found["records"][0]["score"] == 16.5
     assert await verdictlog.fetch(store, f"{SESSION}.4") is None
+
+
+async def test_a_burst_of_records_is_written_in_one_batch(store: Store, raw: redis.Redis) -> None:
+    rec = verdictlog.build_record(message_fields(1), SPAM)
+    for n in range(1, 51):
+        verdictlog.record_soon(store, f"{SESSION}.{n}", rec, 60)
+    await asyncio.sleep(verdictlog.FLUSH_DELAY * 4)
+    found = await verdictlog.fetch(store, SESSION)
+    assert found is not None and len(found["messages"]) == 50
+    assert 0 < raw.pttl(f"mailgate:v:{SESSION}.50") <= 60_000
 
 
 async def test_records_per_transaction_are_capped(store: Store, raw: redis.Redis) -> None:
