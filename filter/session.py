@@ -438,7 +438,7 @@ class Session:
                 self._count_would(verdict)
                 final = {r.check: r for r in self._all_results([])}
                 headers = authresults.build(final, self.policy.authserv_id)
-                headers += self._spam_headers(verdict)
+                headers += self._spam_headers(verdict, domain)
                 # The id of our log line and of `mailgate explain`, for following one
                 # message from mailgate's log into Postfix's queue and the mailbox.
                 headers += render_field("X-Mailgate-ID", txn.envelope.message_id)
@@ -605,8 +605,12 @@ class Session:
         if verdict.would is not None:
             self.metrics.count_would_action(verdict.would.value)
 
-    def _spam_headers(self, verdict: Verdict) -> bytes:
+    def _spam_headers(self, verdict: Verdict, domain: str | None = None) -> bytes:
+        override = self.policy.override_for(domain)
         a = self.policy.actions
+        required = a.add_header
+        if override is not None and override.add_header is not None:
+            required = override.add_header
         tests = ",".join(s.name for s in verdict.symbols) or "none"
         flag = "Yes" if verdict.action is Action.ADD_HEADER else "No"
         out = b""
@@ -615,7 +619,7 @@ class Session:
         out += render_field("X-Spam-Score", f"{verdict.score:g}")
         out += render_field(
             "X-Spam-Status",
-            f"{flag}, score={verdict.score:g} required={a.add_header:g} tests={tests}",
+            f"{flag}, score={verdict.score:g} required={required:g} tests={tests}",
         )
         return out
 

@@ -55,6 +55,7 @@ from filter.model import Stage
 from filter.netaddr import ip_in
 from filter.results import Action, CheckResult, Decision, Symbol
 from filter.store import StoreError
+from filter.verdict import decide
 
 __all__ = ["GreylistCheck", "exemption", "score_so_far", "spf_domain"]
 
@@ -82,8 +83,14 @@ def spf_domain(ctx: Context) -> str | None:
 
 
 def score_so_far(ctx: Context) -> float:
-    """Sum of every symbol score reported before this check (greylist's own excluded)."""
-    return sum(s.score for r in ctx.results.values() if r.check != "greylist" for s in r.symbols)
+    """The score so far as the verdict counts it (greylist's own result excluded).
+
+    Through ``decide`` so that checks in monitor mode (scored 0), checks switched off
+    for the recipient's domain and per-domain scores count here as they do there.
+    """
+    earlier = [r for r in ctx.results.values() if r.check != "greylist"]
+    domain = ctx.recipient.address.rpartition("@")[2] if ctx.recipient else None
+    return decide(earlier, ctx.policy, Stage.RCPT, domain).score
 
 
 def exemption(ctx: Context, recipient: str) -> str | None:
@@ -103,7 +110,11 @@ def exemption(ctx: Context, recipient: str) -> str | None:
     if dnsbl is not None and dnsbl.data.get("allowlisted") is True:
         return "client is listed on a DNS allowlist"
     lists = ctx.results.get("lists")
-    if lists is not None and lists.data.get("allowlisted") is True:
+    rcpt_domain = recipient.rpartition("@")[2]
+    lists_enforced = (
+        ctx.policy.check_mode("lists", ctx.policy.override_for(rcpt_domain)) == "enforce"
+    )
+    if lists is not None and lists.data.get("allowlisted") is True and lists_enforced:
         return f"allow-listed: {lists.data.get('reason')}"
     if gl.apply == "score":
         score = score_so_far(ctx)

@@ -1086,6 +1086,14 @@ class DomainOverride:
         default_factory=lambda: MappingProxyType({}), metadata={KIND: ScoreMapKind({})}
     )
 
+    def problems(self) -> Iterable[Problem]:
+        names = ("greylist", "add_header", "reject")
+        given = [(k, getattr(self, k)) for k in names if getattr(self, k) is not None]
+        values = [v for _, v in given]
+        if values != sorted(values):
+            shown = ", ".join(f"{k} = {v:g}" for k, v in given)
+            yield "", f"thresholds must satisfy greylist <= add_header <= reject, got {shown}"
+
 
 @dataclass(frozen=True)
 class Policy:

@@ -150,3 +150,28 @@ def test_an_allow_listed_client_overrides_other_refusals() -> None:
     # In monitor mode the list does not override anything.
     p = policy({"lists": {"mode": "monitor"}})
     assert decide([DNSBL_HIT, allow], p, Stage.RCPT).action is Action.REJECT
+
+
+def test_domain_thresholds_must_keep_their_order() -> None:
+    from filter.policy import PolicyError
+
+    with pytest.raises(PolicyError) as err:
+        build_policy({"domains": {"a.example": {"add_header": 9.0, "reject": 3.0}}})
+    assert "greylist <= add_header <= reject" in str(err.value)
+    assert policy({"domains": {"a.example": {"add_header": 0.0, "reject": 3.0}}})
+
+
+async def test_greylist_score_counts_as_the_verdict_counts() -> None:
+    """apply = "score": a check in monitor mode cannot tip a message into greylisting."""
+    from filter.checks import Context
+    from filter.checks.greylist import score_so_far
+    from filter.model import ClientInfo
+
+    p = policy({"dnsbl": {"mode": "monitor"}})
+    ctx = Context(
+        client=ClientInfo("192.0.2.1", 1, "S"),
+        policy=p,
+        results={"dnsbl": DNSBL_HIT, "spf": SPF_FAIL},
+        recipient=Recipient("bob@example.org"),
+    )
+    assert score_so_far(ctx) == 2.0  # DNSBL's 10 is monitored: 0
