@@ -77,6 +77,14 @@ CHECK_RESULTS = (
 # new: first sighting, tempfailed; early: retried before the delay;
 # passed: retried in the window; allowlisted: exempt; error: store failed.
 GREYLIST_RESULTS = ("new", "early", "passed", "allowlisted", "error")
+RATELIMIT_LIMITS = (
+    "connections_per_network",
+    "messages_per_network",
+    "recipients_per_network",
+    "messages_per_sender_domain",
+    "recipients_per_sender_domain",
+)
+RATELIMIT_RESULTS = ("under", "over")
 DNS_RTYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME", "NS", "SOA")
 DNS_OUTCOMES = ("ok", "nxdomain", "nodata", "servfail", "timeout", "error")
 UPSTREAM_STAGES = (
@@ -198,6 +206,12 @@ class Metrics:
             ["result"],
             registry=reg,
         )
+        self.ratelimit = Counter(
+            "mailgate_ratelimit",
+            "Rate-limited events by limit ([ratelimit] setting) and result.",
+            ["limit", "result"],
+            registry=reg,
+        )
         self.dns_query_duration = Histogram(
             "mailgate_dns_query_duration_seconds",
             "DNS queries that went to the network (cache misses).",
@@ -294,6 +308,9 @@ class Metrics:
             self.would_action.labels(action=action)
         for result in GREYLIST_RESULTS:
             self.greylist.labels(result=result)
+        for limit in RATELIMIT_LIMITS:
+            for result in RATELIMIT_RESULTS:
+                self.ratelimit.labels(limit=limit, result=result)
         for stage in UPSTREAM_STAGES:
             self.upstream_errors.labels(stage=stage)
         for outcome in RELOAD_OUTCOMES:
@@ -330,6 +347,10 @@ class Metrics:
 
     def count_greylist(self, result: str) -> None:
         self.greylist.labels(result=bounded(result, GREYLIST_RESULTS)).inc()
+
+    def count_ratelimit(self, limit: str, result: str) -> None:
+        limit = bounded(limit, RATELIMIT_LIMITS)
+        self._child(self.ratelimit, limit, bounded(result, RATELIMIT_RESULTS)).inc()
 
     def observe_dns(self, rtype: str, outcome: str, seconds: float) -> None:
         self.dns_query_duration.labels(

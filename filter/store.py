@@ -616,6 +616,11 @@ class Store:
         if self.metrics is not None:
             self.metrics.count_greylist(result)
 
+    def count_ratelimit(self, limit: str, result: str) -> None:
+        """``mailgate_ratelimit_total{limit,result}``, when the app passed metrics in."""
+        if self.metrics is not None:
+            self.metrics.count_ratelimit(limit, result)
+
     async def ping(self) -> bool:
         """Health: True when the store answers (for /readyz); never raises."""
         try:

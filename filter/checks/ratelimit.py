@@ -250,6 +250,12 @@ async def _evaluate(check: str, ctx: Context, limits: Sequence[Limit]) -> CheckR
     except StoreError as exc:
         return _store_failed(check, ctx, str(exc))
     counts = {lim.setting: n for lim, n in zip(limits, outcome.counts, strict=False)}
+    if not ctx.dry_run:
+        if outcome.over is None:
+            for lim in limits:
+                store.count_ratelimit(lim.setting, "under")
+        else:
+            store.count_ratelimit(limits[outcome.over].setting, "over")
     if outcome.over is None:
         reason = "under every limit" if not ctx.dry_run else "under every limit (dry run)"
         data: dict[str, object] = {

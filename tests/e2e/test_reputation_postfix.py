@@ -145,3 +145,52 @@ def test_redis_down_follows_on_error(
         line for line in body.splitlines() if line.startswith("mailgate_store_errors_total")
     ]
     assert store_errors and float(store_errors[0].split()[-1]) >= 1
+
+
+def _deliver_from_listed(mg: MailgateProcess, subject: str) -> tuple[int, bytes]:
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.33") as c:
+        c.ehlo("bot.example")
+        c.mail("spam@example.org")
+        code, text = c.rcpt("bob@example.test")
+        if code != 250:
+            return code, text
+        return c.data(message(subject))
+
+
+def test_domain_override_switches_dnsbl_off_for_that_domain(
+    rep_front: StartMailgate, mailbox_reset: PostfixInstance
+) -> None:
+    mg = rep_front({"domains": {"example.test": {"checks": {"dnsbl": "off"}}}})
+    code, _ = _deliver_from_listed(mg, "override off")
+    assert code == 250
+    [msg] = mailbox_reset.wait_for_messages("bob", 1)
+    assert b"DNSBL_" not in msg  # an "off" check leaves no trace in the verdict
+    # Another domain keeps the global policy: the relay-denied domain is refused by
+    # mailgate first (554 5.7.1 at RCPT), before Postfix would be asked.
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.33") as c:
+        c.ehlo("bot.example")
+        c.mail("spam@example.org")
+        code, text = c.rcpt("someone@other.example")
+    assert (code, text[:5]) == (554, b"5.7.1")
+
+
+def test_dnsbl_in_monitor_mode_delivers_and_counts_would_reject(
+    rep_front: StartMailgate, mailbox_reset: PostfixInstance
+) -> None:
+    mg = rep_front({"dnsbl": {"mode": "monitor"}})
+    code, _ = _deliver_from_listed(mg, "monitored")
+    assert code == 250
+    [msg] = mailbox_reset.wait_for_messages("bob", 1)
+    assert b"DNSBL_BL_XBL" in msg  # listed, shown, but scored 0
+    assert "would=reject" in mg.logs()
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{mg.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    would = [
+        line
+        for line in body.splitlines()
+        if line.startswith('mailgate_would_action_total{action="reject"}')
+    ]
+    assert would and float(would[0].split()[-1]) >= 1

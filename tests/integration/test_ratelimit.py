@@ -651,3 +651,15 @@ async def test_monitor_mode_only_records_what_would_have_been_refused(
     assert (await s.mail("FROM:<alice@example.org>")).code == 250
     assert (await s.rcpt("TO:<bob@example.test>")).code == 250
     assert (await s.rcpt("TO:<carol@example.test>")).code == 250  # would have been 451
+
+
+async def test_outcomes_are_counted_in_metrics(
+    store: Store, metrics: Metrics, redis_url: str, clock: Clock
+) -> None:
+    h = Harness(store, make_policy(redis_url, connections_per_network=2), clock)
+    for _ in range(3):
+        await h.connect()
+    sample = metrics.registry.get_sample_value
+    labels = {"limit": "connections_per_network"}
+    assert sample("mailgate_ratelimit_total", {**labels, "result": "under"}) == 2
+    assert sample("mailgate_ratelimit_total", {**labels, "result": "over"}) == 1

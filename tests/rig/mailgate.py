@@ -74,18 +74,24 @@ def dump_toml(data: Mapping[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Tables merge key by key; ``"a.b": v`` keys are expanded; other values replace."""
+def deep_merge(
+    base: dict[str, Any], over: Mapping[str, Any], expand_dots: bool = True
+) -> dict[str, Any]:
+    """Tables merge key by key; other values replace.
+
+    Top-level ``"a.b": v`` keys are expanded (``{"server.mode": "monitor"}``); below the
+    top level a dot is part of the key (``[domains."example.test"]``).
+    """
     out = dict(base)
     for key, val in over.items():
-        if "." in key:
+        if expand_dots and "." in key:
             head, rest = key.split(".", 1)
             val = {rest: val}
             key = head
         if isinstance(val, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(dict(out[key]), val)
+            out[key] = deep_merge(dict(out[key]), val, expand_dots=False)
         elif isinstance(val, Mapping):
-            out[key] = deep_merge({}, val)
+            out[key] = deep_merge({}, val, expand_dots=False)
         else:
             out[key] = val
     return out
