@@ -6,6 +6,8 @@ session id that also reaches Postfix, so ``grep`` can follow a message across bo
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import re
@@ -16,6 +18,7 @@ from typing import Any
 
 EVENT = "mailgate_fields"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
 
 
 def _kv_value(value: Any) -> str:
@@ -27,7 +30,8 @@ def _kv_value(value: Any) -> str:
         text = ""
     else:
         text = str(value)
-    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
+    # One C-level scan decides (a generator per value showed up in profiles).
+    if not text or _NEEDS_QUOTES.search(text) or not text.isprintable():
         escaped = text.replace("\\", "\\\\").replace('"', '\\"')
         escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
         # Any other control character (NUL, ESC, ...) from a client must not reach a
@@ -72,9 +76,57 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(data, default=str, ensure_ascii=False)
 
 
+class BufferedStreamHandler(logging.Handler):
+    """Writes formatted lines to a stream in batches.
+
+    Why: a write and flush per line cost ~0.1 ms of the event loop per message in
+    profiles. Lines are written when 64 are waiting, when a WARNING or worse arrives,
+    on ``flush()`` (the app calls it every quarter second) and at exit, so a quiet
+    server's log is never more than a moment behind.
+    """
+
+    def __init__(self, stream: Any, capacity: int = 64) -> None:
+        super().__init__()
+        self.stream = stream
+        self.capacity = capacity
+        self._lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        if len(self._lines) >= self.capacity or record.levelno >= logging.WARNING:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock if self.lock is not None else contextlib.nullcontext():
+            lines, self._lines = self._lines, []
+            if not lines:
+                return
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr gone (daemon detached): nothing better to do with logs
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
+
+
+def flush_logs() -> None:
+    """Write out buffered log lines (called periodically and at shutdown)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def setup_logging(fmt: str = "kv", level: str = "info") -> None:
     """Route mailgate's logs to stderr (journald/docker pick them up from there)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BufferedStreamHandler(sys.stderr)
+    atexit.register(handler.flush)
     handler.setFormatter(JSONFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger()
     for h in list(root.handlers):

@@ -382,6 +382,9 @@ class Session:
         """
         if self.resolver is None or self.client.trusted:
             return
+        p = self.policy
+        if not (p.dkim.enabled or p.arc.enabled or p.dmarc.enabled):
+            return  # nothing would use the answers
         task = asyncio.get_running_loop().create_task(self._prefetch(header_block))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

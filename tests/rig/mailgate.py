@@ -74,6 +74,9 @@ def dump_toml(data: Mapping[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+LOG_FLUSH_WAIT = 0.4  # longer than mailgate's 0.25 s log flush interval
+
+
 def deep_merge(
     base: dict[str, Any], over: Mapping[str, Any], expand_dots: bool = True
 ) -> dict[str, Any]:
@@ -240,7 +243,13 @@ class MailgateProcess:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
     def logs(self) -> str:
-        """stderr then stdout, labelled (mailgate logs to stderr)."""
+        """stderr then stdout, labelled (mailgate logs to stderr).
+
+        mailgate writes info lines in batches at least every 0.25 s (filter.logs), so a
+        running process gets a moment to write what happened just before.
+        """
+        if self.proc is not None and self.proc.poll() is None:
+            time.sleep(LOG_FLUSH_WAIT)
         return f"--- stderr ---\n{self.stderr()}--- stdout ---\n{self.stdout()}"
 
     def __enter__(self) -> MailgateProcess:
