@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from prometheus_client import CollectorRegistry
 
+from filter.metrics import Metrics
+from filter.store import Store
 from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.mailgate import MailgateProcess, deep_merge
 from tests.rig.upstream import ScriptedUpstream
@@ -67,3 +71,25 @@ def message(
         f"From: <{sender}>\r\nTo: <bob@example.test>\r\nSubject: {subject}\r\n"
         f"Message-ID: <{subject.replace(' ', '.')}@example.org>\r\n\r\n{body}"
     ).encode()
+
+
+# -- the real Redis (db 9 through the redis_url fixture) ------------------------------------
+@pytest.fixture
+def metrics() -> Metrics:
+    """A fresh registry per test, so counts start at zero."""
+    return Metrics(CollectorRegistry())
+
+
+@pytest.fixture
+async def store(redis_url: str, metrics: Metrics) -> AsyncIterator[Store]:
+    s = Store(redis_url, "mailgate:", metrics=metrics)
+    yield s
+    await s.aclose()
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client for looking at keys behind the store's back."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()

@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from filter import replies
 from filter.checks import Context
@@ -81,11 +80,6 @@ def healthy_zone(server: ZoneDNSServer, zone: str) -> None:
 
 def list_ip(server: ZoneDNSServer, zone: str, ip: str, *codes: str) -> None:
     server.set_records(ip_query_name(ip, zone), "A", list(codes))
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics(CollectorRegistry())
 
 
 @pytest.fixture

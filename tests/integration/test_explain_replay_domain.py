@@ -11,7 +11,6 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +45,6 @@ def write_policy(path: Path, redis_url: str, dns: ZoneDNSServer, extra: str = ""
         "[dnsbl]\nenabled = false\n\n" + extra
     )
     return path
-
-
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    s = Store(redis_url)
-    yield s
-    await s.aclose()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import functools
 import ipaddress
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,25 +62,6 @@ def spf(result: str, domain: str = "example.org", identity: str = "mailfrom") ->
         None,
         {"identity": identity, "domain": domain},
     )
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics(CollectorRegistry())
-
-
-@pytest.fixture
-async def store(redis_url: str, metrics: Metrics) -> AsyncIterator[Store]:
-    s = Store(redis_url, "mailgate:", metrics=metrics)
-    yield s
-    await s.aclose()
-
-
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 class Harness:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,20 +52,6 @@ def policy(redis_url: str) -> Policy:
     p, problems = policy_from_dict({"redis": {"url": redis_url}, "greylist": {"awl_count": 1}})
     assert p is not None, problems
     return p
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    s = Store(redis_url)
-    yield s
-    await s.aclose()
-
-
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 async def rcpt(

@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -58,25 +58,6 @@ def spf_pass(domain: str) -> CheckResult:
     return CheckResult(
         "spf", "pass", (Symbol("SPF_PASS", 0.0),), None, {"identity": "mailfrom", "domain": domain}
     )
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics(CollectorRegistry())
-
-
-@pytest.fixture
-async def store(redis_url: str, metrics: Metrics) -> AsyncIterator[Store]:
-    s = Store(redis_url, "mailgate:", metrics=metrics)
-    yield s
-    await s.aclose()
-
-
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 @pytest.fixture
