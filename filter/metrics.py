@@ -206,6 +206,12 @@ class Metrics:
             ["result"],
             registry=reg,
         )
+        self.greylist_retry_delay = Histogram(
+            "mailgate_greylist_retry_delay_seconds",
+            "Time from a triplet's first attempt to the retry that passed greylisting.",
+            buckets=(60.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0),
+            registry=reg,
+        )
         self.ratelimit = Counter(
             "mailgate_ratelimit",
             "Rate-limited events by limit ([ratelimit] setting) and result.",

@@ -232,7 +232,7 @@ if write then
     redis.call('PEXPIRE', KEYS[2], ms(max_age))
   end
 end
-return {'passed', '0', how}
+return {'passed', '0', how, tostring(now - first)}
 """
 
 # `mailgate greylist allow`: add one field, drop expired ones, and make the key live
@@ -351,11 +351,13 @@ class GreylistOutcome:
     delay), "passed" (retried in time, or passed before) or "allowlisted" (an admin
     allow entry or the auto-allowlist matched; ``detail`` says which).
     ``retry_after``: seconds until a retry will pass (new/early), else 0.
+    ``waited``: for the first pass of a triplet, how long the sender took to retry.
     """
 
     result: str
     retry_after: float
     detail: str = ""
+    waited: float = 0.0  # "passed" from "first": seconds since the first attempt
 
 
 # --- URLs -------------------------------------------------------------------------------
@@ -616,6 +618,11 @@ class Store:
         if self.metrics is not None:
             self.metrics.count_greylist(result)
 
+    def observe_greylist_retry(self, seconds: float) -> None:
+        """``mailgate_greylist_retry_delay_seconds``: how long senders take to retry."""
+        if self.metrics is not None:
+            self.metrics.greylist_retry_delay.observe(seconds)
+
     def count_ratelimit(self, limit: str, result: str) -> None:
         """``mailgate_ratelimit_total{limit,result}``, when the app passed metrics in."""
         if self.metrics is not None:
@@ -670,8 +677,9 @@ class Store:
             *allow_fields(client_ip, spf_domain),
         ]
         raw = await self._call("greylist", lambda: self._greylist_script(keys=keys, args=args))
-        result, retry_after, detail = (str(x) for x in raw)
-        return GreylistOutcome(result, max(0.0, float(retry_after)), detail)
+        result, retry_after, detail = (str(x) for x in raw[:3])
+        waited = float(raw[3]) if len(raw) > 3 else 0.0
+        return GreylistOutcome(result, max(0.0, float(retry_after)), detail, max(0.0, waited))
 
     # --- rate limits on the mail path ---------------------------------------------------
 

@@ -170,6 +170,8 @@ class GreylistCheck:
             store.count_greylist("error")
             return self._store_failed(ctx, triplet, str(exc))
         store.count_greylist(outcome.result)
+        if outcome.result == "passed" and outcome.detail == "first" and not ctx.dry_run:
+            store.observe_greylist_retry(outcome.waited)
         data: dict[str, object] = {
             "outcome": outcome.result,
             "triplet": str(triplet),

@@ -166,6 +166,10 @@ async def test_retry_after_the_delay_passes_and_stays_passed(
     assert count(metrics, "passed") == 2
     (key,) = triplet_keys(raw)
     assert raw.hget(key, "seen") == "3"
+    # The retry delay is observed once, for the pass that ended the greylisting.
+    sample = metrics.registry.get_sample_value
+    assert sample("mailgate_greylist_retry_delay_seconds_count") == 1
+    assert sample("mailgate_greylist_retry_delay_seconds_sum") == pytest.approx(DELAY)
 
 
 async def test_real_time_delay_with_the_default_clock(store: Store, redis_url: str) -> None:
