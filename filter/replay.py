@@ -9,7 +9,8 @@ with each policy.
 The envelope is rebuilt from what delivery left in the message, or from a sidecar
 ``<file>.env.json`` (``{"ip", "helo", "mail_from", "rcpts"}``) whose keys win:
 
-* MAIL FROM: ``Return-Path`` (written at final delivery from the envelope sender);
+* MAIL FROM: ``Return-Path`` (written at final delivery from the envelope sender),
+  else the ``smtp.mailfrom`` of the topmost Authentication-Results (ours records it);
 * RCPT: ``X-Original-To`` (the address as the client gave it, before aliases — what
   mailgate saw), else ``Delivered-To``, else the ``To``/``Cc`` addresses;
 * client IP and HELO: the topmost ``Received`` field in Postfix's form
@@ -165,6 +166,9 @@ def envelope_from(
             break
     if not rcpts:
         rcpts = _addresses(field_value(raw) for n, raw in fields if n in (b"to", b"cc"))
+    ar_from, ar_helo = _from_authentication_results(fields)
+    if not mail_from:
+        mail_from = ar_from
     ip: str | None = None
     helo: str | None = None
     index: int | None = None
@@ -179,11 +183,27 @@ def envelope_from(
             continue
         ip, helo, index = candidate, m.group("helo"), i
         break
+    if helo is None and ar_helo:
+        helo = ar_helo
     source = "headers"
     if sidecar is not None:
         ip, helo, mail_from, rcpts = _apply_sidecar(sidecar, ip, helo, mail_from, rcpts)
         source = "sidecar" if index is None else "headers+sidecar"
     return Envelope(ip, helo, mail_from, tuple(dict.fromkeys(rcpts)), source, index)
+
+
+# RFC 8601 pvalue: a token, or a quoted local part followed by @domain.
+_AR_PROPERTY = re.compile(r'\bsmtp\.(mailfrom|helo)=((?:"[^"]*"|[^\s;"])+)', re.IGNORECASE)
+
+
+def _from_authentication_results(fields: list[tuple[bytes, bytes]]) -> tuple[str, str]:
+    """``smtp.mailfrom`` and ``smtp.helo`` of the topmost Authentication-Results field."""
+    for name, raw in fields:
+        if name == b"authentication-results":
+            value = field_value(raw)
+            found = {m.group(1).lower(): m.group(2) for m in _AR_PROPERTY.finditer(value)}
+            return found.get("mailfrom", ""), found.get("helo", "")
+    return "", ""
 
 
 def _apply_sidecar(

@@ -267,3 +267,19 @@ def test_build_record_adds_scores_and_details_to_the_log_fields() -> None:
     assert (rec["score"], rec["reason"], rec["client"]) == (16.0, "r", "192.0.2.1")
     refusal = verdictlog.build_record({"event": "rcpt_refused", "rcpt": "x@y.test"}, None, 1.0)
     assert refusal["rcpts"] == ["x@y.test"] and refusal["symbols"] == []
+
+
+def test_mail_from_and_helo_from_authentication_results_when_delivery_left_none() -> None:
+    content = (
+        b"Authentication-Results: mx.example.net;\r\n"
+        b'\tspf=pass smtp.mailfrom="j.doe"@sender.example;\r\n'
+        b"\tdkim=none\r\n"
+        b"Authentication-Results: mx.example.net; spf=fail smtp.mailfrom=older@x.example\r\n"
+        b"Received: from a.example (a.example [203.0.113.5]) by mx\r\n"
+        b"To: bob@example.test\r\nSubject: s\r\n\r\nbody\r\n"
+    )
+    env = envelope_from(content)
+    assert env.mail_from == '"j.doe"@sender.example'  # the topmost (ours), not an older one
+    assert env.ip == "203.0.113.5" and env.helo == "a.example"
+    with_rp = b"Return-Path: <bounce@list.example>\r\n" + content
+    assert envelope_from(with_rp).mail_from == "bounce@list.example"  # Return-Path wins
