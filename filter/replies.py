@@ -88,7 +88,6 @@ STORE_TEMPFAIL = Reply(451, "4.3.0", "Temporary local problem, try again later")
 GREYLISTED = Reply(451, "4.7.1", "Greylisted, try again later")
 RATE_LIMITED = Reply(451, "4.7.0", "Rate limit exceeded, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
-TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
 
 # Protocol errors.
 SYNTAX_ERROR = Reply(500, "5.5.2", "Error: command not recognized")
@@ -102,7 +101,6 @@ NEED_RCPT = Reply(554, "5.5.1", "Error: no valid recipients")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NO_AUTH = Reply(503, "5.5.1", "Error: authentication not enabled")
 PREGREET = Reply(554, "5.5.1", "Protocol error: client talked before the greeting")
-PROXY_ERROR = Reply(421, "4.7.0", "Protocol error in PROXY header")
 
 
 def syntax(usage: str) -> Reply:
@@ -114,15 +112,10 @@ def bad_parameter(detail: str) -> Reply:
     return Reply(555, "5.5.4", f"Unsupported option: {detail}")
 
 
-def bad_address(detail: str) -> Reply:
-    return Reply(501, "5.1.7" if "sender" in detail else "5.1.3", f"Bad address syntax: {detail}")
-
-
 # Message content.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received in message (RFC 5321 2.3.8)")
 DATA_LINE_TOO_LONG = Reply(550, "5.5.6", "Error: message line too long (RFC 5321 4.5.3.1.6)")
-HEADER_TOO_BIG = Reply(552, "5.3.4", "Error: message header too large")
 
 # Policy decisions (the verdict picks these).
 REJECT_SPAM = Reply(550, "5.7.1", "Message rejected as spam")
@@ -137,8 +130,3 @@ def greylisted(retry_after_seconds: float) -> Reply:
     """451 that tells a well-behaved client when the retry will be accepted."""
     secs = max(1, int(retry_after_seconds + 0.999))
     return GREYLISTED.with_text(f"Greylisted, try again in {secs} seconds")
-
-
-def upstream_protocol_error() -> Reply:
-    """An upstream reply that makes no sense (e.g. 2xx where 354 was due): generic 451."""
-    return UPSTREAM_UNAVAILABLE

@@ -115,18 +115,13 @@ class Session:
         self.errors = 0
         self.messages = 0
         self._identity_dirty = True  # connect/helo checks must (re)run for this identity
+        self._peer_allowed_xforward = False  # set by allow_xforward() for xforward_hosts
         self._name_for_upstream = "[UNAVAILABLE]"  # XCLIENT NAME: verified name or a [..] word
         self._connect_task: asyncio.Task[None] | None = None
         self.client.trusted = ip_in(client.ip, policy.server.trusted_networks)
         self.hostname = policy.server.effective_hostname
 
     # -- identity and session-level checks -------------------------------------------------
-    @property
-    def xforward_allowed(self) -> bool:
-        return self.client.source != "xforward" and self._peer_allowed_xforward
-
-    _peer_allowed_xforward = False
-
     def allow_xforward(self, peer_ip: str) -> None:
         """Front end: the socket peer is one of ``server.xforward_hosts``."""
         self._peer_allowed_xforward = ip_in(peer_ip, self.policy.server.xforward_hosts)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from pathlib import Path
 
 import dkim
 import pytest
@@ -69,30 +68,15 @@ def zone(dns_zone: ZoneDNSServer, keys: dict[str, bytes]) -> Iterator[ZoneDNSSer
 
 
 @pytest.fixture
-def auth_front(
-    tmp_path: Path, mailbox_reset: PostfixInstance, zone: ZoneDNSServer
-) -> Iterator[StartMailgate]:
-    started: list[MailgateProcess] = []
+def auth_front(front: StartMailgate, zone: ZoneDNSServer) -> StartMailgate:
+    """The front-mode mailgate (tests/e2e/conftest.py) with the sender zones published,
+    DNSBL off and the list server trusted as an ARC sealer."""
 
     def start(overrides: dict[str, object] | None = None) -> MailgateProcess:
-        policy = deep_merge(
-            {
-                "upstream": {"address": f"127.0.0.1:{mailbox_reset.listen_port}"},
-                "dns": {"nameservers": [zone.nameserver], "timeout": "1s"},
-                "dnsbl": {"enabled": False},
-                "greylist": {"enabled": False},
-                "redis": {"url": "redis://127.0.0.1:6379/9"},
-                "arc": {"trusted_sealers": ["lists.forwarder.test"]},
-            },
-            overrides or {},
-        )
-        mg = MailgateProcess(tmp_path / f"mg{len(started)}", policy)
-        started.append(mg)
-        return mg.start()
+        base = {"dnsbl": {"enabled": False}, "arc": {"trusted_sealers": ["lists.forwarder.test"]}}
+        return front(deep_merge(base, overrides or {}))
 
-    yield start
-    for mg in started:
-        mg.stop()
+    return start
 
 
 def _message(sender: str, subject: str) -> bytes:

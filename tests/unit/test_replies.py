@@ -15,10 +15,7 @@ FACTORIES = {
     "closing": replies.closing("mx.example.org"),
     "syntax": replies.syntax("MAIL FROM:<address>"),
     "bad_parameter": replies.bad_parameter("FOO=1"),
-    "bad_address_sender": replies.bad_address("sender"),
-    "bad_address_rcpt": replies.bad_address("recipient"),
     "greylisted": replies.greylisted(299.2),
-    "upstream_protocol_error": replies.upstream_protocol_error(),
 }
 ALL = {**CATALOGUE, **FACTORIES}
 ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
