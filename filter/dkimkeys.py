@@ -69,6 +69,18 @@ _parse_public_key = functools.lru_cache(maxsize=4096)(parse_public_key)
 dkim.parse_public_key = _parse_public_key
 dkim.RSASSA_PKCS1_v1_5_verify = _rsa_verify
 
+#: dkimpy's pattern for blanking the b= value before hashing a signature field,
+#: ``[;\s]b FWS = (FWS base64char)* (CRLF end)?``, with FWS spelled
+#: ``(?:(?:\s*\r?\n)?\s+)?``. That FWS matches exactly the runs of zero or more
+#: whitespace characters, so the same language is ``[;\s]b\s*=`` followed by the
+#: longest run of whitespace and base64 characters that ends in a base64 character;
+#: written so, the nested quantifiers go and one substitution takes ~5 µs instead of
+#: ~40 µs per signature (a randomised comparison in tests/unit/checks keeps the two
+#: equal). dkimpy reads ``RE_BTAG`` from its module globals at call time.
+DKIMPY_RE_BTAG = dkim.RE_BTAG
+RE_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sA-Za-z0-9+/=]*[A-Za-z0-9+/=])?(?:\r?\n\Z)?")
+dkim.RE_BTAG = RE_BTAG
+
 __all__ = [
     "DKIMPY_LOG",
     "KeyLookup",

@@ -76,8 +76,12 @@ class DMARCRecord:
         return any(_URI.match(u) for u in self.rua)
 
 
+@lru_cache(maxsize=4096)
 def parse_record(text: str) -> DMARCRecord | None:
     """The record, or None when ``text`` is not a DMARC record at all.
+
+    Memoised (the record is immutable): the same few records are read message after
+    message from the resolver's cache.
 
     RFC 9989 §4.7: ``v`` MUST be the first tag and exactly ``DMARC1`` (case-sensitive)
     or the record is ignored entirely. §4.8: unknown tags are ignored and syntax errors
@@ -182,6 +186,7 @@ def usable_record(record: DMARCRecord, mode: Mode = "rfc9989") -> DMARCRecord | 
 # -- names and the DNS tree walk ------------------------------------------------------------
 
 
+@lru_cache(maxsize=8192)
 def normalize_domain(text: str) -> str | None:
     """Lower-case A-label form of a domain, or None if it cannot be a domain name.
 

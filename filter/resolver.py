@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -138,12 +138,15 @@ class DNSResult:
 _BAD_CHARS = frozenset(" \t\r\n\v\f\\")
 
 
+@functools.lru_cache(maxsize=8192)
 def normalise_name(name: str) -> str:
     """Lower-case A-label form without trailing dot, or ``ValueError``.
 
     One form per name keeps the cache and the de-duplication keyed on what is actually
     asked. ASCII labels pass as they are (underscores and digits are everyday DNS:
     ``_dmarc``, DNSBL reversed IPs); only labels with non-ASCII go through IDNA.
+    Memoised: every cache hit starts here, and the same few names are asked for
+    message after message (a bad name raises, and is not remembered).
     """
     if not isinstance(name, str):
         raise ValueError(f"DNS name must be a string, not {type(name).__name__}")
@@ -176,6 +179,7 @@ def normalise_name(name: str) -> str:
     return b".".join(labels).decode("ascii")
 
 
+@functools.lru_cache(maxsize=64)
 def _normalise_rtype(rtype: str) -> str:
     """Upper-case type mnemonic that dnspython knows and that is a plain query type."""
     text = str(rtype).upper()
@@ -246,7 +250,11 @@ class DNSCache:
             del self._data[key]
             return None
         self._data.move_to_end(key)
-        return dataclasses.replace(result, ttl=int(left))
+        ttl = int(left)
+        if ttl == result.ttl:
+            return result
+        # the constructor, not dataclasses.replace: this is every cache hit's path
+        return DNSResult(result.name, result.rtype, result.outcome, result.data, ttl)
 
     def put(self, key: _Key, result: DNSResult) -> None:
         """Keep ``result`` for ``result.ttl`` seconds; TTL 0 or a zero-size cache keeps none."""

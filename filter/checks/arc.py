@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -74,8 +75,13 @@ class ARCSealError(Exception):
 
 
 # -- verification ------------------------------------------------------------------------
+_ARC_LINE = re.compile(rb"(?:^|\n)arc-", re.IGNORECASE)
+
+
 def arc_headers(header_block: bytes) -> list[tuple[bytes, dict[str, bytes]]]:
     """(lower-case name, tags) of every ARC field; unparsable ones get empty tags."""
+    if _ARC_LINE.search(header_block) is None:
+        return []  # most mail has no ARC set: no line starts with "ARC-", nothing to parse
     headers, _ = dkim.rfc822_parse(header_block + b"\r\n")
     out: list[tuple[bytes, dict[str, bytes]]] = []
     for name, value in headers:

@@ -33,6 +33,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import dkim
 
@@ -114,15 +115,39 @@ def _identity_domain(i: bytes) -> bytes:
     return i.rpartition(b"@")[2].lower().rstrip(b".")
 
 
-def signature_fields(header_block: bytes) -> list[bytes]:
-    """Values of the DKIM-Signature fields, top first: dkimpy's ``idx`` order.
+def parse_header(header_block: bytes) -> list[list[bytes]]:
+    """The header fields as dkimpy's parser sees them: [name, value] pairs.
 
-    Parsed with dkimpy's own header parser so that index i here is the signature
-    ``DKIM.verify(idx=i)`` checks; raises ``dkim.MessageFormatError`` when dkimpy
-    could not parse the header at all.
+    Raises ``dkim.MessageFormatError`` when dkimpy could not parse the header at all.
     """
     headers, _ = dkim.rfc822_parse(header_block + b"\r\n")
+    return cast("list[list[bytes]]", headers)
+
+
+def signature_fields(header_block: bytes, headers: list[list[bytes]] | None = None) -> list[bytes]:
+    """Values of the DKIM-Signature fields, top first: dkimpy's ``idx`` order.
+
+    Parsed with dkimpy's own header parser (or taken from ``headers``, its result) so
+    that index i here is the signature ``DKIM.verify(idx=i)`` checks; raises
+    ``dkim.MessageFormatError`` when dkimpy could not parse the header at all.
+    """
+    if headers is None:
+        headers = parse_header(header_block)
     return [bytes(v) for n, v in headers if bytes(n).lower() == b"dkim-signature"]
+
+
+def _body_if_crlf(content: bytes, header_block: bytes) -> bytes | None:
+    """The body as dkimpy's parser would return it, or None when that is not certain.
+
+    Why: ``dkim.DKIM(message)`` splits the whole message into lines and joins the
+    body again, a quarter of dkimpy's time on a 4 KB message. When every line ends
+    in CRLF (always so for SMTP DATA, which refuses bare LF) its result is simply
+    the bytes after the blank line, so the header parsed once is reused instead.
+    """
+    start = len(header_block)
+    if content[start : start + 2] != b"\r\n" or content.count(b"\n") != content.count(b"\r\n"):
+        return None
+    return content[start + 2 :]
 
 
 def _describe(index: int, value: bytes) -> SignatureResult:
@@ -217,17 +242,23 @@ def _verify_all(
     sigs: list[SignatureResult],
     keys: Mapping[bytes, KeyLookup],
     min_bits: int,
+    parsed: tuple[list[list[bytes]], bytes] | None = None,
 ) -> None:
     """The crypto step: fills in ``result``/``reason`` of every undecided signature.
 
     Runs without DNS (``keys`` holds every answer) and possibly in a worker thread;
-    one ``dkim.DKIM`` parses the message once for all signatures.
+    one ``dkim.DKIM`` serves all signatures. ``parsed`` is (header fields, body) as
+    ``dkim.rfc822_parse`` gives them for ``message``, when the caller has them.
     """
     pending = [s for s in sigs if s.tags is not None]
     if not pending:
         return
     try:
-        verifier = dkim.DKIM(message, logger=DKIMPY_LOG, minkey=min_bits)
+        if parsed is None:
+            verifier = dkim.DKIM(message, logger=DKIMPY_LOG, minkey=min_bits)
+        else:
+            verifier = dkim.DKIM(None, logger=DKIMPY_LOG, minkey=min_bits)
+            verifier.headers, verifier.body = parsed
     except dkim.DKIMException as e:
         for sig in pending:
             sig.result, sig.reason, sig.tags = "permerror", f"message does not parse: {e}", None
@@ -269,8 +300,10 @@ class DKIMCheck:
         msg = ctx.message
         if msg is None:
             return self._result(ctx, [], 0, False, start, "no message")
+        header_block = msg.header_block
         try:
-            values = signature_fields(msg.header_block)
+            headers = parse_header(header_block)
+            values = signature_fields(header_block, headers)
         except dkim.DKIMException as e:
             values = [
                 raw for name, raw in split_fields(msg.header_block) if name == b"dkim-signature"
@@ -295,7 +328,9 @@ class DKIMCheck:
         offloaded = False
         if any(s.tags is not None for s in sigs):
             content = msg.content()
-            args = (content, sigs, keys, ctx.policy.dkim.min_key_bits)
+            body = _body_if_crlf(content, header_block) if msg.header_complete else None
+            parsed = None if body is None else (headers, body)
+            args = (content, sigs, keys, ctx.policy.dkim.min_key_bits, parsed)
             if msg.size > self.offload_bytes:
                 offloaded = True
                 await asyncio.to_thread(_verify_all, *args)

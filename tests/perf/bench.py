@@ -819,6 +819,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--start-timeout", type=float, default=30.0, help="seconds to wait for mailgate"
     )
     ap.add_argument("--keep", action="store_true", help="keep the work dir (policy, mailgate log)")
+    ap.add_argument(
+        "--profile", metavar="FILE", help="run mailgate under cProfile; pstats written to FILE"
+    )
     a = ap.parse_args(argv)
     try:
         a.session_list = [int(x) for x in a.sessions.split(",") if x.strip()]
@@ -895,6 +898,9 @@ def start_mailgate(
     )
     log = workdir / "mailgate.log"
     argv = [sys.executable, "-m", "filter", "serve", "--config", str(config)]
+    if a.profile:
+        # cProfile writes its file when serve returns (SIGTERM drains, then exits)
+        argv[1:1] = ["-m", "cProfile", "-o", str(Path(a.profile).resolve())]
     s = procs.start("mailgate", argv, log=log)
     try:
         wait_for_banner("127.0.0.1", port, a.start_timeout, s.proc)

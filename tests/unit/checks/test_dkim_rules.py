@@ -7,6 +7,7 @@ without DNS or crypto; tests/integration/test_check_dkim.py runs them end to end
 from __future__ import annotations
 
 import base64
+import random
 
 import dkim
 import pytest
@@ -16,12 +17,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from filter.checks.arc import ARCSealError, authserv_id, seal
 from filter.checks.dkim import (
     SignatureResult,
+    _body_if_crlf,
     check_key,
     check_signature_tags,
     overall_result,
+    parse_header,
     signature_fields,
 )
 from filter.dkimkeys import (
+    DKIMPY_RE_BTAG,
+    RE_BTAG,
     KeyLookup,
     KeyRecordError,
     KeyTempError,
@@ -222,6 +227,54 @@ def test_signature_fields_are_in_dkimpy_index_order() -> None:
     assert [parse_tags(v)["d"] for v in values] == [b"a.test", b"b.test"]
     with pytest.raises(dkim.MessageFormatError):
         signature_fields(b"no colon on this line\r\n")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"From: a@a.test\r\nSubject: x\r\n\r\nbody\r\n",
+        b"From: a@a.test\r\n\r\nbody\r\n\r\n\r\n",  # trailing empty lines
+        b"From: a@a.test\r\n\r\n",  # empty body
+        b"From: a@a.test\r\n\r\nno final CRLF",
+        b"From: a@a.test\r\nSubject: folded\r\n  line\r\n\r\n\r\nleading blank\r\n",
+    ],
+)
+def test_header_and_body_reused_equal_dkimpys_own_parse(message: bytes) -> None:
+    """The single-parse path hands dkimpy exactly what ``DKIM(message)`` would parse."""
+    block = message[: message.index(b"\r\n\r\n") + 2]
+    headers, body = dkim.rfc822_parse(message)
+    assert parse_header(block) == headers
+    assert _body_if_crlf(message, block) == body
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"From: a@a.test\r\n\r\nbare\nLF in the body\r\n",  # e.g. a replayed file
+        b"From: a@a.test\r\nSubject: x\r\n",  # no blank line: the block is not followed by one
+    ],
+)
+def test_body_is_not_guessed_unless_every_line_ends_in_crlf(message: bytes) -> None:
+    block = message if b"\r\n\r\n" not in message else message[: message.index(b"\r\n\r\n") + 2]
+    assert _body_if_crlf(message, block) is None
+
+
+def test_faster_b_tag_pattern_blanks_exactly_what_dkimpys_own_does() -> None:
+    """Random strings over the characters that matter, plus real signature fields."""
+    rnd = random.Random(20261127)
+    alphabet = [b";", b" ", b"\t", b"\r", b"\n", b"\r\n", b"b", b"=", b"a", b"Z", b"9"]
+    alphabet += [b"+", b"/", b"h", b"x", b"-", b":", b"b="]
+    samples = [
+        b" v=1; a=rsa-sha256; d=a.test; s=s;\r\n bh=abc=; b=AbC+/\r\n\t dEf==\r\n",
+        b"v=1; b= ; bh=x; b=\r\n",
+        b"v=1; z=From:a b=c; b=QUJD",
+    ]
+    samples += [
+        b"".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 40))) for _ in range(30000)
+    ]
+    assert RE_BTAG is not DKIMPY_RE_BTAG and dkim.RE_BTAG is RE_BTAG
+    for value in samples:
+        assert RE_BTAG.sub(b"\\1", value) == DKIMPY_RE_BTAG.sub(b"\\1", value), value
 
 
 # -- the dnsfunc seam ----------------------------------------------------------------------
