@@ -94,7 +94,6 @@ __all__ = [
     "make_dnsfunc",
     "parse_key_record",
     "parse_tags",
-    "prefetch",
     "select_record",
 ]
 
@@ -164,13 +163,20 @@ def parse_tags(value: bytes) -> dict[str, bytes]:
 
     Tag names are case-sensitive (3.2), values keep their case; only the CRLFs of
     folded header fields are dropped so that values can be compared directly.
+    Each call returns a dict of its own.
     """
-    unfolded = value.replace(b"\r\n", b"").replace(b"\n", b"")
+    return dict(_parsed_tags(value.replace(b"\r\n", b"").replace(b"\n", b"")))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_tags(unfolded: bytes) -> tuple[tuple[str, bytes], ...]:
+    """Memoised: one signature field is parsed by the prefetch, then by its check,
+    and key records repeat message after message."""
     try:
         raw = parse_tag_value(unfolded)
     except InvalidTagValueList as e:
         raise TagListError(f"tag list syntax error: {e!s:.80}") from None
-    return {k.decode("ascii", "replace"): v for k, v in raw.items()}
+    return tuple((k.decode("ascii", "replace"), v) for k, v in raw.items())
 
 
 def _colon_list(value: bytes) -> tuple[str, ...]:
@@ -278,6 +284,8 @@ async def _lookup(resolver: Resolver, name: bytes) -> KeyLookup:
 async def fetch_keys(resolver: Resolver, names: Iterable[bytes]) -> dict[bytes, KeyLookup]:
     """Look up every key name concurrently (each name once), keyed by ``key_name``."""
     unique = list(dict.fromkeys(names))
+    if len(unique) == 1:  # the usual case: no Task for gather to make
+        return {unique[0]: await _lookup(resolver, unique[0])}
     found = await asyncio.gather(*(_lookup(resolver, n) for n in unique))
     return dict(zip(unique, found, strict=True))
 
@@ -315,15 +323,20 @@ def make_dnsfunc(
 _SIGNATURE_FIELDS = (b"dkim-signature", b"arc-seal", b"arc-message-signature")
 
 
-def key_names(header_block: bytes, limit: int = 50) -> list[bytes]:
+def key_names(
+    header_block: bytes,
+    limit: int = 50,
+    fields: Iterable[tuple[bytes, bytes]] | None = None,
+) -> list[bytes]:
     """Key names named by the DKIM-Signature (first ``limit``) and ARC signature fields.
 
+    ``fields`` is ``split_fields(header_block)`` when the caller has it already.
     Lenient by design: a field that does not parse is skipped here and judged by the
     check itself.
     """
     names: list[bytes] = []
     dkim_seen = 0
-    for name, raw in split_fields(header_block):
+    for name, raw in split_fields(header_block) if fields is None else fields:
         if name not in _SIGNATURE_FIELDS:
             continue
         if name == b"dkim-signature":
@@ -337,16 +350,3 @@ def key_names(header_block: bytes, limit: int = 50) -> list[bytes]:
         if tags.get("s", b"").strip() and tags.get("d", b"").strip():
             names.append(key_name(tags["s"].strip(), tags["d"].strip()))
     return list(dict.fromkeys(names))
-
-
-async def prefetch(resolver: Resolver, header_block: bytes, limit: int = 50) -> int:
-    """Warm the resolver cache with every key the header names; returns how many.
-
-    For the session to start as soon as the header block is complete (DESIGN.md: "DKIM
-    keys as soon as the headers are in"), so that the DKIM and ARC checks find the
-    answers cached at the final dot. Failures are left for the checks to meet again.
-    """
-    names = key_names(header_block, limit)
-    if names:
-        await fetch_keys(resolver, names)
-    return len(names)

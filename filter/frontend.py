@@ -381,7 +381,7 @@ class _Connection:
                     message.write(content)
                     if not prefetched and message.header_complete:
                         prefetched = True
-                        s.prefetch(message.header_block)
+                        s.prefetch(message)
         except BaseException:
             message.close()
             raise

@@ -41,13 +41,24 @@ def _kv_value(value: Any) -> str:
     return text
 
 
+_last_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    """UTC ``YYYY-MM-DDTHH:MM:SS.mmmZ``; the seconds part is formatted once a second."""
+    global _last_second
+    second = int(record.created)
+    if _last_second[0] != second:
+        _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_last_second[1]}.{int(record.msecs):03d}Z"
+
+
 class KeyValueFormatter(logging.Formatter):
     """``ts=… level=… logger=… event=… k=v …`` with quoting only where needed."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields: Mapping[str, Any] = getattr(record, EVENT, {}) or {}
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        parts = [f"ts={ts}.{int(record.msecs):03d}Z", f"level={record.levelname.lower()}"]
+        parts = [f"ts={_timestamp(record)}", f"level={record.levelname.lower()}"]
         parts.append(f"logger={record.name}")
         msg = record.getMessage()
         if msg:
@@ -62,8 +73,7 @@ class KeyValueFormatter(logging.Formatter):
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
         }

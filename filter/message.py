@@ -22,6 +22,7 @@ class MessageBuffer:
         self._file = tempfile.SpooledTemporaryFile(max_size=spool_threshold)  # noqa: SIM115
         self._head = bytearray()
         self._header_end: int | None = None
+        self._fields: list[tuple[bytes, bytes]] | None = None
         self.size = 0
 
     def write(self, data: bytes) -> None:
@@ -57,7 +58,18 @@ class MessageBuffer:
         return bytes(self._head[:end])
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return list(split_fields(self.header_block))
+        """``split_fields`` of the header block: parsed once when the block is complete.
+
+        The prefetch, DMARC and other readers of one message then share one parse.
+        A copy of the list is returned, so no reader can change what another sees.
+        """
+        if self._fields is not None:
+            return list(self._fields)
+        fields = list(split_fields(self.header_block))
+        if self._header_end is not None:
+            self._fields = fields
+            return list(fields)
+        return fields
 
     def content(self) -> bytes:
         """The whole message; only for callers that accept its size in memory."""

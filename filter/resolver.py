@@ -369,6 +369,40 @@ class Resolver:
         # shield: a waiter's cancellation must not cancel the query the others wait on
         return await asyncio.shield(task)
 
+    def peek(self, name: str, rtype: str = "A") -> DNSResult | None:
+        """The cached answer for (name, rtype) without waiting; None when it would take a
+        query (or the name is not one the DNS can hold: ``resolve`` says why)."""
+        try:
+            key = (normalise_name(name), _normalise_rtype(rtype))
+        except ValueError:
+            return None
+        return self.cache.get(key)
+
+    async def resolve_many(self, queries: Sequence[tuple[str, str]]) -> list[DNSResult | Exception]:
+        """``resolve`` for every (name, rtype) concurrently; a failure (``DNSTempError``,
+        ``ValueError``) stands in place of its answer.
+
+        Why not plain ``asyncio.gather``: it makes a Task of every lookup, and with a
+        warm cache those Tasks, not the DNS, were the cost. Cached answers are taken
+        as they are; only the misses go to the network, together.
+        """
+        out: list[DNSResult | Exception | None] = [self.peek(n, t) for n, t in queries]
+        missing = [i for i, r in enumerate(out) if r is None]
+        if len(missing) == 1:
+            try:
+                out[missing[0]] = await self.resolve(*queries[missing[0]])
+            except (DNSTempError, ValueError) as e:
+                out[missing[0]] = e
+        elif missing:
+            got = await asyncio.gather(
+                *(self.resolve(*queries[i]) for i in missing), return_exceptions=True
+            )
+            for i, r in zip(missing, got, strict=True):
+                if isinstance(r, BaseException) and not isinstance(r, DNSTempError | ValueError):
+                    raise r  # a bug or a cancellation is not an answer
+                out[i] = r
+        return cast("list[DNSResult | Exception]", out)
+
     def _query_done(self, key: _Key, task: asyncio.Task[DNSResult]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]

@@ -20,7 +20,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,7 +29,7 @@ from filter.checks import Context
 from filter.checks.arc import ARCSealError, seal_message
 from filter.checks.rdns import xclient_name
 from filter.dmarc import author_domain
-from filter.headers import render_field, split_fields
+from filter.headers import render_field
 from filter.message import MessageBuffer
 from filter.metrics import Metrics
 from filter.model import ClientInfo, Envelope, Recipient, Stage, UpstreamError
@@ -369,7 +369,7 @@ class Session:
             self.errors += 1
         return reply
 
-    def prefetch(self, header_block: bytes) -> None:
+    def prefetch(self, message: MessageBuffer) -> None:
         """The header block is in: start DKIM key and DMARC lookups before the final dot.
 
         Fire and forget: the answers land in the resolver's cache, where the checks find
@@ -380,24 +380,30 @@ class Session:
         p = self.policy
         if not (p.dkim.enabled or p.arc.enabled or p.dmarc.enabled):
             return  # nothing would use the answers
-        task = asyncio.get_running_loop().create_task(self._prefetch(header_block))
+        resolver = self.resolver
+        fields = message.headers()
+        names: list[str] = []
+        if p.dkim.enabled or p.arc.enabled:
+            keys = dkimkeys.key_names(message.header_block, p.dkim.max_signatures, fields)
+            for key in keys:
+                with contextlib.suppress(UnicodeDecodeError):  # the check reports it
+                    names.append(key.decode("utf-8"))
+        if p.dmarc.enabled:
+            author = author_domain(fields)
+            if author.domain:
+                names.append(f"_dmarc.{author.domain}")
+        missing = [n for n in names if resolver.peek(n, "TXT") is None]
+        if not missing:
+            return  # all cached (the usual case): no task, no loop round trip
+        task = asyncio.get_running_loop().create_task(self._prefetch(missing))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _prefetch(self, header_block: bytes) -> None:
+    async def _prefetch(self, names: list[str]) -> None:
         resolver = self.resolver
         assert resolver is not None
-        lookups: list[Awaitable[object]] = []
-        if self.policy.dkim.enabled or self.policy.arc.enabled:
-            lookups.append(
-                dkimkeys.prefetch(resolver, header_block, self.policy.dkim.max_signatures)
-            )
-        if self.policy.dmarc.enabled:
-            author = author_domain(split_fields(header_block))
-            if author.domain:
-                lookups.append(resolver.txt(f"_dmarc.{author.domain}"))
         with contextlib.suppress(Exception):
-            await asyncio.gather(*lookups, return_exceptions=True)
+            await resolver.resolve_many([(n, "TXT") for n in names])
 
     def data_start(self) -> Reply:
         txn = self.txn

@@ -14,7 +14,6 @@ policy turns into a 4xx or an accept, never into a reject.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from filter import dmarc, replies
 from filter.checks import Context
 from filter.model import Stage
-from filter.resolver import DNSTempError, Resolver
+from filter.resolver import DNSResult, DNSTempError, Resolver
 from filter.results import Action, CheckResult, Decision, Symbol
 
 _ACTIONS = {
@@ -99,13 +98,13 @@ class _Discovery:
         one type and data for another; asking three (concurrently, cached) keeps a
         broken server from earning its domain the harsher ``np``.
         """
-        try:
-            answers = await asyncio.gather(
-                *(self._resolver.resolve(domain, rtype) for rtype in ("A", "AAAA", "MX"))
-            )
-        except ValueError:  # not a name the DNS can hold: do not guess "non-existent"
-            return True
-        return not all(a.outcome == "nxdomain" for a in answers)
+        answers = await self._resolver.resolve_many([(domain, t) for t in ("A", "AAAA", "MX")])
+        if any(isinstance(a, ValueError) for a in answers):
+            return True  # not a name the DNS can hold: do not guess "non-existent"
+        for a in answers:
+            if isinstance(a, Exception):
+                raise a
+        return not all(isinstance(a, DNSResult) and a.outcome == "nxdomain" for a in answers)
 
 
 class DMARCCheck:

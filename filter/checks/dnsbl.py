@@ -326,7 +326,10 @@ async def _query_zones(
             health.count_hit(hit)
         out.hits.extend(answer.hits)
 
-    await asyncio.gather(*(one(*q) for q in live))
+    if len(live) == 1:
+        await one(*live[0])  # one zone: no Task for gather to make
+    else:
+        await asyncio.gather(*(one(*q) for q in live))
     return out
 
 

@@ -439,8 +439,11 @@ class SPFCheck:
         def run_one(ident: Identity) -> Verdict:
             return self._evaluate(lookup, ip, ident, helo_macro, receiver, budget)
 
+        def key_for(ident: Identity) -> tuple[str, ...]:
+            return (ip, ident.sender.lower(), helo_macro.lower(), receiver)
+
         async def verdict_for(ident: Identity) -> Verdict:
-            key = (ip, ident.sender.lower(), helo_macro.lower(), receiver)
+            key = key_for(ident)
             cached = self.cache.get(key)
             if cached is not None:
                 return cached
@@ -449,11 +452,21 @@ class SPFCheck:
             return verdict
 
         second = helo_identity(helo) if identity.kind == "mailfrom" and policy.spf.helo else None
+        helo_verdict: Verdict | None = None
         if second is None:
             main = await verdict_for(identity)
-            helo_verdict = None
         else:
-            main, helo_verdict = await asyncio.gather(verdict_for(identity), verdict_for(second))
+            main_known, helo_known = (
+                self.cache.get(key_for(identity)),
+                self.cache.get(key_for(second)),
+            )
+            if main_known is not None and helo_known is not None:
+                # Both remembered: no Tasks for gather to make, no loop round trip.
+                main, helo_verdict = main_known, helo_known
+            else:
+                main, helo_verdict = await asyncio.gather(
+                    verdict_for(identity), verdict_for(second)
+                )
         return build_result(identity, main, helo, helo_verdict, policy)
 
 

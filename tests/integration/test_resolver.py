@@ -281,6 +281,46 @@ async def test_clear_cache(dns_zone: ZoneDNSServer) -> None:
     assert dns_zone.count("cc.example.test", "A") == 2
 
 
+async def test_peek_answers_only_from_the_cache(dns_zone: ZoneDNSServer) -> None:
+    dns_zone.add("pk.example.test", "A", "192.0.2.41")
+    r = make(dns_zone)
+    assert r.peek("pk.example.test") is None  # never asks the network
+    assert dns_zone.count("pk.example.test") == 0
+    await r.resolve("pk.example.test")
+    hit = r.peek("PK.Example.Test.", "a")
+    assert hit is not None and hit.data == ("192.0.2.41",)
+    assert r.peek("bad name.example.test") is None  # resolve() says why, peek() does not
+
+
+async def test_resolve_many_asks_only_for_what_is_not_cached(dns_zone: ZoneDNSServer) -> None:
+    dns_zone.add("m1.example.test", "A", "192.0.2.51")
+    dns_zone.add("m2.example.test", "TXT", "two")
+    r = make(dns_zone)
+    await r.resolve("m1.example.test")
+    out = await r.resolve_many(
+        [("m1.example.test", "A"), ("m2.example.test", "TXT"), ("bad name.test", "A")]
+    )
+    assert isinstance(out[0], DNSResult) and out[0].data == ("192.0.2.51",)
+    assert isinstance(out[1], DNSResult) and out[1].data == ((b"two",),)
+    assert isinstance(out[2], ValueError)  # in place of its answer, the others unharmed
+    assert dns_zone.count("m1.example.test", "A") == 1  # the cached one was not asked again
+    again = await r.resolve_many([("m1.example.test", "A"), ("m2.example.test", "TXT")])
+    assert [x.data for x in again if isinstance(x, DNSResult)] == [("192.0.2.51",), ((b"two",),)]
+    assert dns_zone.count() == 2  # m1 once, m2 once: the second round was all cache
+
+
+async def test_resolve_many_reports_temporary_errors_per_query(dns_zone: ZoneDNSServer) -> None:
+    dns_zone.add("t1.example.test", "A", "192.0.2.61")
+    r = make(dns_zone, timeout=0.3)
+    await r.resolve("t1.example.test")
+    dns_zone.set_mode("timeout")
+    out = await r.resolve_many([("t1.example.test", "A"), ("t2.example.test", "A")])
+    assert isinstance(out[0], DNSResult)  # cached: the outage does not touch it
+    assert isinstance(out[1], DNSTempError) and out[1].reason == "timeout"
+    out = await r.resolve_many([("t3.example.test", "A"), ("t4.example.test", "A")])
+    assert all(isinstance(x, DNSTempError) for x in out)
+
+
 # -- de-duplication --------------------------------------------------------------------------
 @pytest.mark.both_loops
 async def test_concurrent_identical_queries_collapse(dns_zone: ZoneDNSServer) -> None:

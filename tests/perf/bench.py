@@ -137,8 +137,12 @@ def policy_toml(
     nameservers: list[str],
     redis_url: str,
     xclient: bool,
+    without: frozenset[str] = frozenset(),
 ) -> str:
-    """The policy mailgate runs under during the benchmark (keys per CONTRACT.md)."""
+    """The policy mailgate runs under during the benchmark (keys per CONTRACT.md).
+
+    ``without`` names checks to leave off, to price one check by difference.
+    """
     auth = checks in ("auth", "all")
     rest = checks == "all"
     on = {True: "true", False: "false"}
@@ -176,16 +180,18 @@ def policy_toml(
         "",
     ]
     for name, enabled in (("spf", auth), ("dkim", auth), ("dmarc", auth), ("arc", auth)):
-        parts += [f"[{name}]", f"enabled = {on[enabled]}", ""]
+        parts += [f"[{name}]", f"enabled = {on[enabled and name not in without]}", ""]
     # FCrDNS and HELO sanity come with the reputation checks ("all"), not with "auth".
     for name in ("rdns", "helo"):
-        parts += [f"[{name}]", f"enabled = {on[rest]}", ""]
-    parts += ["[dnsbl]", f"enabled = {on[rest]}", ""]
-    if rest:
+        parts += [f"[{name}]", f"enabled = {on[rest and name not in without]}", ""]
+    dnsbl = rest and "dnsbl" not in without
+    parts += ["[dnsbl]", f"enabled = {on[dnsbl]}", ""]
+    if dnsbl:
         parts += ["[[dnsbl.zones]]", f"zone = {toml_str(DNSBL_ZONE)}", "score = 10.0"]
         parts += ["reject = true", ""]
-    parts += ["[greylist]", f"enabled = {on[rest]}"]
-    if rest:
+    greylist = rest and "greylist" not in without
+    parts += ["[greylist]", f"enabled = {on[greylist]}"]
+    if greylist:
         parts += ['apply = "always"', 'delay = "1s"', 'retry_window = "1h"']
     return "\n".join(parts) + "\n"
 
@@ -349,9 +355,12 @@ def message_events(text: str) -> list[dict[str, str]]:
     return events
 
 
-def missing_auth_symbols(event: Mapping[str, str]) -> list[str]:
+def missing_auth_symbols(
+    event: Mapping[str, str], without: frozenset[str] = frozenset()
+) -> list[str]:
     symbols = set(event.get("symbols", "").split(","))
-    return [s for s in AUTH_SYMBOLS if s not in symbols]
+    wanted = [s for s in AUTH_SYMBOLS if s.partition("_")[0].lower() not in without]
+    return [s for s in wanted if s not in symbols]
 
 
 # ------------------------------------------------------------------ /proc accounting
@@ -785,6 +794,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="none: every check disabled; auth: SPF/DKIM/DMARC/ARC; all: + DNSBL, greylist",
     )
+    ap.add_argument(
+        "--without",
+        default="",
+        metavar="CHECK,...",
+        help="leave these checks of --checks off (prices a check by difference)",
+    )
     ap.add_argument("--json-out", help="append JSON lines (every run and a summary per scenario)")
     ap.add_argument("--time-limit", type=float, default=300.0, help="overall bound in seconds")
     ap.add_argument("--proxy", help="HOST:PORT of a relay already running: do not start mailgate")
@@ -823,6 +838,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile", metavar="FILE", help="run mailgate under cProfile; pstats written to FILE"
     )
     a = ap.parse_args(argv)
+    a.without = frozenset(x.strip() for x in a.without.split(",") if x.strip())
+    unknown = a.without - {"spf", "dkim", "dmarc", "arc", "rdns", "helo", "dnsbl", "greylist"}
+    if unknown:
+        ap.error(f"--without: unknown checks {', '.join(sorted(unknown))}")
     try:
         a.session_list = [int(x) for x in a.sessions.split(",") if x.strip()]
     except ValueError:
@@ -894,6 +913,7 @@ def start_mailgate(
             nameservers=nameservers,
             redis_url=a.redis_url,
             xclient=not a.no_xclient,
+            without=a.without,
         )
     )
     log = workdir / "mailgate.log"
@@ -1019,11 +1039,11 @@ def verify_auth(a: argparse.Namespace, bench: Bench, log: Path, sc: Scenario) ->
         if len(events) >= n:
             break
         time.sleep(0.1)
-    bad = [e for e in events if missing_auth_symbols(e) or e.get("action") != "accept"]
+    bad = [e for e in events if missing_auth_symbols(e, a.without) or e.get("action") != "accept"]
     if len(events) < n or bad:
         shown = "\n".join(
             f"  action={e.get('action')} symbols={e.get('symbols')} missing="
-            + ",".join(missing_auth_symbols(e))
+            + ",".join(missing_auth_symbols(e, a.without))
             for e in (bad or events)[:5]
         )
         raise SetupError(
@@ -1045,7 +1065,7 @@ def summary_line(a: argparse.Namespace, summary: dict[str, Any]) -> str:
 
     parts = [
         f"scenario={sc['sessions']}x{sc['per_conn']}",
-        f"checks={a.checks}",
+        f"checks={a.checks}" + (f"-{'-'.join(sorted(a.without))}" if a.without else ""),
         f"ratio={fmt(summary['ratio_median'], '.3f')}",
         f"p99_added_ms={ms(summary['added_p99_us'])}",
         f"mg_cpu_ms={fmt(summary['mailgate_cpu_ms_per_msg'], '.3f')}",

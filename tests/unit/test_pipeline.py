@@ -165,6 +165,38 @@ async def test_a_slow_check_times_out_into_temperror() -> None:
     assert by_name["dnsbl"].elapsed == pytest.approx(0.2, abs=0.15)
 
 
+async def test_a_slow_check_in_either_place_of_its_wave_times_out() -> None:
+    """The first check of a wave runs in the caller's task, the others in tasks."""
+    for order in (["slow", "fast"], ["fast", "slow"]):
+        delays = {"slow": 10.0, "fast": 0.01}
+        checks = [FakeCheck(n, delay=delays[n]) for n in order]
+        t0 = time.monotonic()
+        results = {
+            r.check: r for r in await Pipeline(checks, timeout=0.2).run(Stage.CONNECT, context())
+        }
+        assert time.monotonic() - t0 < 1.0
+        assert (results["slow"].result, results["fast"].result) == ("temperror", "pass")
+
+
+async def test_cancelling_a_stage_cancels_every_check_of_its_wave() -> None:
+    """A client that goes away mid-stage leaves no check running behind it."""
+    log: list[str] = []
+    checks = [FakeCheck(n, delay=5.0, log=log) for n in ("one", "two", "three")]
+    task = asyncio.get_running_loop().create_task(
+        Pipeline(checks, timeout=10).run(Stage.CONNECT, context())
+    )
+    await asyncio.sleep(0.05)
+    assert log == ["start one", "start two", "start three"]  # all three were running
+    before = set(asyncio.all_tasks())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)
+    leftover = [t for t in before if not t.done() and t is not asyncio.current_task()]
+    assert leftover == []
+    assert not any(line.startswith("end") for line in log)
+
+
 async def test_a_failed_need_still_lets_the_dependent_run() -> None:
     seen: dict[str, str] = {}
     checks = [
