@@ -240,6 +240,10 @@ class Upstream:
         return self._stream
 
     async def _drain(self, stage: str) -> None:
+        stream = self._require()
+        stream.flush()
+        if not stream.write_paused:
+            return  # the usual case: nothing to wait for, no timer to arm
         try:
             async with asyncio.timeout(self.timeout):
                 await self._require().drain()

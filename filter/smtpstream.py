@@ -182,6 +182,11 @@ class SMTPStream(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    @property
+    def write_paused(self) -> bool:
+        """The transport's buffer is over its high-water mark: ``drain`` would wait."""
+        return self._write_paused
+
     async def drain(self) -> None:
         self.flush()
         if not self._write_paused:

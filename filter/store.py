@@ -158,8 +158,10 @@ HOUR = 3600.0
 # "early", never two creations. Times come from the caller (ARGV[1]) so that every
 # mailgate instance, and tests with an injected clock, agree on "now"; TTLs (real
 # Redis time) bound memory, the stored times decide. ARGV[6] = "0" evaluates
-# without writing (dry run). Floats go back as strings: Lua numbers returned to
-# Redis would be truncated to integers.
+# without writing (dry run). ARGV[11] holds the allow-hash fields to look up, one per
+# line: as one argument, not 25 (113 for IPv6), the client packs one string instead of
+# many, which was most of the client's cost of a greylist call. Floats go back as
+# strings: Lua numbers returned to Redis would be truncated to integers.
 _GREYLIST_LUA = """
 local now = tonumber(ARGV[1])
 local delay = tonumber(ARGV[2])
@@ -170,9 +172,9 @@ local write = ARGV[6] == '1'
 local hour = 3600
 local function ms(s) return math.max(1, math.ceil(s * 1000)) end
 
-if #ARGV > 10 then
-  local fields = {}
-  for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+local fields = {}
+for field in string.gmatch(ARGV[11] or '', '[^\\n]+') do fields[#fields + 1] = field end
+if #fields > 0 then
   local found = redis.call('HMGET', KEYS[3], unpack(fields))
   for i = 1, #fields do
     local untl = tonumber(found[i])
@@ -450,6 +452,79 @@ def parse_store_url(url: str) -> StoreURL:
     )
 
 
+class _DirectScripts:
+    """Script calls on the mail path over connections of our own (standalone Redis only).
+
+    Why: around each command redis-py's client adds a pool checkout (a condition and
+    a timeout), a retry wrapper, observability hooks and, with a socket timeout, an
+    ``asyncio.wait_for`` (a Task) per write. Measured on this machine with uvloop:
+    ~118 µs of CPU per greylist call through the client, ~77 µs here, more than the
+    greylist logic itself. The connections, the wire format (``pack_command``) and the
+    reply parser (hiredis) are still redis-py's; only the layers around them are left
+    out, and one timeout bounds the whole call instead. Sentinel and Cluster URLs keep
+    the full client, which follows failovers and slots.
+    """
+
+    def __init__(self, pool: aioredis.ConnectionPool, limit: int, timeout: float) -> None:
+        self._kwargs = dict(pool.connection_kwargs)
+        self._kwargs["socket_timeout"] = None  # the call's own timeout below bounds it all
+        self._class: Any = pool.connection_class
+        self._idle: list[Any] = []
+        self._slots = asyncio.Semaphore(limit)
+        self.timeout = timeout
+
+    def _new(self) -> Any:
+        return self._class(**self._kwargs)
+
+    async def evalsha(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """``EVALSHA``, loading the script first if the server does not know it."""
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else self._new()
+            reused = conn.is_connected
+            try:
+                async with asyncio.timeout(self.timeout):
+                    try:
+                        reply = await self._evalsha(conn, script, keys, args)
+                    except redis.exceptions.ConnectionError:
+                        if not reused:
+                            raise
+                        # An idle socket the server closed (restart, timeout): one
+                        # retry on a fresh connection, as the client's Retry did.
+                        conn = self._new()
+                        reply = await self._evalsha(conn, script, keys, args)
+            except redis.exceptions.ResponseError:
+                self._idle.append(conn)  # a whole reply was read: the socket is fine
+                raise
+            except BaseException:
+                # redis-py has closed a connection that failed mid-command; a
+                # timeout or cancellation may have left this one half-read.
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+                raise
+            self._idle.append(conn)
+            return reply
+
+    @staticmethod
+    async def _evalsha(conn: Any, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        command = conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        await conn.send_packed_command(command, check_health=False)
+        try:
+            return await conn.read_response()
+        except redis.exceptions.NoScriptError:
+            await conn.send_packed_command(
+                conn.pack_command("SCRIPT", "LOAD", script.script), check_health=False
+            )
+            await conn.read_response()
+            await conn.send_packed_command(command, check_health=False)
+            return await conn.read_response()
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+
+
 class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """Sentinel's master discovery with the blocking pool's wait-for-a-connection.
 
@@ -533,6 +608,11 @@ class Store:
         self.prefix = "{" + key_prefix + "}" if self.mode == "cluster" else key_prefix
         self._limit: asyncio.Semaphore | None = None
         self.client: Any = self._build(max_connections, socket_timeout, pool_timeout)
+        self._direct: _DirectScripts | None = None
+        if self.mode == "standalone":
+            self._direct = _DirectScripts(
+                self.client.connection_pool, max_connections, socket_timeout + pool_timeout
+            )
         self._greylist_script = self.client.register_script(_GREYLIST_LUA)
         self._allow_script = self.client.register_script(_ALLOW_LUA)
         self._ratelimit_script = self.client.register_script(_RATELIMIT_LUA)
@@ -593,6 +673,13 @@ class Store:
         name = KEYS[kind].pattern.split("{", 1)[0]
         return self.prefix + name + ":".join(parts)
 
+    async def run_script(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """One registered script (``client.register_script``) on the fastest path the
+        deployment allows; errors as redis-py raises them (wrap in ``call``)."""
+        if self._direct is not None:
+            return await self._direct.evalsha(script, keys, args)
+        return await script(keys=keys, args=args)
+
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run one store operation; any failure becomes a counted StoreError."""
         try:
@@ -638,6 +725,8 @@ class Store:
     async def aclose(self) -> None:
         # Closing a client whose server is gone is not an error worth raising.
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            if self._direct is not None:
+                await self._direct.aclose()
             await self.client.aclose()
 
     # --- greylisting on the mail path -------------------------------------------------
@@ -674,9 +763,11 @@ class Store:
             triplet.sender,
             triplet.recipient,
             network,
-            *allow_fields(client_ip, spf_domain),
+            "\n".join(allow_fields(client_ip, spf_domain)),
         ]
-        raw = await self._call("greylist", lambda: self._greylist_script(keys=keys, args=args))
+        raw = await self._call(
+            "greylist", lambda: self.run_script(self._greylist_script, keys, args)
+        )
         result, retry_after, detail = (str(x) for x in raw[:3])
         waited = float(raw[3]) if len(raw) > 3 else 0.0
         return GreylistOutcome(result, max(0.0, float(retry_after)), detail, max(0.0, waited))
@@ -705,7 +796,9 @@ class Store:
         ]
         for c in counters:
             args += [c.limit, c.member]
-        raw = await self._call("ratelimit", lambda: self._ratelimit_script(keys=keys, args=args))
+        raw = await self._call(
+            "ratelimit", lambda: self.run_script(self._ratelimit_script, keys, args)
+        )
         over, retry_ms, *counts = (int(x) for x in raw)
         return RateOutcome(over - 1 if over else None, tuple(counts), retry_ms / 1000)
 

@@ -212,7 +212,7 @@ class _Batcher:
         args = [a for _, as_ in batch for a in as_]
 
         async def run() -> Any:
-            return await self.script(keys=keys, args=args)
+            return await self.store.run_script(self.script, keys, args)
 
         try:
             await self.store.call("verdict", run)

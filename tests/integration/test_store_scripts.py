@@ -1,0 +1,135 @@
+"""The store's own path for scripts on the mail path (standalone Redis), on a real Redis.
+
+The path skips redis-py's client layers, so what those layers did for us is proven
+here: scripts the server forgot are loaded again, a socket the server closed is
+replaced, a server that stops answering costs a bounded wait and never a reused
+half-read connection, and an error reply leaves the connection usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+import redis
+import redis.exceptions
+
+from filter.store import Store, StoreError
+
+ECHO = "return ARGV[1]"
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers: a hung Redis."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.accepted:
+            c.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    srv = SilentServer()
+    yield srv
+    srv.close()
+
+
+def connected_clients(raw: redis.Redis) -> int:
+    return int(raw.info("clients")["connected_clients"])
+
+
+async def test_scripts_run_on_the_direct_path(store: Store) -> None:
+    script = store.client.register_script(ECHO)
+    assert await store.run_script(script, ["k"], ["hello"]) == "hello"
+    assert store.mode == "standalone"
+
+
+async def test_a_script_the_server_forgot_is_loaded_again(store: Store, raw: redis.Redis) -> None:
+    script = store.client.register_script(ECHO)
+    assert await store.run_script(script, ["k"], ["one"]) == "one"
+    raw.script_flush()  # a Redis restart or a SCRIPT FLUSH by an admin
+    assert not raw.script_exists(script.sha)[0]
+    assert await store.run_script(script, ["k"], ["two"]) == "two"
+    assert raw.script_exists(script.sha)[0]
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced(
+    store: Store, raw: redis.Redis
+) -> None:
+    script = store.client.register_script(ECHO)
+    assert await store.run_script(script, ["k"], ["before"]) == "before"
+    raw.client_kill_filter(_type="normal", skipme=True)  # every other client is cut off
+    assert await store.run_script(script, ["k"], ["after"]) == "after"
+
+
+async def test_an_error_reply_leaves_the_connection_in_use(store: Store, raw: redis.Redis) -> None:
+    boom = store.client.register_script("return redis.error_reply('boom')")
+    echo = store.client.register_script(ECHO)
+    assert await store.run_script(echo, ["k"], ["x"]) == "x"
+    clients = connected_clients(raw)
+    with pytest.raises(redis.exceptions.ResponseError, match="boom"):
+        await store.run_script(boom, ["k"], [])
+    assert await store.run_script(echo, ["k"], ["y"]) == "y"
+    assert connected_clients(raw) == clients  # no new connection was needed
+
+
+async def test_a_hung_server_costs_a_bounded_wait_and_a_fresh_connection_each_time(
+    silent: SilentServer,
+) -> None:
+    store = Store(f"redis://127.0.0.1:{silent.port}/0", socket_timeout=0.2, pool_timeout=0.1)
+    script = store.client.register_script(ECHO)
+    try:
+        for attempt in (1, 2):
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(TimeoutError):
+                await store.run_script(script, ["k"], ["x"])
+            assert loop.time() - t0 < 1.0  # socket_timeout + pool_timeout, not forever
+            # The half-read connection was dropped, not put back for the next call.
+            assert len(silent.accepted) == attempt
+        with pytest.raises(StoreError):  # and the store's callers see a StoreError
+            await store.call("test", lambda: store.run_script(script, ["k"], ["x"]))
+    finally:
+        await store.aclose()
+
+
+async def test_a_cancelled_call_does_not_leave_its_connection_behind(
+    silent: SilentServer,
+) -> None:
+    store = Store(f"redis://127.0.0.1:{silent.port}/0", socket_timeout=5.0, pool_timeout=1.0)
+    script = store.client.register_script(ECHO)
+    try:
+        task = asyncio.get_running_loop().create_task(store.run_script(script, ["k"], ["x"]))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        task = asyncio.get_running_loop().create_task(store.run_script(script, ["k"], ["x"]))
+        await asyncio.sleep(0.1)
+        assert len(silent.accepted) == 2  # the second call did not reuse the first socket
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await store.aclose()
