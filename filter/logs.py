@@ -70,6 +70,10 @@ class KeyValueFormatter(logging.Formatter):
         return out
 
 
+# One encoder for every line: json.dumps with options builds a new one per call.
+_JSON_LINE = json.JSONEncoder(default=str, ensure_ascii=False).encode
+
+
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
@@ -83,7 +87,7 @@ class JSONFormatter(logging.Formatter):
         data.update(getattr(record, EVENT, {}) or {})
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str, ensure_ascii=False)
+        return _JSON_LINE(data)
 
 
 class BufferedStreamHandler(logging.Handler):

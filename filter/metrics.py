@@ -158,6 +158,7 @@ class Metrics:
         reg = REGISTRY if registry is None else registry
         self.registry = reg
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._reply_children: dict[tuple[str, int], Any] = {}
         # The per-series "*_created" gauges would double the series count and
         # nothing reads them from the 0.0.4 text format; the switch is
         # process-wide, which is fine since mailgate owns its process.
@@ -370,8 +371,13 @@ class Metrics:
         self._child(self.upstream_duration, bounded(stage, UPSTREAM_STAGES)).observe(seconds)
 
     def count_reply(self, stage: str, code: int) -> None:
-        stage = bounded("helo" if stage == "ehlo" else stage, REPLY_STAGES)
-        self._child(self.smtp_replies, stage, code_class(code)).inc()
+        child = self._reply_children.get((stage, code))
+        if child is None:  # several replies per message: the labels are worked out once
+            label = bounded("helo" if stage == "ehlo" else stage, REPLY_STAGES)
+            child = self._child(self.smtp_replies, label, code_class(code))
+            if len(self._reply_children) < 4096:  # stage and code come from our own code
+                self._reply_children[(stage, code)] = child
+        child.inc()
 
     def set_dnsbl_zone_health(self, zone: str, healthy: bool) -> None:
         """``zone`` must already be masked (``filter.dnsbl.mask_zone``)."""

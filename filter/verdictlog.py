@@ -52,6 +52,9 @@ log = logging.getLogger("mailgate.verdictlog")
 MAX_RECORDS = 200  # per transaction: max_recipients refusals and the verdict fit
 MAX_SESSION_MESSAGES = 1000
 
+# One encoder for every record: json.dumps with options builds a new one per call.
+_ENCODE = json.JSONEncoder(default=str, separators=(",", ":")).encode
+
 # A session id (hex from the session, "CHECK" from dry runs) and an optional ".<n>".
 _ID = re.compile(r"^([A-Za-z0-9_-]{1,64})(?:\.([0-9]{1,9}))?$")
 
@@ -142,7 +145,7 @@ def _prepare(
         return None
     if message is None:
         message = f"{session}.0"  # a refusal before any transaction numbered one
-    body = json.dumps({**rec, "id": message}, default=str, separators=(",", ":"))
+    body = _ENCODE({**rec, "id": message})
     keys = [store.key("verdict", message), store.key("verdict_session", session)]
     args: list[str | int] = [
         body,

@@ -26,6 +26,7 @@ from filter.checks.dkim import (
 )
 from filter.dkimkeys import (
     DKIMPY_RE_BTAG,
+    DKIMPY_RELAXED_HEADERS,
     RE_BTAG,
     KeyLookup,
     KeyRecordError,
@@ -35,6 +36,7 @@ from filter.dkimkeys import (
     make_dnsfunc,
     parse_key_record,
     parse_tags,
+    relaxed_headers,
     select_record,
 )
 from filter.policy.schema import ARCPolicy
@@ -275,6 +277,21 @@ def test_faster_b_tag_pattern_blanks_exactly_what_dkimpys_own_does() -> None:
     assert RE_BTAG is not DKIMPY_RE_BTAG and dkim.RE_BTAG is RE_BTAG
     for value in samples:
         assert RE_BTAG.sub(b"\\1", value) == DKIMPY_RE_BTAG.sub(b"\\1", value), value
+
+
+def test_faster_relaxed_header_canonicalisation_equals_dkimpys_own() -> None:
+    rnd = random.Random(2026_11_27)
+    pieces = [b" ", b"\t", b"\r\n", b"\n", b"\r", b"\r\n ", b"a", b"B", b";", b"=", b"\x0b"]
+    names = [b"From", b"SUBJECT ", b"x-Test\t", b"DKIM-Signature"]
+    for _ in range(5000):
+        headers = [
+            [rnd.choice(names), b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 25)))]
+            for _ in range(rnd.randint(0, 4))
+        ]
+        assert relaxed_headers(headers) == DKIMPY_RELAXED_HEADERS(headers), headers
+    from dkim.canonicalization import Relaxed
+
+    assert Relaxed.canonicalize_headers is relaxed_headers  # dkimpy uses ours
 
 
 # -- the dnsfunc seam ----------------------------------------------------------------------
