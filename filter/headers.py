@@ -63,6 +63,8 @@ def render_field(name: str, value: str) -> bytes:
     Folds at spaces, and inside long comma lists (``tests=A,B,C``) after a comma,
     as SpamAssassin does for X-Spam-Status.
     """
+    if len(name) + len(value) <= 74:  # fits on one line: nothing to fold
+        return f"{name}: {value}\r\n".encode()
     pieces: list[tuple[str, bool]] = []  # (text, joined to the previous by a space)
     for word in value.split(" "):
         parts = re.findall(r"[^,]*,|[^,]+", word) if len(word) > 40 else [word]

@@ -147,6 +147,13 @@ def setup_logging(fmt: str = "kv", level: str = "info") -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Our lines never show the caller's file and line, thread or process, so the
+    # logging module need not look them up for every record (the "Optimization"
+    # section of the logging HOWTO): a frame walk and three calls per line saved.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:

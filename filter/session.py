@@ -132,6 +132,9 @@ class Session:
         They run while the client reads the banner and says EHLO; the first command
         that needs their results waits for them (``_connect_done``).
         """
+        if self.client.trusted or not self.pipeline.has_stage(Stage.CONNECT):
+            self.session_results[Stage.CONNECT] = []  # nothing to run: no task to start
+            return
         loop = asyncio.get_running_loop()
         self._connect_task = loop.create_task(self._run_identity_stages(through=Stage.CONNECT))
 
