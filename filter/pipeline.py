@@ -74,19 +74,40 @@ class Pipeline:
         than a small check itself. The tasks start as soon as the first check waits
         (or ends); if this task is cancelled, so are they.
         """
-        if len(wave) == 1:
-            return [await self._run_one(wave[0], ctx)]
+        settled = {c.name: r for c in wave if (r := self._settled(c, ctx)) is not None}
+        pending = [c for c in wave if c.name not in settled]
+        if not pending:
+            return [settled[c.name] for c in wave]
+        if len(pending) == 1 and not settled:
+            return [await self._run_one(pending[0], ctx)]
         loop = asyncio.get_running_loop()
-        others = [loop.create_task(self._run_one(c, ctx)) for c in wave[1:]]
+        others = [loop.create_task(self._run_one(c, ctx)) for c in pending[1:]]
         try:
-            results = [await self._run_one(wave[0], ctx)]
-            for task in others:
-                results.append(await task)
+            settled[pending[0].name] = await self._run_one(pending[0], ctx)
+            for check, task in zip(pending[1:], others, strict=True):
+                settled[check.name] = await task
         except BaseException:
             for task in others:
                 task.cancel()
             raise
-        return results
+        return [settled[c.name] for c in wave]
+
+    def _settled(self, check: Check, ctx: Context) -> CheckResult | None:
+        """The check's result if it can give it without waiting (``Check.settled``)."""
+        quick = getattr(check, "settled", None)
+        if quick is None:
+            return None
+        t0 = time.monotonic()
+        try:
+            result: CheckResult | None = quick(ctx)
+        except Exception as exc:  # same isolation as run(): a bug becomes temperror
+            result = _failed(check, ctx, f"internal error: {type(exc).__name__}")
+            log.exception(
+                "check=%s session=%s outcome=exception", check.name, ctx.client.session_id
+            )
+        if result is None:
+            return None
+        return self._finish(check, result, time.monotonic() - t0)
 
     async def _run_one(self, check: Check, ctx: Context) -> CheckResult:
         t0 = time.monotonic()
@@ -101,12 +122,12 @@ class Pipeline:
             log.exception(
                 "check=%s session=%s outcome=exception", check.name, ctx.client.session_id
             )
-        elapsed = time.monotonic() - t0
+        return self._finish(check, result, time.monotonic() - t0)
+
+    def _finish(self, check: Check, result: CheckResult, elapsed: float) -> CheckResult:
         if self.metrics is not None:
             self.metrics.count_check(check.name, result.result, elapsed)
-        return CheckResult(
-            result.check, result.result, result.symbols, result.decision, result.data, elapsed
-        )
+        return result.with_elapsed(elapsed)
 
 
 def _failed(check: Check, ctx: Context, detail: str) -> CheckResult:

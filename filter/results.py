@@ -67,6 +67,18 @@ class CheckResult:
     data: Mapping[str, object] = field(default_factory=dict)
     elapsed: float = 0.0
 
+    def with_elapsed(self, elapsed: float) -> CheckResult:
+        """A copy with ``elapsed`` set (the pipeline times every check).
+
+        Copies the fields directly: the frozen dataclass constructor and its
+        validation ran once already, for this result, and the pipeline does this
+        for every check of every message.
+        """
+        copy = object.__new__(CheckResult)
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__["elapsed"] = elapsed
+        return copy
+
     def __post_init__(self) -> None:
         if self.result not in RESULT_WORDS:
             raise ValueError(f"check {self.check}: {self.result!r} is not an RFC 8601 result")

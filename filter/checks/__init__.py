@@ -37,6 +37,10 @@ class Context:
 
 
 class Check(Protocol):
+    """A check may also have ``settled(ctx) -> CheckResult | None``: its result when it
+    can tell without waiting (nothing to check), else None. The pipeline asks it first
+    and then spares it a Task and a timer; ``run`` must give the same answer."""
+
     name: str
     stage: Stage
     needs: tuple[str, ...]

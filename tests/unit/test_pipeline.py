@@ -212,6 +212,67 @@ async def test_a_failed_need_still_lets_the_dependent_run() -> None:
     assert [r.result for r in results] == ["temperror", "pass"]
 
 
+class SettlingCheck(FakeCheck):
+    """A FakeCheck with the optional ``settled`` fast path."""
+
+    def __init__(self, name: str, answer: str | None, boom: bool = False, **kw: object) -> None:
+        super().__init__(name, **kw)  # type: ignore[arg-type]
+        self.answer = answer
+        self.boom = boom
+
+    def settled(self, ctx: Context) -> CheckResult | None:
+        self.log.append(f"settled {self.name}")
+        if self.boom:
+            raise RuntimeError("bug in settled")
+        if self.answer is None:
+            return None
+        return CheckResult(self.name, self.answer, (), data={"who": "settled"})
+
+
+async def test_a_settled_check_is_not_run_and_keeps_its_place() -> None:
+    log: list[str] = []
+    registry = CollectorRegistry()
+    metrics = Metrics(registry=registry)
+    checks = [
+        FakeCheck("dkim", delay=0.05, log=log),
+        SettlingCheck("arc", "none", log=log),
+        SettlingCheck("spf", None, log=log),  # cannot tell without waiting: runs
+    ]
+    ctx = context()
+    results = await Pipeline(checks, timeout=5, metrics=metrics).run(Stage.CONNECT, ctx)
+    assert [r.check for r in results] == ["dkim", "arc", "spf"]  # the wave's order
+    assert [r.result for r in results] == ["pass", "none", "pass"]
+    assert results[1].data == {"who": "settled"} and ctx.results["arc"] is results[1]
+    assert "start arc" not in log and "start spf" in log and "start dkim" in log
+    value = registry.get_sample_value(
+        "mailgate_check_results_total", {"check": "arc", "result": "none"}
+    )
+    assert value == 1.0  # counted like any other result
+
+
+async def test_a_settled_path_that_raises_becomes_temperror() -> None:
+    results = await Pipeline([SettlingCheck("arc", "none", boom=True)], timeout=5).run(
+        Stage.CONNECT, context()
+    )
+    assert [(r.check, r.result) for r in results] == [("arc", "temperror")]
+    assert "RuntimeError" in results[0].symbols[0].detail
+
+
+async def test_elapsed_is_set_on_a_copy() -> None:
+    """The pipeline times every check without touching the check's own result."""
+    original = CheckResult("spf", "pass", (Symbol("SPF_PASS", -1.0, "x"),), data={"a": 1})
+    copy = original.with_elapsed(0.25)
+    assert copy.elapsed == 0.25 and original.elapsed == 0.0
+    assert (copy.check, copy.result, copy.symbols, copy.data) == (
+        original.check,
+        original.result,
+        original.symbols,
+        original.data,
+    )
+    with pytest.raises(AttributeError):
+        copy.result = "fail"  # type: ignore[misc]  # still frozen
+
+
 @pytest.mark.parametrize(
     "checks",
     [
