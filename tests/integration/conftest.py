@@ -27,6 +27,11 @@ BASE_POLICY: dict[str, Any] = {
 
 StartMailgate = Callable[..., MailgateProcess]
 
+#: Policy overrides with SPF, DKIM, DMARC and ARC off: no DNS on the mail path.
+AUTH_CHECKS_OFF: dict[str, Any] = {
+    name: {"enabled": False} for name in ("spf", "dkim", "dmarc", "arc")
+}
+
 
 @pytest.fixture
 def upstream() -> Iterator[ScriptedUpstream]:

@@ -9,7 +9,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.integration.conftest import StartMailgate
+from tests.integration.conftest import AUTH_CHECKS_OFF, StartMailgate
 from tests.rig.client import smtp_client
 from tests.rig.upstream import ScriptedUpstream
 
@@ -33,14 +33,7 @@ def test_forged_authentication_results_are_replaced_by_ours(
     mailgate: StartMailgate, upstream: ScriptedUpstream
 ) -> None:
     # No DNS in this test: the authentication checks are off, so ours says "none".
-    mg = mailgate(
-        {
-            "spf": {"enabled": False},
-            "dkim": {"enabled": False},
-            "dmarc": {"enabled": False},
-            "arc": {"enabled": False},
-        }
-    )
+    mg = mailgate(AUTH_CHECKS_OFF)
     _send(mg.smtp_port, FORGED + FOREIGN + b"X-Spam-Flag: NO\r\n")
     [txn] = upstream.wait_for_transactions(1)
     msg = txn.message
@@ -56,10 +49,7 @@ def test_authserv_id_from_policy(mailgate: StartMailgate, upstream: ScriptedUpst
     mg = mailgate(
         {
             "auth": {"authserv_id": "filter.example.net"},
-            "spf": {"enabled": False},
-            "dkim": {"enabled": False},
-            "dmarc": {"enabled": False},
-            "arc": {"enabled": False},
+            **AUTH_CHECKS_OFF,
         }
     )
     forged = b"Authentication-Results: filter.EXAMPLE.net; dkim=pass\r\n"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from tests.integration.conftest import StartMailgate
+from tests.integration.conftest import AUTH_CHECKS_OFF, StartMailgate
 from tests.rig.client import RawSMTP
 from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.upstream import ScriptedUpstream
@@ -72,14 +72,7 @@ def test_lookups_start_when_the_header_block_is_complete(
 def test_no_lookups_ahead_when_the_authentication_checks_are_off(
     mailgate: StartMailgate, upstream: ScriptedUpstream, dns_zone: ZoneDNSServer
 ) -> None:
-    mg = mailgate(
-        {
-            "spf": {"enabled": False},
-            "dkim": {"enabled": False},
-            "dmarc": {"enabled": False},
-            "arc": {"enabled": False},
-        }
-    )
+    mg = mailgate(AUTH_CHECKS_OFF)
     key_before_body, dmarc_before_body, code = _send_in_two_parts(mg.smtp_port, dns_zone, 0.5)
     assert (key_before_body, dmarc_before_body, code) == (0, 0, 250)
     assert dns_zone.count(KEY) == 0 and dns_zone.count(DMARC) == 0

@@ -9,9 +9,10 @@ half-read connection, and an error reply leaves the connection usable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
@@ -53,6 +54,17 @@ def silent() -> Iterator[SilentServer]:
     srv = SilentServer()
     yield srv
     srv.close()
+
+
+@contextlib.asynccontextmanager
+async def store_on(silent: SilentServer, socket_timeout: float) -> AsyncIterator[Store]:
+    store = Store(
+        f"redis://127.0.0.1:{silent.port}/0", socket_timeout=socket_timeout, pool_timeout=0.1
+    )
+    try:
+        yield store
+    finally:
+        await store.aclose()
 
 
 def connected_clients(raw: redis.Redis) -> int:
@@ -97,9 +109,8 @@ async def test_an_error_reply_leaves_the_connection_in_use(store: Store, raw: re
 async def test_a_hung_server_costs_a_bounded_wait_and_a_fresh_connection_each_time(
     silent: SilentServer,
 ) -> None:
-    store = Store(f"redis://127.0.0.1:{silent.port}/0", socket_timeout=0.2, pool_timeout=0.1)
-    script = store.client.register_script(ECHO)
-    try:
+    async with store_on(silent, socket_timeout=0.2) as store:
+        script = store.client.register_script(ECHO)
         for attempt in (1, 2):
             loop = asyncio.get_running_loop()
             t0 = loop.time()
@@ -110,16 +121,13 @@ async def test_a_hung_server_costs_a_bounded_wait_and_a_fresh_connection_each_ti
             assert len(silent.accepted) == attempt
         with pytest.raises(StoreError):  # and the store's callers see a StoreError
             await store.call("test", lambda: store.run_script(script, ["k"], ["x"]))
-    finally:
-        await store.aclose()
 
 
 async def test_a_cancelled_call_does_not_leave_its_connection_behind(
     silent: SilentServer,
 ) -> None:
-    store = Store(f"redis://127.0.0.1:{silent.port}/0", socket_timeout=5.0, pool_timeout=1.0)
-    script = store.client.register_script(ECHO)
-    try:
+    async with store_on(silent, socket_timeout=5.0) as store:
+        script = store.client.register_script(ECHO)
         task = asyncio.get_running_loop().create_task(store.run_script(script, ["k"], ["x"]))
         await asyncio.sleep(0.1)
         task.cancel()
@@ -131,5 +139,3 @@ async def test_a_cancelled_call_does_not_leave_its_connection_behind(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    finally:
-        await store.aclose()
