@@ -67,12 +67,14 @@ class Pipeline:
         return out
 
     async def _run_wave(self, wave: list[Check], ctx: Context) -> list[CheckResult]:
-        """The checks of one wave concurrently: the first in this task, the rest in tasks.
+        """The checks of one wave concurrently, results in the wave's order.
 
-        Why not ``asyncio.gather``: it makes a Task of every check and a future to join
-        them; with warm caches most checks never wait, and that machinery cost more
-        than a small check itself. The tasks start as soon as the first check waits
-        (or ends); if this task is cancelled, so are they.
+        Checks that settle without waiting (``Check.settled``) are answered first; of
+        the rest, the first runs in this task and the others in tasks. Why not
+        ``asyncio.gather``: it makes a Task of every check and a future to join them;
+        with warm caches most checks never wait, and that machinery cost more than a
+        small check itself. The tasks start as soon as the first check waits (or
+        ends); if this task is cancelled, so are they.
         """
         settled = {c.name: r for c in wave if (r := self._settled(c, ctx)) is not None}
         pending = [c for c in wave if c.name not in settled]
