@@ -103,10 +103,7 @@ class Pipeline:
         try:
             result: CheckResult | None = quick(ctx)
         except Exception as exc:  # same isolation as run(): a bug becomes temperror
-            result = _failed(check, ctx, f"internal error: {type(exc).__name__}")
-            log.exception(
-                "check=%s session=%s outcome=exception", check.name, ctx.client.session_id
-            )
+            result = _crashed(check, ctx, exc)
         if result is None:
             return None
         return self._finish(check, result, time.monotonic() - t0)
@@ -120,16 +117,19 @@ class Pipeline:
             result = _failed(check, ctx, f"timed out after {self.timeout:g}s")
             log.warning("check=%s session=%s outcome=timeout", check.name, ctx.client.session_id)
         except Exception as exc:  # isolation is the point: any bug becomes temperror
-            result = _failed(check, ctx, f"internal error: {type(exc).__name__}")
-            log.exception(
-                "check=%s session=%s outcome=exception", check.name, ctx.client.session_id
-            )
+            result = _crashed(check, ctx, exc)
         return self._finish(check, result, time.monotonic() - t0)
 
     def _finish(self, check: Check, result: CheckResult, elapsed: float) -> CheckResult:
         if self.metrics is not None:
             self.metrics.count_check(check.name, result.result, elapsed)
         return result.with_elapsed(elapsed)
+
+
+def _crashed(check: Check, ctx: Context, exc: Exception) -> CheckResult:
+    """A check that raised: logged with its traceback (called in its except block)."""
+    log.exception("check=%s session=%s outcome=exception", check.name, ctx.client.session_id)
+    return _failed(check, ctx, f"internal error: {type(exc).__name__}")
 
 
 def _failed(check: Check, ctx: Context, detail: str) -> CheckResult:

@@ -246,7 +246,7 @@ class Upstream:
             return  # the usual case: nothing to wait for, no timer to arm
         try:
             async with asyncio.timeout(self.timeout):
-                await self._require().drain()
+                await stream.drain()
         except (TimeoutError, StreamClosed) as exc:
             self.abort()
             raise UpstreamError(stage, "write failed: " + (str(exc) or "timeout")) from exc

@@ -170,11 +170,12 @@ class ARCCheck:
         return None
 
     async def run(self, ctx: Context) -> CheckResult:
+        quick = self.settled(ctx)
+        if quick is not None:
+            return quick
         start = time.perf_counter()
         msg = ctx.message
-        quick = self.settled(ctx)
-        if quick is not None or msg is None:
-            return quick or self._result(ctx, "none", "", 0, "no message", start)
+        assert msg is not None  # settled() answers when there is none
         try:
             fields = arc_headers(msg.header_block)
         except dkim.DKIMException as e:

@@ -11,7 +11,9 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from filter.metrics import Metrics
+from filter.resolver import Resolver
 from filter.store import Store
+from filter.units import Address
 from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.mailgate import MailgateProcess, deep_merge
 from tests.rig.upstream import ScriptedUpstream
@@ -31,6 +33,12 @@ StartMailgate = Callable[..., MailgateProcess]
 AUTH_CHECKS_OFF: dict[str, Any] = {
     name: {"enabled": False} for name in ("spf", "dkim", "dmarc", "arc")
 }
+
+
+@pytest.fixture
+async def resolver(dns_zone: ZoneDNSServer) -> AsyncIterator[Resolver]:
+    """Our resolver, asking only the test DNS server."""
+    yield Resolver([Address(*dns_zone.address)], timeout=1.0)
 
 
 @pytest.fixture

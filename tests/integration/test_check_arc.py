@@ -12,7 +12,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ from filter.model import ClientInfo
 from filter.policy.schema import ARCPolicy, DKIMPolicy, Policy
 from filter.resolver import Resolver
 from filter.results import CheckResult
-from filter.units import Address
 from tests.rig.dnsserver import ZoneDNSServer
 
 MESSAGE = (
@@ -83,11 +82,6 @@ def chain(dns_zone: ZoneDNSServer, list_key: RSAKey) -> bytes:
     """MESSAGE after one hop through lists.example.org (instance 1)."""
     dns_zone.add("arc._domainkey.lists.example.org", "TXT", list_key.record)
     return hop(MESSAGE, HOP1_AR, b"arc", b"lists.example.org", list_key.pem)
-
-
-@pytest.fixture
-async def resolver(dns_zone: ZoneDNSServer) -> AsyncIterator[Resolver]:
-    yield Resolver([Address(*dns_zone.address)], timeout=1.0)
 
 
 Run = Callable[..., Any]

@@ -35,7 +35,6 @@ from filter.model import ClientInfo
 from filter.policy.schema import DKIMPolicy, Policy
 from filter.resolver import Resolver
 from filter.results import CheckResult
-from filter.units import Address
 from tests.rig.dnsserver import ZoneDNSServer
 
 DOMAIN = b"example.test"
@@ -164,11 +163,6 @@ def sign_custom(
 
 
 # -- running the check ---------------------------------------------------------------------
-@pytest.fixture
-async def resolver(dns_zone: ZoneDNSServer) -> AsyncIterator[Resolver]:
-    yield Resolver([Address(*dns_zone.address)], timeout=1.0)
-
-
 Run = Callable[..., Any]
 
 
