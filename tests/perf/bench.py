@@ -410,10 +410,13 @@ class SetupError(Exception):
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A listening port below the ephemeral range (the test rig's allocator): the
+    load generator's own connections cannot take it between pick and bind."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.rig.ports import free_port as rig_free_port
+
+    return rig_free_port()
 
 
 def smtp_banner(host: str, port: int, timeout: float = 2.0) -> str | None:
