@@ -97,11 +97,66 @@ def relaxed_headers(headers: Iterable[Sequence[bytes]]) -> list[tuple[bytes, byt
     out = []
     for h in headers:
         unfolded = h[1].replace(b"\r\n", b"").replace(b"\n", b"")
-        out.append((h[0].lower().rstrip(), wsp(b" ", unfolded).strip() + b"\r\n"))
+        if b"\t" in unfolded or b"  " in unfolded:  # else every WSP run is one SP already
+            unfolded = wsp(b" ", unfolded)
+        out.append((h[0].lower().rstrip(), unfolded.strip() + b"\r\n"))
     return out
 
 
 dkim.canonicalization.Relaxed.canonicalize_headers = staticmethod(relaxed_headers)
+
+#: dkimpy parses the same tag lists message after message: the signature field in
+#: ``verify_headerprep`` and the key record in ``evaluate_pk``, each with a
+#: module-level ``re.match`` per tag (a regex cache lookup every time). Memoised;
+#: every call gets a dict of its own, since callers may add to it.
+DKIMPY_PARSE_TAG_VALUE = dkim.parse_tag_value
+_memo_tag_value = functools.lru_cache(maxsize=1024)(DKIMPY_PARSE_TAG_VALUE)
+
+
+def _parse_tag_value(tag_list: bytes) -> dict[bytes, bytes]:
+    return dict(_memo_tag_value(tag_list))
+
+
+dkim.parse_tag_value = _parse_tag_value
+
+#: dkimpy's key evaluation is a pure function of the key name and record (the key
+#: object it builds is immutable, the RSA numbers come from the memoised parser
+#: above), but it re-decodes and re-parses the record on every signature.
+DKIMPY_EVALUATE_PK = dkim.evaluate_pk
+dkim.evaluate_pk = functools.lru_cache(maxsize=1024)(DKIMPY_EVALUATE_PK)
+
+#: dkimpy's header parser with its two patterns compiled once instead of looked up
+#: in the ``re`` cache per line; the same steps otherwise (a randomised comparison in
+#: tests/unit/checks keeps the two equal), except that a message starting with a
+#: continuation line is a ``MessageFormatError`` here, not an ``IndexError``.
+DKIMPY_RFC822_PARSE = dkim.rfc822_parse
+_LINE_BREAK = re.compile(b"\r?\n")
+_FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
+
+
+def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    headers: list[list[bytes]] = []
+    lines = _LINE_BREAK.split(message)
+    name = _FIELD_NAME.match
+    body_start = len(lines)
+    for i, line in enumerate(lines):
+        if not line:
+            body_start = i + 1
+            break
+        if line[0] in (0x09, 0x20):
+            if not headers:
+                raise dkim.MessageFormatError("header starts with a continuation line")
+            headers[-1][1] += line + b"\r\n"
+            continue
+        m = name(line)
+        if m is not None:
+            headers.append([m.group(1), line[m.end(0) :] + b"\r\n"])
+        elif not line.startswith(b"From "):
+            raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
+    return headers, b"\r\n".join(lines[body_start:])
+
+
+dkim.rfc822_parse = rfc822_parse
 
 __all__ = [
     "DKIMPY_LOG",

@@ -36,6 +36,7 @@ __all__ = [
     "MIN_ALLOW_PREFIX",
     "AllowTarget",
     "Triplet",
+    "allow_argument",
     "allow_fields",
     "client_network",
     "covering_networks",
@@ -285,3 +286,13 @@ def allow_fields(ip: str, spf_domain: str | None) -> list[str]:
     if spf_domain:
         fields.extend(f"domain:{d}" for d in _parents(spf_domain))
     return fields
+
+
+@functools.lru_cache(maxsize=4096)
+def allow_argument(ip: str, spf_domain: str | None) -> str:
+    """``allow_fields`` as the one newline-joined script argument the store sends.
+
+    Memoised: the same client sends recipient after recipient, and building the 25
+    (IPv6: 113) fields was a tenth of the greylist check's CPU in profiles.
+    """
+    return "\n".join(allow_fields(ip, spf_domain))

@@ -344,7 +344,7 @@ class Metrics:
         self._child(self.messages, bounded(action, MESSAGE_ACTIONS)).inc()
 
     def count_would_action(self, action: str) -> None:
-        self.would_action.labels(action=bounded(action, WOULD_ACTIONS)).inc()
+        self._child(self.would_action, bounded(action, WOULD_ACTIONS)).inc()
 
     def count_check(self, check: str, result: str, seconds: float | None = None) -> None:
         name = bounded(check, CHECK_NAMES)
@@ -353,15 +353,17 @@ class Metrics:
             self._child(self.check_duration, name).observe(seconds)
 
     def count_greylist(self, result: str) -> None:
-        self.greylist.labels(result=bounded(result, GREYLIST_RESULTS)).inc()
+        self._child(self.greylist, bounded(result, GREYLIST_RESULTS)).inc()
 
     def count_ratelimit(self, limit: str, result: str) -> None:
         limit = bounded(limit, RATELIMIT_LIMITS)
         self._child(self.ratelimit, limit, bounded(result, RATELIMIT_RESULTS)).inc()
 
     def observe_dns(self, rtype: str, outcome: str, seconds: float) -> None:
-        self.dns_query_duration.labels(
-            rtype=bounded(rtype.upper(), DNS_RTYPES), outcome=bounded(outcome, DNS_OUTCOMES)
+        self._child(
+            self.dns_query_duration,
+            bounded(rtype.upper(), DNS_RTYPES),
+            bounded(outcome, DNS_OUTCOMES),
         ).observe(seconds)
 
     def count_upstream_error(self, stage: str) -> None:

@@ -49,7 +49,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 
-from filter.greylist import AllowTarget, Triplet, allow_fields
+from filter.greylist import AllowTarget, Triplet, allow_argument
 from filter.metrics import Metrics
 from filter.policy.schema import GreylistPolicy, RedisPolicy
 
@@ -763,7 +763,7 @@ class Store:
             triplet.sender,
             triplet.recipient,
             network,
-            "\n".join(allow_fields(client_ip, spf_domain)),
+            allow_argument(client_ip, spf_domain),
         ]
         raw = await self._call(
             "greylist", lambda: self.run_script(self._greylist_script, keys, args)

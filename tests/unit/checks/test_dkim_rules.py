@@ -25,8 +25,11 @@ from filter.checks.dkim import (
     signature_fields,
 )
 from filter.dkimkeys import (
+    DKIMPY_EVALUATE_PK,
+    DKIMPY_PARSE_TAG_VALUE,
     DKIMPY_RE_BTAG,
     DKIMPY_RELAXED_HEADERS,
+    DKIMPY_RFC822_PARSE,
     RE_BTAG,
     KeyLookup,
     KeyRecordError,
@@ -37,6 +40,7 @@ from filter.dkimkeys import (
     parse_key_record,
     parse_tags,
     relaxed_headers,
+    rfc822_parse,
     select_record,
 )
 from filter.policy.schema import ARCPolicy
@@ -292,6 +296,59 @@ def test_faster_relaxed_header_canonicalisation_equals_dkimpys_own() -> None:
     from dkim.canonicalization import Relaxed
 
     assert Relaxed.canonicalize_headers is relaxed_headers  # dkimpy uses ours
+
+
+def test_faster_header_parser_equals_dkimpys_own() -> None:
+    """Random header blocks over the characters the parser decides on; dkimpy's own
+    parser fails with IndexError on a leading continuation line, ours says why."""
+    rnd = random.Random(20261127)
+    pieces = [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"a", b"X-Y", b"\x7f", b"\xc3\xa9"]
+    pieces += [b"From ", b"\r\n\r\n", b"Subject: s", b"\r\n ", b"=", b";"]
+    samples = [b"From: a@a.test\r\nSubject: x\r\n\r\nbody\r\n", b"", b"\r\n", b"a:b"]
+    samples += [
+        b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 30))) for _ in range(20000)
+    ]
+    for sample in samples:
+        try:
+            expected: object = DKIMPY_RFC822_PARSE(sample)
+        except IndexError:
+            with pytest.raises(dkim.MessageFormatError, match="continuation"):
+                rfc822_parse(sample)
+            continue
+        except dkim.MessageFormatError as e:
+            expected = e
+        try:
+            got: object = rfc822_parse(sample)
+        except dkim.MessageFormatError as e:
+            got = e
+        if isinstance(expected, Exception):
+            assert isinstance(got, dkim.MessageFormatError), sample
+            assert str(got) == str(expected)
+        else:
+            assert got == expected, sample
+    assert dkim.rfc822_parse is rfc822_parse  # dkimpy uses ours
+
+
+def test_memoised_tag_lists_are_dkimpys_and_every_caller_gets_its_own_dict() -> None:
+    value = b"v=1; a=rsa-sha256; d=a.test; s=s; h=from; bh=AAAA; b=BBBB"
+    first = dkim.parse_tag_value(value)
+    assert first == DKIMPY_PARSE_TAG_VALUE(value)
+    first[b"d"] = b"changed.test"
+    assert dkim.parse_tag_value(value)[b"d"] == b"a.test"
+    with pytest.raises(dkim.util.InvalidTagValueList):
+        dkim.parse_tag_value(b"v=1; v=2")  # errors are raised every time, not memoised
+    with pytest.raises(dkim.util.InvalidTagValueList):
+        dkim.parse_tag_value(b"v=1; v=2")
+
+
+def test_memoised_key_evaluation_gives_dkimpys_answer(p1024: bytes) -> None:
+    record = b"v=DKIM1; k=rsa; p=" + p1024
+    assert dkim.evaluate_pk(b"s._domainkey.a.test.", record) == DKIMPY_EVALUATE_PK(
+        b"s._domainkey.a.test.", record
+    )
+    assert dkim.evaluate_pk is not DKIMPY_EVALUATE_PK
+    with pytest.raises(dkim.KeyFormatError):
+        dkim.evaluate_pk(b"s._domainkey.a.test.", b"v=DKIM1; k=rsa; p=AAAA")
 
 
 # -- the dnsfunc seam ----------------------------------------------------------------------
