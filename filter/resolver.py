@@ -480,14 +480,23 @@ class Resolver:
 
     async def ptr(self, ip: str) -> list[str]:
         """Host names of an IPv4/IPv6 address (``ValueError`` if ``ip`` is not one)."""
-        addr = ipaddress.ip_address(ip)
-        rev = dns.reversename.from_address(str(addr)).to_text(omit_final_dot=True)
-        res = await self.resolve(rev, "PTR")
+        res = await self.resolve(reverse_name(ip), "PTR")
         return [str(h) for h in res.data]
 
     def blocking(self, loop: asyncio.AbstractEventLoop) -> BlockingResolver:
         """Synchronous front end for worker threads; the calls run on ``loop``."""
         return BlockingResolver(self, loop)
+
+
+@functools.lru_cache(maxsize=4096)
+def reverse_name(ip: str) -> str:
+    """The PTR query name of an address (``ValueError`` if ``ip`` is not one).
+
+    Memoised: dnspython builds it label by label, and every connection of a client
+    asks for the same one.
+    """
+    addr = ipaddress.ip_address(ip)
+    return str(dns.reversename.from_address(str(addr)).to_text(omit_final_dot=True))
 
 
 class BlockingResolver:

@@ -52,6 +52,7 @@ from redis.backoff import ExponentialBackoff
 from filter.greylist import AllowTarget, Triplet, allow_argument
 from filter.metrics import Metrics
 from filter.policy.schema import GreylistPolicy, RedisPolicy
+from filter.redisscripts import ConnectParams, ScriptRunner
 
 __all__ = [
     "KEYS",
@@ -452,79 +453,6 @@ def parse_store_url(url: str) -> StoreURL:
     )
 
 
-class _DirectScripts:
-    """Script calls on the mail path over connections of our own (standalone Redis only).
-
-    Why: around each command redis-py's client adds a pool checkout (a condition and
-    a timeout), a retry wrapper, observability hooks and, with a socket timeout, an
-    ``asyncio.wait_for`` (a Task) per write. Measured on this machine with uvloop:
-    ~118 µs of CPU per greylist call through the client, ~77 µs here, more than the
-    greylist logic itself. The connections, the wire format (``pack_command``) and the
-    reply parser (hiredis) are still redis-py's; only the layers around them are left
-    out, and one timeout bounds the whole call instead. Sentinel and Cluster URLs keep
-    the full client, which follows failovers and slots.
-    """
-
-    def __init__(self, pool: aioredis.ConnectionPool, limit: int, timeout: float) -> None:
-        self._kwargs = dict(pool.connection_kwargs)
-        self._kwargs["socket_timeout"] = None  # the call's own timeout below bounds it all
-        self._class: Any = pool.connection_class
-        self._idle: list[Any] = []
-        self._slots = asyncio.Semaphore(limit)
-        self.timeout = timeout
-
-    def _new(self) -> Any:
-        return self._class(**self._kwargs)
-
-    async def evalsha(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """``EVALSHA``, loading the script first if the server does not know it."""
-        async with self._slots:
-            conn = self._idle.pop() if self._idle else self._new()
-            reused = conn.is_connected
-            try:
-                async with asyncio.timeout(self.timeout):
-                    try:
-                        reply = await self._evalsha(conn, script, keys, args)
-                    except redis.exceptions.ConnectionError:
-                        if not reused:
-                            raise
-                        # An idle socket the server closed (restart, timeout): one
-                        # retry on a fresh connection, as the client's Retry did.
-                        conn = self._new()
-                        reply = await self._evalsha(conn, script, keys, args)
-            except redis.exceptions.ResponseError:
-                self._idle.append(conn)  # a whole reply was read: the socket is fine
-                raise
-            except BaseException:
-                # redis-py has closed a connection that failed mid-command; a
-                # timeout or cancellation may have left this one half-read.
-                with contextlib.suppress(Exception):
-                    await conn.disconnect(nowait=True)
-                raise
-            self._idle.append(conn)
-            return reply
-
-    @staticmethod
-    async def _evalsha(conn: Any, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        command = conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        await conn.send_packed_command(command, check_health=False)
-        try:
-            return await conn.read_response()
-        except redis.exceptions.NoScriptError:
-            await conn.send_packed_command(
-                conn.pack_command("SCRIPT", "LOAD", script.script), check_health=False
-            )
-            await conn.read_response()
-            await conn.send_packed_command(command, check_health=False)
-            return await conn.read_response()
-
-    async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
-
-
 class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """Sentinel's master discovery with the blocking pool's wait-for-a-connection.
 
@@ -608,10 +536,13 @@ class Store:
         self.prefix = "{" + key_prefix + "}" if self.mode == "cluster" else key_prefix
         self._limit: asyncio.Semaphore | None = None
         self.client: Any = self._build(max_connections, socket_timeout, pool_timeout)
-        self._direct: _DirectScripts | None = None
+        self._direct: ScriptRunner | None = None
         if self.mode == "standalone":
-            self._direct = _DirectScripts(
-                self.client.connection_pool, max_connections, socket_timeout + pool_timeout
+            pool = self.client.connection_pool
+            self._direct = ScriptRunner(
+                ConnectParams.from_pool(pool.connection_class, pool.connection_kwargs),
+                max_connections,
+                socket_timeout + pool_timeout,
             )
         self._greylist_script = self.client.register_script(_GREYLIST_LUA)
         self._allow_script = self.client.register_script(_ALLOW_LUA)

@@ -184,7 +184,10 @@ async def evaluate(resolver: Resolver, ip: str, policy: Policy) -> CheckResult:
         return build_result("fail", policy, reason=f"no PTR record for {ip}")
     candidates = _candidates(ptr_names)
     rtype = "AAAA" if ":" in ip else "A"
-    forwards = list(await asyncio.gather(*(_forward(resolver, n, rtype) for n in candidates)))
+    if len(candidates) == 1:  # the usual case: no Task for gather to make
+        forwards = [await _forward(resolver, candidates[0], rtype)]
+    else:
+        forwards = list(await asyncio.gather(*(_forward(resolver, n, rtype) for n in candidates)))
     word, name, reason = confirm(ip, forwards)
     error = next((f.error for f in forwards if f.error), "") if word == "temperror" else ""
     return build_result(

@@ -11,14 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 import redis.exceptions
 
 from filter.store import Store, StoreError
+from tests.rig.ports import free_port
+
+#: mailgate serves on uvloop, whose transports differ from asyncio's: both loops here.
+pytestmark = pytest.mark.both_loops
 
 ECHO = "return ARGV[1]"
 
@@ -139,3 +146,95 @@ async def test_a_cancelled_call_does_not_leave_its_connection_behind(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+# --- the connection settings of the URL hold on this path too -------------------------
+
+SET = "redis.call('SET', KEYS[1], ARGV[1]); return ARGV[1]"
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """A redis-server of our own with a password and a unix socket (port, socket path)."""
+    tmp = tmp_path_factory.mktemp("authredis")
+    port, sock = free_port(), tmp / "redis.sock"
+    proc = subprocess.Popen(
+        [
+            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no", "--requirepass", "s3cret", "--unixsocket", str(sock)),
+        ],
+        cwd=tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        probe = redis.Redis(port=port, password="s3cret", socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                probe.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        probe.execute_command("ACL", "SETUSER", "mg", "on", ">mgpass", "~*", "&*", "+@all")
+        probe.close()
+        yield port, sock
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_password_database_and_client_name_from_the_url(
+    private_redis: tuple[int, Path],
+) -> None:
+    port, _ = private_redis
+    store = Store(f"redis://:s3cret@127.0.0.1:{port}/3?client_name=mg-scripts")
+    try:
+        script = store.client.register_script(SET)
+        assert await store.run_script(script, ["mg:url-test"], ["db3"]) == "db3"
+    finally:
+        await store.aclose()
+    admin = redis.Redis(port=port, password="s3cret", db=3, decode_responses=True)
+    try:
+        assert admin.get("mg:url-test") == "db3"  # SELECT 3 happened
+        assert redis.Redis(port=port, password="s3cret", db=0).get("mg:url-test") is None
+    finally:
+        admin.close()
+
+
+async def test_acl_user_and_unix_socket(private_redis: tuple[int, Path]) -> None:
+    port, sock = private_redis
+    store = Store(f"unix://mg:mgpass@{sock}?db=5")
+    try:
+        script = store.client.register_script(SET)
+        assert await store.run_script(script, ["mg:unix-test"], ["db5"]) == "db5"
+    finally:
+        await store.aclose()
+    admin = redis.Redis(port=port, password="s3cret", db=5, decode_responses=True)
+    try:
+        assert admin.get("mg:unix-test") == "db5"
+    finally:
+        admin.close()
+
+
+async def test_a_wrong_password_is_a_store_error_not_a_hang(
+    private_redis: tuple[int, Path],
+) -> None:
+    port, _ = private_redis
+    store = Store(f"redis://:wrong@127.0.0.1:{port}/0", socket_timeout=2.0)
+    try:
+        script = store.client.register_script(ECHO)
+        with pytest.raises(StoreError, match=r"(?i)auth|password"):
+            await store.call("test", lambda: store.run_script(script, ["k"], ["x"]))
+    finally:
+        await store.aclose()
+
+
+async def test_replies_are_text_and_a_script_error_is_a_response_error(store: Store) -> None:
+    table = store.client.register_script("return {1, 'two', ARGV[1]}")
+    assert await store.run_script(table, ["k"], ["drei"]) == [1, "two", "drei"]
+    bad = store.client.register_script("return redis.call('NO_SUCH_COMMAND')")
+    with pytest.raises(redis.exceptions.ResponseError):
+        await store.run_script(bad, ["k"], [])

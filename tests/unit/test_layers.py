@@ -53,6 +53,7 @@ LAYERS: dict[str, int] = {
     "dkimkeys": 2,
     "verdictlog": 2,
     "domaincheck": 2,
+    "redisscripts": 2,
     "store": 2,
     "store.*": 2,
     # L3 checks
