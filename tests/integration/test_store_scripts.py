@@ -238,3 +238,115 @@ async def test_replies_are_text_and_a_script_error_is_a_response_error(store: St
     bad = store.client.register_script("return redis.call('NO_SUCH_COMMAND')")
     with pytest.raises(redis.exceptions.ResponseError):
         await store.run_script(bad, ["k"], [])
+
+
+def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it (ca, cert, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailgate test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = tmp / "ca.pem", tmp / "cert.pem", tmp / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """A redis-server speaking only TLS (port, CA file that signed its certificate)."""
+    tmp = tmp_path_factory.mktemp("tlsredis")
+    ca, cert, key = _tls_files(tmp)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *("redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
+            *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+            *("--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"),
+            *("--save", "", "--appendonly", "no"),
+        ],
+        cwd=tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        probe = redis.Redis("127.0.0.1", port, ssl=True, ssl_ca_certs=str(ca), socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                probe.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        probe.close()
+        yield port, ca
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_tls_with_the_urls_ca_and_a_refused_certificate_without_it(
+    tls_redis: tuple[int, Path],
+) -> None:
+    port, ca = tls_redis
+    store = Store(f"rediss://127.0.0.1:{port}/6?ssl_ca_certs={ca}")
+    try:
+        script = store.client.register_script(SET)
+        assert await store.run_script(script, ["mg:tls-test"], ["db6"]) == "db6"
+    finally:
+        await store.aclose()
+    admin = redis.Redis(
+        "127.0.0.1", port, db=6, ssl=True, ssl_ca_certs=str(ca), decode_responses=True
+    )
+    try:
+        assert admin.get("mg:tls-test") == "db6"
+    finally:
+        admin.close()
+    untrusted = Store(f"rediss://127.0.0.1:{port}/6", socket_timeout=2.0)
+    try:
+        script = untrusted.client.register_script(ECHO)
+        with pytest.raises(StoreError, match=r"(?i)certificate"):
+            await untrusted.call("test", lambda: untrusted.run_script(script, ["k"], ["x"]))
+    finally:
+        await untrusted.aclose()
