@@ -226,16 +226,14 @@ class Server:
     def policy(self) -> Policy:
         return self.runtime.policy
 
-    async def start(self, sockets: list[socket.socket], http: bool) -> None:
+    async def start(self, sockets: list[socket.socket], http: socket.socket | None) -> None:
+        """Serve SMTP on ``sockets`` and, when given, metrics and health on ``http``."""
         loop = asyncio.get_running_loop()
         for sock in sockets:
             server = await loop.create_server(self.frontend.protocol_factory, sock=sock)
             self.servers.append(server)
-        if http:
-            m = self.policy.metrics.listen
-            self.servers.append(
-                await start_http_api((m.host, m.port), self.metrics, self.readiness)
-            )
+        if http is not None:
+            self.servers.append(await start_http_api(http, self.metrics, self.readiness))
         self.metrics.policy_generation.set(self.runtime.generation)
         self.background.append(asyncio.create_task(_flush_logs_periodically()))
         # RFC 5782 zone health probes; they follow reloads (policy and resolver re-read).
@@ -301,7 +299,7 @@ class Server:
             if pending:
                 await asyncio.wait(pending, timeout=5)
 
-    async def serve(self, sockets: list[socket.socket], http: bool) -> None:
+    async def serve(self, sockets: list[socket.socket], http: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -314,7 +312,7 @@ class Server:
             version=__version__,
             listen=addrs,
             upstream=str(self.policy.upstream.address),
-            metrics=str(self.policy.metrics.listen) if http else "",
+            metrics=str(self.policy.metrics.listen) if http is not None else "",
             worker=self.worker if self.worker is not None else "",
             pid=os.getpid(),
         )
@@ -371,20 +369,29 @@ def serve(loaded: LoadedPolicy, config: Path) -> int:
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         return 1
+    try:
+        # Bound here, like the SMTP listeners, so a taken metrics port is one clear
+        # log line and exit 1 instead of a traceback from inside the event loop.
+        (http,) = open_listeners([policy.metrics.listen], reuse_port=False)
+    except (OSError, ValueError) as exc:
+        for sock in sockets:
+            sock.close()
+        log.error("cannot listen for metrics and health checks: %s", exc)
+        return 1
     metrics = default_metrics()
     metrics.build_info.labels(version=__version__).set(1)
     if workers == 1:
         server = Server(loaded, config, metrics)
-        _run(lambda: server.serve(sockets, http=True))
+        _run(lambda: server.serve(sockets, http=http))
         return 0
     # The parent's sockets only proved the addresses are free; each worker binds its
     # own SO_REUSEPORT listener so the kernel balances connections between them.
     for sock in sockets:
         sock.close()
-    return _supervise(loaded, config, metrics)
+    return _supervise(loaded, config, metrics, http)
 
 
-def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics) -> int:
+def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socket.socket) -> int:
     """Parent of ``server.workers`` processes: fork, forward signals, restart, aggregate."""
     children: dict[int, int] = {}
 
@@ -393,10 +400,11 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics) -> int:
         pid = os.fork()
         if pid == 0:  # child: its own loop, no HTTP listener
             code = 0
+            http.close()  # the parent's: metrics and health are served there
             try:
                 sockets = open_listeners(loaded.policy.server.listen, reuse_port=True)
                 server = Server(loaded, config, metrics, worker=index)
-                _run(lambda: server.serve(sockets, http=False))
+                _run(lambda: server.serve(sockets, http=None))
             except BaseException:
                 log.exception("worker %d crashed", index)
                 code = 1
@@ -441,8 +449,7 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics) -> int:
             found = await asyncio.gather(probe_upstream(policy), probe_store(policy))
             return [p for p in found if p] + (["shutting down"] if stopping.is_set() else [])
 
-        m = loaded.policy.metrics.listen
-        http = await start_http_api((m.host, m.port), metrics, readiness)
+        api = await start_http_api(http, metrics, readiness)
         event(log, "supervisor_started", workers=len(children), pid=os.getpid())
         while children:
             await asyncio.sleep(0.2)
@@ -458,7 +465,7 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics) -> int:
                 if index is not None and not stopping.is_set():
                     log.error("worker %d (pid %d) died; restarting it", index, pid)
                     spawn(index)
-        http.close()
+        api.close()
 
     _run(parent)
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry
@@ -220,7 +221,7 @@ def _one_line(text: str) -> str:
 
 
 async def start_http_api(
-    address: tuple[str, int],
+    address: tuple[str, int] | socket.socket,
     metrics: Metrics | CollectorRegistry,
     readiness: Readiness,
     *,
@@ -230,15 +231,17 @@ async def start_http_api(
 ) -> asyncio.Server:
     """Listen on ``address`` and serve until the returned server is closed.
 
-    ``address`` is ``(host, port)``; the host may be an IPv6 literal, with or
-    without brackets. ``readiness`` returns the list of problems (empty =
-    ready) and is given ``readiness_timeout`` seconds to do so.
+    ``address`` is ``(host, port)`` or a socket already listening; the host may be
+    an IPv6 literal, with or without brackets. ``readiness`` returns the list of
+    problems (empty = ready) and is given ``readiness_timeout`` seconds to do so.
     """
+    registry = metrics.registry if isinstance(metrics, Metrics) else metrics
+    api = _HttpApi(registry, readiness, read_timeout, readiness_timeout, max_connections)
+    if isinstance(address, socket.socket):
+        return await asyncio.start_server(api.handle, sock=address, limit=MAX_REQUEST_HEAD)
     host, port = address
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    registry = metrics.registry if isinstance(metrics, Metrics) else metrics
-    api = _HttpApi(registry, readiness, read_timeout, readiness_timeout, max_connections)
     return await asyncio.start_server(
         api.handle, host or None, port, limit=MAX_REQUEST_HEAD, reuse_address=True
     )

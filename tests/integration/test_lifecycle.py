@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import StartMailgate, message
@@ -183,3 +187,26 @@ def _ppid(pid: int) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("taken", ["smtp", "metrics"])
+def test_a_taken_port_is_one_clear_line_and_exit_1(
+    tmp_path: Path, upstream: ScriptedUpstream, taken: str, workers: int
+) -> None:
+    mg = MailgateProcess(
+        tmp_path, {"upstream": {"address": upstream.address}, "server": {"workers": workers}}
+    )
+    mg.write_policy()
+    port = mg.smtp_port if taken == "smtp" else mg.metrics_port
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen(1)
+        done = subprocess.run(
+            mg.command(), cwd=mg.dir, capture_output=True, timeout=30, check=False
+        )
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    expected = "cannot listen: " if taken == "smtp" else "cannot listen for metrics"
+    assert expected in err and f"127.0.0.1:{port}" in err
+    assert "Traceback" not in err

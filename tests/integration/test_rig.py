@@ -311,3 +311,27 @@ def test_mailgate_runner_reports_startup_failure(tmp_path: Path) -> None:
         mg.start(timeout=15)
     assert "--- stderr ---" in str(ei.value)
     assert "no_such_key = 1" in mg.config_path.read_text()
+
+
+# -- ports ---------------------------------------------------------------------------------
+def test_mailgate_starts_again_on_fresh_ports_when_its_ports_were_taken(
+    tmp_path: Path, upstream: ScriptedUpstream
+) -> None:
+    """CI once lost a run to a port taken between the rig's pick and mailgate's bind."""
+    mg = MailgateProcess(tmp_path, {"upstream": {"address": upstream.address}})
+    first = (mg.smtp_port, mg.metrics_port)
+    holders = [socket.socket(), socket.socket()]
+    try:
+        for holder, port in zip(holders, first, strict=True):
+            holder.bind(("127.0.0.1", port))  # bound, not listening: connects are refused
+        mg.start()
+        try:
+            assert mg.smtp_port != first[0] and mg.metrics_port != first[1]
+            with smtp_client("127.0.0.1", mg.smtp_port) as client:
+                assert client.ehlo()[0] == 250
+        finally:
+            mg.stop()
+        assert "address already in use" in mg.logs().lower()  # the first start failed so
+    finally:
+        for holder in holders:
+            holder.close()

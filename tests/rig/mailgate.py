@@ -126,6 +126,7 @@ class MailgateProcess:
     ) -> None:
         self.dir = Path(tmp_dir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._own_smtp_port = smtp_port is None
         self.smtp_port = smtp_port or free_port()
         self.metrics_port = free_port()
         self.config_path = self.dir / "mailgate.toml"
@@ -172,7 +173,37 @@ class MailgateProcess:
         ]
 
     def start(self, timeout: float = 15.0) -> MailgateProcess:
-        """Start and wait for a 220 banner on the SMTP port; raise with stderr otherwise."""
+        """Start and wait for a 220 banner on the SMTP port; raise with stderr otherwise.
+
+        If a port the rig picked was taken between the pick and the bind (another
+        process's socket), the start is retried on fresh ports, at most twice.
+        """
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except RuntimeError as e:
+                if attempt == 2 or "address already in use" not in str(e).lower():
+                    raise
+                if not self._repick_ports():
+                    raise
+        raise AssertionError("unreachable")
+
+    def _repick_ports(self) -> bool:
+        """New free ports for the listeners the rig chose itself (False: none to change)."""
+        metrics = self.policy.get("metrics", {})
+        changed = False
+        if metrics.get("listen") == f"127.0.0.1:{self.metrics_port}":
+            self.metrics_port = free_port()
+            self.policy["metrics"]["listen"] = f"127.0.0.1:{self.metrics_port}"
+            changed = True
+        server = self.policy.get("server", {})
+        if self._own_smtp_port and server.get("listen") == [f"127.0.0.1:{self.smtp_port}"]:
+            self.smtp_port = free_port()
+            self.policy["server"]["listen"] = [f"127.0.0.1:{self.smtp_port}"]
+            changed = True
+        return changed
+
+    def _start(self, timeout: float) -> MailgateProcess:
         self.write_policy()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("MAILGATE_CONFIG", None)
