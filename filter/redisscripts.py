@@ -2,12 +2,14 @@
 
 Greylisting, rate limits and explain batches are each one ``EVALSHA`` per event, and
 on a busy MX that call is made for every recipient. Through redis-py's client it
-cost ~118 µs of CPU (pool checkout, retry wrapper, hooks, a Task per timed write);
-over redis-py's bare connection ~100 µs, most of it StreamReader/StreamWriter
-plumbing. Here a plain ``asyncio.Protocol`` writes the command and feeds the bytes
-to hiredis's reader: ~52 µs on this machine. The wire format stays the library's
-(``hiredis.pack_command`` and ``hiredis.Reader``, the parser redis-py uses itself);
-only the few lines of asyncio around them are written here.
+cost ~118 µs of CPU (pool checkout, retry wrapper, hooks, a Task per timed write).
+Over redis-py's bare connection, with its StreamReader/StreamWriter plumbing, it
+cost 71-92 µs per ``Store.run_script`` call on this machine; here, where a plain
+``asyncio.Protocol`` writes the command and feeds the bytes to hiredis's reader,
+54-72 µs (five alternating runs each; the rest is mostly the two system calls).
+The wire format stays the library's (``hiredis.pack_command`` and
+``hiredis.Reader``, the parser redis-py uses itself); only the few lines of asyncio
+around them are written here.
 
 Standalone Redis only (Sentinel and Cluster keep redis-py, which follows failovers
 and slots). Connection settings come from the redis-py pool the store built from its
