@@ -11,10 +11,8 @@ import asyncio
 import dataclasses
 import functools
 import ipaddress
-import subprocess
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +29,7 @@ from filter.policy.schema import Policy, policy_from_dict
 from filter.results import Action, CheckResult, Symbol
 from filter.store import Store
 from tests.rig.ports import free_cluster_port, free_port
+from tests.rig.redisserver import start_redis_server, stop_servers, wait_until
 
 T0 = 1_700_000_000.0
 DELAY = 300.0
@@ -547,35 +546,6 @@ def test_network_text_is_canonical() -> None:
 # --- Sentinel and Cluster URLs, against private servers -------------------------------
 
 
-def _redis_server(tmp: Path, *args: str) -> subprocess.Popen[bytes]:
-    """A private redis-server in the foreground (stopped by the fixture that started it)."""
-    return subprocess.Popen(
-        ["redis-server", *args, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _wait(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except redis.RedisError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A master and one sentinel watching it as service "mg"."""
@@ -584,15 +554,15 @@ def sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (tmp / "sentinel.conf").write_text(
         f"port {sport}\nbind 127.0.0.1\nsentinel monitor mg 127.0.0.1 {master} 1\n"
     )
-    procs = [_redis_server(tmp, "--port", str(master))]
-    procs.append(_redis_server(tmp, "sentinel.conf", "--sentinel"))
+    procs = [start_redis_server(tmp, "--port", str(master))]
+    procs.append(start_redis_server(tmp, "sentinel.conf", "--sentinel"))
     try:
         probe = redis.Redis(port=sport, socket_timeout=1)
-        _wait(lambda: probe.sentinel_get_master_addr_by_name("mg") is not None, "sentinel")
+        wait_until(lambda: probe.sentinel_get_master_addr_by_name("mg") is not None, "sentinel")
         probe.close()
         yield f"redis+sentinel://127.0.0.1:{sport}/mg/2"
     finally:
-        _stop(procs)
+        stop_servers(procs)
 
 
 @pytest.fixture(scope="module")
@@ -606,7 +576,7 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         d = tmp / str(i)
         d.mkdir()
         procs.append(
-            _redis_server(
+            start_redis_server(
                 d,
                 "--port",
                 str(port),
@@ -623,16 +593,16 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             return str(n.execute_command("CLUSTER", *args))  # type: ignore[no-untyped-call]
 
         for n in nodes:
-            _wait(functools.partial(n.ping), "cluster node")
+            wait_until(functools.partial(n.ping), "cluster node")
         cluster(nodes[0], "ADDSLOTSRANGE", "0", "8191")
         cluster(nodes[1], "ADDSLOTSRANGE", "8192", "16383")
         cluster(nodes[0], "MEET", "127.0.0.1", str(ports[1]))
         for n in nodes:
-            _wait(lambda n=n: "cluster_state:ok" in cluster(n, "INFO"), "cluster state ok")  # type: ignore[misc]
+            wait_until(lambda n=n: "cluster_state:ok" in cluster(n, "INFO"), "cluster state ok")  # type: ignore[misc]
             n.close()
         yield f"redis+cluster://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
     finally:
-        _stop(procs)
+        stop_servers(procs)
 
 
 @pytest.mark.parametrize("kind", ["sentinel", "cluster"])

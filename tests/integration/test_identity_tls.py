@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import datetime
 import smtplib
 import ssl
 import time
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from tests.integration.conftest import StartMailgate, message
 from tests.rig.client import RawSMTP
+from tests.rig.tlscerts import issue_certificate
 from tests.rig.upstream import ScriptedUpstream
 
 
@@ -119,36 +114,10 @@ def test_xforward_makes_a_trusted_peer_untrusted_for_a_remote_client(
     assert b"X-Spam-Status:" in txn.message
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.mailgate.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 def test_starttls_then_relay(
     mailgate: StartMailgate, upstream: ScriptedUpstream, tmp_path: Path
 ) -> None:
-    cert, key = _self_signed(tmp_path)
+    _, cert, key = issue_certificate(tmp_path, "mx.mailgate.test")
     mg = mailgate({"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}})
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
@@ -169,7 +138,7 @@ def test_starttls_drops_pipelined_plaintext(
     mailgate: StartMailgate, upstream: ScriptedUpstream, tmp_path: Path
 ) -> None:
     """CVE-2011-0411: commands sent with STARTTLS must not run inside TLS."""
-    cert, key = _self_signed(tmp_path)
+    _, cert, key = issue_certificate(tmp_path, "mx.mailgate.test")
     mg = mailgate({"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}})
     r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
     r.banner()

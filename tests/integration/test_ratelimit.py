@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -30,7 +29,8 @@ from filter.replies import Reply
 from filter.results import Action, CheckResult, Symbol
 from filter.session import Session
 from filter.store import Store
-from tests.rig.ports import free_port
+from tests.rig.ports import free_cluster_port
+from tests.rig.redisserver import start_redis_server, stop_servers
 
 T0 = 1_700_000_000.0
 
@@ -405,28 +405,10 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (CROSSSLOT) on a single node too. Its port must stay below 55536, since the
     cluster bus listens 10000 above it.
     """
-    port = free_port()
-    while port > 55535:
-        port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        cwd=tmp_path_factory.mktemp("rlcluster"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    port = free_cluster_port()
+    proc = start_redis_server(
+        tmp_path_factory.mktemp("rlcluster"),
+        *("--port", str(port), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
     )
     node = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
 
@@ -450,8 +432,7 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"redis+cluster://127.0.0.1:{port}"
     finally:
         node.close()
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_servers([proc])
 
 
 async def test_cluster_keeps_every_counter_of_an_event_in_one_slot(

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import subprocess
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import redis.exceptions
 
 from filter.store import Store, StoreError
 from tests.rig.ports import free_port
+from tests.rig.redisserver import start_redis_server, stop_servers, wait_until
+from tests.rig.tlscerts import issue_certificate
 
 #: mailgate serves on uvloop, whose transports differ from asyncio's: both loops here.
 pytestmark = pytest.mark.both_loops
@@ -158,32 +158,17 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[in
     """A redis-server of our own with a password and a unix socket (port, socket path)."""
     tmp = tmp_path_factory.mktemp("authredis")
     port, sock = free_port(), tmp / "redis.sock"
-    proc = subprocess.Popen(
-        [
-            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
-            *("--appendonly", "no", "--requirepass", "s3cret", "--unixsocket", str(sock)),
-        ],
-        cwd=tmp,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc = start_redis_server(
+        tmp, "--port", str(port), "--requirepass", "s3cret", "--unixsocket", str(sock)
     )
     try:
         probe = redis.Redis(port=port, password="s3cret", socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                probe.ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_until(probe.ping, "the private redis-server")
         probe.execute_command("ACL", "SETUSER", "mg", "on", ">mgpass", "~*", "&*", "+@all")
         probe.close()
         yield port, sock
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_servers([proc])
 
 
 async def test_password_database_and_client_name_from_the_url(
@@ -191,12 +176,14 @@ async def test_password_database_and_client_name_from_the_url(
 ) -> None:
     port, _ = private_redis
     store = Store(f"redis://:s3cret@127.0.0.1:{port}/3?client_name=mg-scripts")
+    admin = redis.Redis(port=port, password="s3cret", db=3, decode_responses=True)
     try:
         script = store.client.register_script(SET)
         assert await store.run_script(script, ["mg:url-test"], ["db3"]) == "db3"
+        names = [c["name"] for c in admin.client_list()]
+        assert "mg-scripts" in names  # the script connection, still idle, named itself
     finally:
         await store.aclose()
-    admin = redis.Redis(port=port, password="s3cret", db=3, decode_responses=True)
     try:
         assert admin.get("mg:url-test") == "db3"  # SELECT 3 happened
         assert redis.Redis(port=port, password="s3cret", db=0).get("mg:url-test") is None
@@ -240,90 +227,24 @@ async def test_replies_are_text_and_a_script_error_is_a_response_error(store: St
         await store.run_script(bad, ["k"], [])
 
 
-def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a certificate for 127.0.0.1 signed by it (ca, cert, key)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailgate test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = tmp / "ca.pem", tmp / "cert.pem", tmp / "key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
-
-
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     """A redis-server speaking only TLS (port, CA file that signed its certificate)."""
     tmp = tmp_path_factory.mktemp("tlsredis")
-    ca, cert, key = _tls_files(tmp)
+    ca, cert, key = issue_certificate(tmp, "127.0.0.1")
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            *("redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
-            *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
-            *("--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"),
-            *("--save", "", "--appendonly", "no"),
-        ],
-        cwd=tmp,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc = start_redis_server(
+        tmp,
+        *("--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"),
+        *("--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)),
     )
     try:
         probe = redis.Redis("127.0.0.1", port, ssl=True, ssl_ca_certs=str(ca), socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                probe.ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_until(probe.ping, "the TLS redis-server")
         probe.close()
         yield port, ca
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_servers([proc])
 
 
 async def test_tls_with_the_urls_ca_and_a_refused_certificate_without_it(
