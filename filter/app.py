@@ -372,8 +372,8 @@ def serve(loaded: LoadedPolicy, config: Path) -> int:
     try:
         # Bound here, like the SMTP listeners, so a taken metrics port is one clear
         # log line and exit 1 instead of a traceback from inside the event loop.
-        (http,) = open_listeners([policy.metrics.listen], reuse_port=False)
-    except (OSError, ValueError) as exc:
+        http = open_listeners([policy.metrics.listen], reuse_port=False)[0]
+    except OSError as exc:
         for sock in sockets:
             sock.close()
         log.error("cannot listen for metrics and health checks: %s", exc)
