@@ -110,6 +110,10 @@ class ScriptConnection(asyncio.Protocol):
             except hiredis.ProtocolError as e:
                 self._fail(redis.exceptions.InvalidResponse(f"protocol error: {e}"))
                 return
+            except ValueError as e:  # UnicodeDecodeError: a reply that is not text
+                # Not a ConnectionError on purpose: the script ran, so no retry.
+                self._fail(redis.exceptions.InvalidResponse(f"undecodable reply: {e}"))
+                return
             if reply is False:
                 return
             waiter, self._waiter = self._waiter, None

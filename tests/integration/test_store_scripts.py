@@ -271,3 +271,18 @@ async def test_tls_with_the_urls_ca_and_a_refused_certificate_without_it(
             await untrusted.call("test", lambda: untrusted.run_script(script, ["k"], ["x"]))
     finally:
         await untrusted.aclose()
+
+
+async def test_a_reply_that_is_not_text_fails_once_and_is_not_run_again(
+    store: Store, raw: redis.Redis
+) -> None:
+    """A script that ran must not run twice because its reply could not be decoded."""
+    echo = store.client.register_script(ECHO)
+    assert await store.run_script(echo, ["k"], ["warm"]) == "warm"  # a reused socket next
+    count = store.client.register_script(
+        "redis.call('INCR', KEYS[1]); return string.char(255, 254)"
+    )
+    with pytest.raises(redis.exceptions.InvalidResponse, match="undecodable"):
+        await store.run_script(count, ["mg:undecodable"], [])
+    assert raw.get("mg:undecodable") == "1"
+    assert await store.run_script(echo, ["k"], ["still fine"]) == "still fine"
