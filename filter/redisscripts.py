@@ -167,11 +167,8 @@ class ScriptConnection(asyncio.Protocol):
 
     @property
     def is_open(self) -> bool:
-        return (
-            self._lost is None
-            and self._transport is not None
-            and not (self._transport.is_closing())
-        )
+        transport = self._transport
+        return self._lost is None and transport is not None and not transport.is_closing()
 
     async def call(self, *args: Any) -> Any:
         """Send one command and wait for its reply; error replies raise."""

@@ -171,34 +171,50 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[in
         stop_servers([proc])
 
 
+async def set_through(url: str, key: str, value: str, admin: redis.Redis | None = None) -> None:
+    """One SET script through a store on ``url``; ``admin`` then sees the connection
+    the store keeps (still open) and, afterwards, the key."""
+    store = Store(url)
+    try:
+        script = store.client.register_script(SET)
+        assert await store.run_script(script, [key], [value]) == value
+        if admin is not None:
+            names = [c["name"] for c in admin.client_list()]
+            assert "mg-scripts" in names  # the script connection, still idle, named itself
+    finally:
+        await store.aclose()
+
+
+async def assert_refused(url: str, why: str) -> None:
+    """A store on ``url`` fails with a StoreError matching ``why``, not a hang."""
+    store = Store(url, socket_timeout=2.0)
+    try:
+        script = store.client.register_script(ECHO)
+        with pytest.raises(StoreError, match=why):
+            await store.call("test", lambda: store.run_script(script, ["k"], ["x"]))
+    finally:
+        await store.aclose()
+
+
 async def test_password_database_and_client_name_from_the_url(
     private_redis: tuple[int, Path],
 ) -> None:
     port, _ = private_redis
-    store = Store(f"redis://:s3cret@127.0.0.1:{port}/3?client_name=mg-scripts")
     admin = redis.Redis(port=port, password="s3cret", db=3, decode_responses=True)
+    other_db = redis.Redis(port=port, password="s3cret", db=0)
     try:
-        script = store.client.register_script(SET)
-        assert await store.run_script(script, ["mg:url-test"], ["db3"]) == "db3"
-        names = [c["name"] for c in admin.client_list()]
-        assert "mg-scripts" in names  # the script connection, still idle, named itself
-    finally:
-        await store.aclose()
-    try:
+        url = f"redis://:s3cret@127.0.0.1:{port}/3?client_name=mg-scripts"
+        await set_through(url, "mg:url-test", "db3", admin)
         assert admin.get("mg:url-test") == "db3"  # SELECT 3 happened
-        assert redis.Redis(port=port, password="s3cret", db=0).get("mg:url-test") is None
+        assert other_db.get("mg:url-test") is None
     finally:
         admin.close()
+        other_db.close()
 
 
 async def test_acl_user_and_unix_socket(private_redis: tuple[int, Path]) -> None:
     port, sock = private_redis
-    store = Store(f"unix://mg:mgpass@{sock}?db=5")
-    try:
-        script = store.client.register_script(SET)
-        assert await store.run_script(script, ["mg:unix-test"], ["db5"]) == "db5"
-    finally:
-        await store.aclose()
+    await set_through(f"unix://mg:mgpass@{sock}?db=5", "mg:unix-test", "db5")
     admin = redis.Redis(port=port, password="s3cret", db=5, decode_responses=True)
     try:
         assert admin.get("mg:unix-test") == "db5"
@@ -210,13 +226,7 @@ async def test_a_wrong_password_is_a_store_error_not_a_hang(
     private_redis: tuple[int, Path],
 ) -> None:
     port, _ = private_redis
-    store = Store(f"redis://:wrong@127.0.0.1:{port}/0", socket_timeout=2.0)
-    try:
-        script = store.client.register_script(ECHO)
-        with pytest.raises(StoreError, match=r"(?i)auth|password"):
-            await store.call("test", lambda: store.run_script(script, ["k"], ["x"]))
-    finally:
-        await store.aclose()
+    await assert_refused(f"redis://:wrong@127.0.0.1:{port}/0", r"(?i)auth|password")
 
 
 async def test_replies_are_text_and_a_script_error_is_a_response_error(store: Store) -> None:
@@ -251,12 +261,7 @@ async def test_tls_with_the_urls_ca_and_a_refused_certificate_without_it(
     tls_redis: tuple[int, Path],
 ) -> None:
     port, ca = tls_redis
-    store = Store(f"rediss://127.0.0.1:{port}/6?ssl_ca_certs={ca}")
-    try:
-        script = store.client.register_script(SET)
-        assert await store.run_script(script, ["mg:tls-test"], ["db6"]) == "db6"
-    finally:
-        await store.aclose()
+    await set_through(f"rediss://127.0.0.1:{port}/6?ssl_ca_certs={ca}", "mg:tls-test", "db6")
     admin = redis.Redis(
         "127.0.0.1", port, db=6, ssl=True, ssl_ca_certs=str(ca), decode_responses=True
     )
@@ -264,13 +269,7 @@ async def test_tls_with_the_urls_ca_and_a_refused_certificate_without_it(
         assert admin.get("mg:tls-test") == "db6"
     finally:
         admin.close()
-    untrusted = Store(f"rediss://127.0.0.1:{port}/6", socket_timeout=2.0)
-    try:
-        script = untrusted.client.register_script(ECHO)
-        with pytest.raises(StoreError, match=r"(?i)certificate"):
-            await untrusted.call("test", lambda: untrusted.run_script(script, ["k"], ["x"]))
-    finally:
-        await untrusted.aclose()
+    await assert_refused(f"rediss://127.0.0.1:{port}/6", r"(?i)certificate")
 
 
 async def test_a_reply_that_is_not_text_fails_once_and_is_not_run_again(
