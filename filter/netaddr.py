@@ -8,6 +8,7 @@ clients. This module is that one spelling.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -15,6 +16,10 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 __all__ = ["ip_in", "normalize_ip", "parse_ip"]
 
 
+#: Why memoised: one client's address is parsed by several checks for every message
+#: of its session (ipaddress parses in Python, a few µs each). The objects are
+#: immutable; a bad address raises and is not remembered.
+@functools.lru_cache(maxsize=4096)
 def parse_ip(ip: str) -> IPv4Address | IPv6Address:
     """Parse ``ip`` into its canonical address object.
 
@@ -33,6 +38,7 @@ def parse_ip(ip: str) -> IPv4Address | IPv6Address:
     return addr
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_ip(ip: str) -> str:
     """Return the canonical text form of ``ip`` (ValueError if it is not one).
 

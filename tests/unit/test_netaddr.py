@@ -80,3 +80,20 @@ def test_ip_in_empty_and_generator() -> None:
 def test_ip_in_bad_address() -> None:
     with pytest.raises(ValueError):
         ip_in("nope", NETS)
+
+
+def test_memoised_parse_stays_bounded_and_never_remembers_a_refusal() -> None:
+    """parse_ip/normalize_ip are memoised: a bad address must raise every time (an
+    exception is not a value to remember) and the memo must not grow without bound
+    (a botnet's random IPv6 addresses)."""
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            parse_ip("fe80::1%eth0")
+        with pytest.raises(ValueError):
+            normalize_ip("192.0.2.256")
+    assert parse_ip("192.0.2.7") is parse_ip(" 192.0.2.7".strip())
+    for i in range(5000):
+        normalize_ip(f"2001:db8::{i:x}")
+    for fn in (parse_ip, normalize_ip):
+        info = fn.cache_info()
+        assert info.maxsize is not None and info.currsize <= info.maxsize
