@@ -1,7 +1,7 @@
 # mailgate developer entry points; every target bootstraps what it needs.
 VENV ?= .venv
 
-.PHONY: test run bench lint bootstrap
+.PHONY: test run bench bench-checks lint bootstrap
 
 test:
 	scripts/test.sh
@@ -15,6 +15,10 @@ bootstrap:
 bench: bootstrap
 	scripts/ensure-redis.sh
 	$(VENV)/bin/python tests/perf/bench.py
+
+bench-checks: bootstrap
+	scripts/ensure-redis.sh
+	$(VENV)/bin/python tests/perf/price_checks.py
 
 lint: bootstrap
 	$(VENV)/bin/ruff check
