@@ -26,6 +26,8 @@ from filter.headers import field_value
 from filter.results import CheckResult
 
 _COMMENT = re.compile(r"\([^()]*\)")
+_QUOTED_ID = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 def build(results: Mapping[str, CheckResult], authserv_id: str) -> bytes:
@@ -35,10 +37,10 @@ def build(results: Mapping[str, CheckResult], authserv_id: str) -> bytes:
     if spf is not None:
         d = spf.data
         if d.get("identity") == "helo":
-            out.append(SPFAuthenticationResult(result=spf.result, smtp_helo=_s(d, "smtp.helo")))
+            out.append(SPFAuthenticationResult(result=spf.result, smtp_helo=_p(d, "smtp.helo")))
         else:
             out.append(
-                SPFAuthenticationResult(result=spf.result, smtp_mailfrom=_s(d, "smtp.mailfrom"))
+                SPFAuthenticationResult(result=spf.result, smtp_mailfrom=_p(d, "smtp.mailfrom"))
             )
     dkim = results.get("dkim")
     if dkim is not None:
@@ -46,28 +48,24 @@ def build(results: Mapping[str, CheckResult], authserv_id: str) -> bytes:
         if not sigs:
             out.append(DKIMAuthenticationResult(result=dkim.result))
         for sig in sigs:  # type: ignore[attr-defined]
-            props = [AuthenticationResultProperty("header", "b", sig["b"])] if sig.get("b") else []
+            # Properties in the contract's order (header.d, header.s), then header.b.
+            props = [
+                AuthenticationResultProperty("header", tag, pvalue(str(sig[tag])))
+                for tag in ("d", "s", "b")
+                if sig.get(tag)
+            ]
             out.append(
-                DKIMAuthenticationResult(
-                    result=sig.get("result", dkim.result),
-                    header_d=sig.get("d") or None,
-                    header_s=sig.get("s") or None,
-                    properties=props,
-                )
+                DKIMAuthenticationResult(result=sig.get("result", dkim.result), properties=props)
             )
     dmarc = results.get("dmarc")
     if dmarc is not None:
         d = dmarc.data
-        props = []
+        props = []  # header.from first, as the contract shows it
+        if d.get("from_domain"):
+            props.append(AuthenticationResultProperty("header", "from", _p(d, "from_domain")))
         if d.get("policy"):
-            props.append(AuthenticationResultProperty("policy", "dmarc", str(d["policy"])))
-        out.append(
-            DMARCAuthenticationResult(
-                result=dmarc.result,
-                header_from=_s(d, "from_domain") or None,
-                properties=props,
-            )
-        )
+            props.append(AuthenticationResultProperty("policy", "dmarc", pvalue(str(d["policy"]))))
+        out.append(DMARCAuthenticationResult(result=dmarc.result, properties=props))
     arc = results.get("arc")
     if arc is not None:
         # RFC 8617 registers only none/pass/fail for arc=; a chain that could not be
@@ -76,34 +74,74 @@ def build(results: Mapping[str, CheckResult], authserv_id: str) -> bytes:
         out.append(ARCAuthenticationResult(result=word))
     if not out:
         out.append(NoneAuthenticationResult())
-    header = AuthenticationResultsHeader(authserv_id=authserv_id, results=out)
-    return _fold(str(header))
+    # One result per line: folded here between the clauses authres renders, never
+    # inside one (a quoted value may itself contain "; ").
+    name = AuthenticationResultsHeader.HEADER_FIELD_NAME
+    clauses = ";\r\n\t".join(str(r) for r in out)
+    return f"{name}: {authserv_id.lower()};\r\n\t{clauses}\r\n".encode()
 
 
-def _s(data: Mapping[str, object], key: str) -> str:
+def _p(data: Mapping[str, object], key: str) -> str:
     value = data.get(key)
-    return str(value) if value else ""
+    return pvalue(str(value)) if value else ""
 
 
-def _fold(text: str) -> bytes:
-    """Fold between results (after each ';') so lines stay short."""
-    name, _, value = text.partition(": ")
-    parts = value.split("; ")
-    return (name + ": " + ";\r\n\t".join(parts) + "\r\n").encode("utf-8")
+# RFC 5322 atext, plus any non-ASCII character (RFC 6532: UTF-8 in SMTPUTF8 mail).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]"
+_DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_QUOTED = re.compile(r'"(?:[^"\\\x00-\x1f\x7f]|\\[\t\x20-\x7e])*"')
+_DOMAIN = re.compile(
+    r"[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\x80-\U0010ffff.-]*[A-Za-z0-9\x80-\U0010ffff])?"
+)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def pvalue(text: str) -> str:
+    """``text`` as an RFC 8601 pvalue that cannot break out of its property.
+
+    Why by hand: authres quotes a value that is not a token, except any value with
+    an "@", which it writes as it is, assuming a valid address. A MAIL FROM such as
+    ``<x;dmarc=pass@evil.example>`` (which lenient parsers accept) would then inject
+    a result into our own trusted header. So a value with an "@" stays bare only when
+    it is ``local-part "@" domain-name`` with a dot-atom or quoted-string local part;
+    anything else becomes one quoted-string (which authres also leaves alone, it
+    contains an "@"). Values without "@" are left to authres's own quoting.
+    """
+    if "@" not in text:
+        return text
+    local, _, domain = text.rpartition("@")
+    local_ok = _DOT_ATOM.fullmatch(local) or _QUOTED.fullmatch(local)
+    if local_ok and _DOMAIN.fullmatch(domain) and ".." not in domain:
+        return text
+    escaped = _CONTROL.sub("?", text).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 def claimed_authserv_id(raw_field: bytes) -> str:
-    """The authserv-id an incoming A-R field claims, lower-cased ('' if none found).
+    """The authserv-id an incoming A-R field claims, normalised ('' if none found).
 
     Parsed leniently by hand: a forged header need not be valid to be dangerous.
+    RFC 8601's authserv-id is a ``value``, so a quoted-string (``"mx.example.net"``)
+    claims the same id as the bare token; a trailing dot names the same host too.
+    Normalised: unquoted, lower-cased, trailing dots removed.
     """
-    value = _COMMENT.sub(" ", field_value(raw_field))
-    first = value.split(";", 1)[0].strip()
-    return first.split()[0].lower() if first else ""
+    value = field_value(raw_field)
+    while True:  # comments nest (RFC 5322 3.2.2): strip the innermost until none is left
+        value, found = _COMMENT.subn(" ", value)
+        if not found:
+            break
+    value = value.strip()
+    if value.startswith('"'):
+        m = _QUOTED_ID.match(value)
+        claimed = _QUOTED_PAIR.sub(r"\1", m.group(1)) if m else value[1:].split('"')[0]
+    else:
+        first = value.split(";", 1)[0].strip()
+        claimed = first.split()[0] if first else ""
+    return claimed.strip().lower().rstrip(".")
 
 
 def is_forged(name: bytes, raw_field: bytes, authserv_id: str) -> bool:
     """True for an Authentication-Results field that claims to be ours."""
     return name == b"authentication-results" and claimed_authserv_id(raw_field) == (
-        authserv_id.lower()
+        authserv_id.lower().rstrip(".")
     )

@@ -57,17 +57,25 @@ def filter_block(block: bytes, drop: Callable[[bytes, bytes], bool]) -> bytes:
     return b"".join(raw for name, raw in split_fields(block) if not (name and drop(name, raw)))
 
 
-def render_field(name: str, value: str) -> bytes:
-    """One header field, folded to stay under 78 characters per line.
+#: A word longer than this is split after commas: with the field name and a fold it
+#: still fits the 998-octet line limit of RFC 5322 2.1.1.
+_LONGEST_WORD = 900
 
-    Folds at spaces, and inside long comma lists (``tests=A,B,C``) after a comma,
-    as SpamAssassin does for X-Spam-Status.
+
+def render_field(name: str, value: str) -> bytes:
+    """One header field, folded at spaces to stay under 78 characters per line.
+
+    A word longer than a line (``tests=A,B,C,…`` of X-Spam-Status) is kept whole
+    even past 78 characters (a SHOULD in RFC 5322): folding inside it, as
+    SpamAssassin does, leaves a tab inside the list after unfolding, and scripts
+    reading ``tests=(\\S+)`` lose the rest. Only a word that would break the
+    998-octet limit (a MUST) is split, after a comma.
     """
     if len(name) + len(value) <= 74:  # fits on one line: nothing to fold
         return f"{name}: {value}\r\n".encode()
     pieces: list[tuple[str, bool]] = []  # (text, joined to the previous by a space)
     for word in value.split(" "):
-        parts = re.findall(r"[^,]*,|[^,]+", word) if len(word) > 40 else [word]
+        parts = re.findall(r"[^,]*,|[^,]+", word) if len(word) > _LONGEST_WORD else [word]
         pieces += [(p, i == 0) for i, p in enumerate(parts or [""])]
     lines: list[str] = []
     line = f"{name}:"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import authres
 import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -101,3 +102,44 @@ def test_arc_seal_added_and_verifiable(
 
     cv, _, why = dkim.arc_verify(msg, dnsfunc=dnsfunc)
     assert cv == b"pass", why
+
+
+def test_quoted_and_dotted_forgeries_of_our_id_are_removed(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """RFC 8601's authserv-id is a value: "mx.mailgate.test" (quoted) and a trailing
+    dot claim our id as much as the bare name does."""
+    mg = mailgate(AUTH_CHECKS_OFF)
+    forged = (
+        b'Authentication-Results: "mx.mailgate.test"; spf=pass smtp.mailfrom=F1\r\n'
+        b"Authentication-Results: mx.mailgate.test.; dkim=pass header.d=F2\r\n"
+        b"Authentication-Results: (a (b) c) MX.mailgate.test; dmarc=pass header.from=F3\r\n"
+    )
+    _send(mg.smtp_port, forged)
+    [txn] = upstream.wait_for_transactions(1)
+    head = txn.message.split(b"\r\n\r\n", 1)[0]
+    assert b"F1" not in head and b"F2" not in head and b"F3" not in head
+    assert head.count(b"Authentication-Results:") == 1
+
+
+def test_a_hostile_mail_from_cannot_inject_a_result_into_our_header(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """A MAIL FROM local part with RFC 8601 specials is quoted in smtp.mailfrom: the
+    header still parses to one spf result, and no dmarc=pass appears in it."""
+    mg = mailgate({name: {"enabled": False} for name in ("dkim", "dmarc", "arc")})
+    sender = "x;dmarc=pass@evil.example"
+    with smtp_client("127.0.0.1", mg.smtp_port) as c:
+        c.ehlo("client.example.org")
+        assert c.docmd(f"MAIL FROM:<{sender}>")[0] == 250  # smtplib's mail() would parse it
+        c.rcpt("bob@example.test")
+        code, _ = c.data(b"From: <alice@example.org>\r\nSubject: ar\r\n\r\nbody\r\n")
+        assert code == 250
+    [txn] = upstream.wait_for_transactions(1)
+    head = txn.message.split(b"\r\n\r\n", 1)[0]
+    ours = head.split(b"\r\nX-", 1)[0].decode().replace("\r\n", "")
+    assert ours.startswith("Authentication-Results: mx.mailgate.test;"), head
+    parsed = authres.AuthenticationResultsHeader.parse(ours)
+    assert [r.method for r in parsed.results] == ["spf"]
+    assert parsed.results[0].properties[0].value == sender
+    assert f'smtp.mailfrom="{sender}"' in ours

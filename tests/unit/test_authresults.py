@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import authres
 import pytest
 
-from filter.authresults import build, claimed_authserv_id, is_forged
+from filter.authresults import build, claimed_authserv_id, is_forged, pvalue
 from filter.results import CheckResult
 
 
@@ -50,8 +52,9 @@ def test_full_header_parses_back_with_every_method() -> None:
     text = field.decode()
     assert "smtp.mailfrom=alice@example.org" in text
     assert 'header.b="ab/c+=xy"' in text  # "/" "+" "=" are tspecials: quoted
-    assert "header.d=example.org header.s=sel" in text
-    assert "policy.dmarc=reject header.from=example.org" in text
+    # the contract's order: header.d and header.s first, header.from first
+    assert "dkim=pass header.d=example.org header.s=sel header.b=" in text
+    assert "dmarc=pass header.from=example.org policy.dmarc=reject" in text
 
 
 def test_helo_identity_and_missing_methods() -> None:
@@ -83,6 +86,13 @@ def test_dkim_without_signatures() -> None:
         (b"Authentication-Results: mx.example.net\r\n", "mx.example.net"),  # malformed still ours
         (b"Authentication-Results: other.example; spf=fail\r\n", "other.example"),
         (b"Authentication-Results: \r\n", ""),
+        # RFC 8601: authserv-id is a value, so a quoted-string claims the same id
+        (b'Authentication-Results: "mx.example.net"; spf=pass\r\n', "mx.example.net"),
+        (b'Authentication-Results: "MX.example.net" 1; spf=pass\r\n', "mx.example.net"),
+        (b'Authentication-Results: "mx.exa\\mple.net"; spf=pass\r\n', "mx.example.net"),
+        (b"Authentication-Results: mx.example.net.; spf=pass\r\n", "mx.example.net"),
+        (b"Authentication-Results: (a (nested) c) mx.example.net; none\r\n", "mx.example.net"),
+        (b'Authentication-Results: "unterminated; spf=pass\r\n', "unterminated; spf=pass"),
     ],
 )
 def test_claimed_authserv_id(raw: bytes, claimed: str) -> None:
@@ -100,3 +110,73 @@ def test_is_forged_only_for_our_id_and_the_right_field() -> None:
         b"Authentication-Results: evil-mx.example.net; spf=pass\r\n",
         "mx.example.net",
     )
+
+
+@pytest.mark.parametrize(
+    "mail_from",
+    [
+        "x;dmarc=pass@evil.example",
+        "a(b)@pass.test",
+        'a"b@pass.test',
+        "a,b@pass.test",
+        "a[b]@pass.test",
+        "a b@pass.test",
+        "x@evil.example; dmarc=pass",
+        "x@y@z",
+        "@pass.test",
+        "a..b@pass.test",
+        "a@pass..test",
+        "a\\b@pass.test",
+        "a\tb@pass.test",
+    ],
+)
+def test_sender_text_cannot_inject_into_our_header(mail_from: str) -> None:
+    """Whatever a lenient MAIL FROM carries, our header parses back to exactly one SPF
+    result whose smtp.mailfrom is the whole address, and no other method appears."""
+    data = {"identity": "mailfrom", "smtp.mailfrom": mail_from}
+    field = build({"spf": CheckResult("spf", "fail", data=data)}, "mx.example.net")
+    parsed = _parse(field)
+    assert [(r.method, r.result) for r in parsed.results] == [("spf", "fail")]
+    (prop,) = parsed.results[0].properties
+    assert (prop.type, prop.name) == ("smtp", "mailfrom")
+    assert _unquote(prop.value) == mail_from
+
+
+def _unquote(value: str) -> str:
+    """authres keeps quoted-pairs escaped in the values it parses."""
+    return re.sub(r"\\(.)", r"\1", value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["alice@example.org", "a.b+tag@example.org", '"a;b"@example.org', "bo\u00fc@b\u00fccher.test"],
+)
+def test_valid_addresses_stay_bare(value: str) -> None:
+    assert pvalue(value) == value
+
+
+def test_helo_and_dkim_values_are_quoted_when_needed() -> None:
+    """Signature tags and the HELO name are the sender's text too. (One property per
+    clause here: authres's parser only takes a quoted value at the end of a clause.)"""
+    helo = {"identity": "helo", "smtp.helo": "x@y z;dmarc=pass"}
+    sigs = [{"result": "fail", "d": "a(b)@c"}, {"result": "fail", "s": "s;1"}]
+    sigs.append({"result": "fail", "b": "ab@(x)"})
+    field = build(
+        {
+            "spf": CheckResult("spf", "none", data=helo),
+            "dkim": CheckResult("dkim", "fail", data={"signatures": sigs}),
+        },
+        "mx",
+    )
+    parsed = _parse(field)
+    assert [(r.method, r.result) for r in parsed.results] == [("spf", "none")] + [
+        ("dkim", "fail")
+    ] * 3
+    values = [(p.type, p.name, p.value) for r in parsed.results for p in r.properties]
+    assert values == [
+        ("smtp", "helo", "x@y z;dmarc=pass"),
+        ("header", "d", "a(b)@c"),
+        ("header", "s", "s;1"),
+        ("header", "b", "ab@(x)"),
+    ]
+    assert b'header.d="a(b)@c"' in field and b"dmarc=pass" not in field.replace(b"z;dmarc", b"")
