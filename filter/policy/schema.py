@@ -333,6 +333,10 @@ class ScoreMapKind(Kind):
                 )
                 ok = False
                 continue
+            if name not in KNOWN_SYMBOLS and not name.startswith(ZONE_SYMBOL_PREFIXES):
+                problems.append((item_key, "unknown symbol" + _did_you_mean(name, KNOWN_SYMBOLS)))
+                ok = False
+                continue
             score = number.parse(value, item_key, problems)
             if score is INVALID:
                 ok = False
@@ -1063,6 +1067,30 @@ DEFAULT_SCORES: Mapping[str, float] = MappingProxyType(
         "LIST_BLOCK_CLIENT": 10.0,
         "LIST_BLOCK_SENDER": 10.0,
         "LIST_BLOCK_RECIPIENT": 10.0,
+    }
+)
+
+
+#: Check names as the pipeline runs them (one table may run as two checks).
+PIPELINE_CHECKS = (*CHECK_TABLES, "dnsbl_domain", "lists_rcpt", "ratelimit_connect")
+
+#: Every symbol ``[scores]`` may name: the defaults, each check's ``<NAME>_TEMPERROR``
+#: (a check that timed out or crashed), and the result words of SPF, DKIM and ARC
+#: without a default score. A name outside it is an error, not a silently dead line:
+#: ``SPF_PAS = -1`` would otherwise score nothing. DNSBL symbols are not here: the
+#: zones' symbols (``DNSBL_<NAME>[_<LABEL>]``, ``DNSWL_…``) are named by the admin's
+#: own zone tables, so any name with their prefix is accepted.
+ZONE_SYMBOL_PREFIXES = ("DNSBL_", "DNSWL_")
+KNOWN_SYMBOLS: frozenset[str] = frozenset(
+    {
+        *DEFAULT_SCORES,
+        *(f"{name.upper()}_TEMPERROR" for name in PIPELINE_CHECKS),
+        *(
+            f"{method}_{word.upper()}"
+            for method in ("SPF", "DKIM", "ARC")
+            for word in ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+            if not (method != "SPF" and word in ("softfail", "neutral"))
+        ),
     }
 )
 

@@ -12,6 +12,8 @@ from filter.policy.schema import (
     DEFAULT_POLICY,
     DEFAULT_SCORES,
     KIND,
+    KNOWN_SYMBOLS,
+    PIPELINE_CHECKS,
     DNSBLZone,
     Policy,
     policy_from_dict,
@@ -286,3 +288,47 @@ def test_schema_keys_lists_nested_tables() -> None:
     assert "dnsbl.zones" in keys
     assert "scores" in keys
     assert len(keys) == len(set(keys))
+
+
+def test_unknown_score_symbols_are_errors_with_a_suggestion() -> None:
+    """A typo in [scores] would score nothing at all: it is refused, like any unknown key."""
+    problems = _problems({"scores": {"SPF_PAS": -1.0, "TOTALLY_MADE_UP": 9.0}})
+    assert ("scores.SPF_PAS", 'unknown symbol (did you mean "SPF_PASS"?)') in problems
+    assert [k for k, m in problems if m.startswith("unknown symbol")] == [
+        "scores.SPF_PAS",
+        "scores.TOTALLY_MADE_UP",
+    ]
+    problems = _problems({"domains": {"example.com": {"scores": {"DMARC_PAS": 0.0}}}})
+    assert any("DMARC_PAS" in k and "DMARC_PASS" in m for k, m in problems)
+
+
+def test_zone_symbols_temperrors_and_result_words_may_be_scored() -> None:
+    scores = {
+        "DNSBL_ZEN_SBL": 12.0,  # a zone's symbols are the admin's own names
+        "DNSWL_LOCAL": -2.0,
+        "LISTS_TEMPERROR": 1.0,
+        "DNSBL_DOMAIN_TEMPERROR": 0.5,
+        "DKIM_PERMERROR": 1.0,
+        "SPF_HELO_FAIL": 2.0,
+    }
+    assert {k: _valid({"scores": scores}).score(k) for k in scores} == scores
+
+
+def test_every_check_can_score_its_temperror() -> None:
+    """The pipeline names a check that timed out <NAME>_TEMPERROR: each is scorable."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import filter.checks
+
+    names = set()
+    for info in pkgutil.iter_modules(filter.checks.__path__):
+        module = importlib.import_module(f"filter.checks.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            run = getattr(cls, "run", None)
+            if isinstance(getattr(cls, "name", None), str) and inspect.iscoroutinefunction(run):
+                names.add(cls.name)
+    assert {"spf", "dkim", "dmarc", "arc", "greylist", "lists_rcpt"} <= names
+    assert names <= set(PIPELINE_CHECKS)
+    assert {f"{n.upper()}_TEMPERROR" for n in names} <= KNOWN_SYMBOLS
