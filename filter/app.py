@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from filter import __version__
@@ -218,6 +219,7 @@ class Server:
             self.caps.get,
         )
         self.servers: list[asyncio.Server] = []
+        self.http: asyncio.Server | None = None
         self.stopping = asyncio.Event()
         self.background: list[asyncio.Task[None]] = []
         bind_dnsbl_metrics(metrics)
@@ -233,7 +235,7 @@ class Server:
             server = await loop.create_server(self.frontend.protocol_factory, sock=sock)
             self.servers.append(server)
         if http is not None:
-            self.servers.append(await start_http_api(http, self.metrics, self.readiness))
+            self.http = await start_http_api(http, self.metrics, self.readiness)
         self.metrics.policy_generation.set(self.runtime.generation)
         self.background.append(asyncio.create_task(_flush_logs_periodically()))
         # RFC 5782 zone health probes; they follow reloads (policy and resolver re-read).
@@ -245,14 +247,17 @@ class Server:
             log.warning("upstream not answering at start: %s", problem)
 
     async def readiness(self) -> list[str]:
-        """/readyz: the upstream answers, the store answers, we are not draining."""
+        """/readyz: the upstream answers, the store answers, we are not draining.
+
+        While draining the answer is known without probing: a balancer must stop
+        sending at once, and the probes would only open upstream sessions.
+        """
+        if self.frontend.draining:
+            return [SHUTTING_DOWN]
         found = await asyncio.gather(
             probe_upstream(self.policy, self.caps), probe_store(self.policy, self.runtime.store)
         )
-        problems = [p for p in found if p]
-        if self.frontend.draining:
-            problems.append("shutting down")
-        return problems
+        return [p for p in found if p]
 
     def reload(self) -> bool:
         """SIGHUP: load and validate the policy; keep the old one on any error."""
@@ -261,14 +266,8 @@ class Server:
             runtime = build_runtime(
                 loaded.policy, self.metrics, self.runtime.generation + 1, self.runtime
             )
-        except PolicyError as exc:
-            for issue in exc.issues:
-                log.error("policy reload refused: %s", issue)
-            self.metrics.count_reload(False)
-            event(log, "policy_reload", logging.ERROR, outcome="error", errors=len(exc.issues))
-            return False
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            log.error("policy reload refused: %s", exc)
+        except RELOAD_ERRORS as exc:
+            log_reload_refused(exc, worker=self.worker)
             self.metrics.count_reload(False)
             return False
         old = self.runtime.policy
@@ -280,15 +279,21 @@ class Server:
         self.limiter.resize(*worker_limits(runtime.policy))
         self.runtime = runtime
         self.metrics.count_reload(True, runtime.generation)
-        event(log, "policy_reload", outcome="ok", generation=runtime.generation)
+        event(
+            log, "policy_reload", outcome="ok", generation=runtime.generation, **_who(self.worker)
+        )
         return True
 
     async def drain(self) -> None:
-        """Stop accepting, let sessions finish up to shutdown_grace, then end them."""
+        """Stop accepting SMTP, let sessions finish up to shutdown_grace, then end them.
+
+        The health/metrics listener stays open until the sessions are done: the
+        process still serves (/healthz 200), /readyz says "shutting down" so a
+        balancer stops sending, and /metrics shows the drain. Background tasks
+        (log flushing among them) also run to the end.
+        """
         for server in self.servers:
             server.close()
-        for task in self.background:
-            task.cancel()
         self.frontend.interrupt_idle()
         tasks = set(self.frontend.tasks)
         event(log, "shutdown", sessions=len(tasks), grace=self.policy.server.shutdown_grace)
@@ -298,6 +303,11 @@ class Server:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        if self.http is not None:
+            self.http.close()
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
 
     async def serve(self, sockets: list[socket.socket], http: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
@@ -318,6 +328,35 @@ class Server:
         )
         await self.stopping.wait()
         await self.drain()
+
+
+SHUTTING_DOWN = "shutting down"
+# What a refused reload can raise: policy errors, unreadable files (TLS keys, lists),
+# a TLS key that does not load, a value the runtime cannot build from.
+RELOAD_ERRORS = (PolicyError, OSError, ssl.SSLError, ValueError)
+
+
+def _who(worker: int | None) -> dict[str, Any]:
+    """A ``worker`` log field in worker processes, so N copies of a line can be told apart."""
+    return {} if worker is None else {"worker": worker}
+
+
+def log_reload_refused(exc: Exception, worker: int | None = None) -> None:
+    """One ``event=policy_reload outcome=error`` line per problem, the old policy stays.
+
+    The ``policy reload refused`` wording stays as ``msg=``: admins grep for it.
+    """
+    issues = exc.issues if isinstance(exc, PolicyError) else [exc]
+    for issue in issues:
+        event(
+            log,
+            "policy_reload",
+            logging.ERROR,
+            message="policy reload refused",
+            outcome="error",
+            issue=str(issue) or type(issue).__name__,
+            **_who(worker),
+        )
 
 
 async def _flush_logs_periodically(interval: float = 0.25) -> None:
@@ -430,9 +469,8 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
             try:
                 # Workers count their own reloads; the parent only keeps /readyz current.
                 policy_holder["policy"] = load_policy(config).policy
-            except PolicyError as exc:
-                for issue in exc.issues:
-                    log.error("policy reload refused: %s", issue)
+            except RELOAD_ERRORS as exc:
+                log_reload_refused(exc)
             forward(signal.SIGHUP)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -445,9 +483,11 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
             loop.add_signal_handler(sig, on_stop, sig)
 
         async def readiness() -> list[str]:
+            if stopping.is_set():  # as Server.readiness: known without probing
+                return [SHUTTING_DOWN]
             policy = policy_holder["policy"]
             found = await asyncio.gather(probe_upstream(policy), probe_store(policy))
-            return [p for p in found if p] + (["shutting down"] if stopping.is_set() else [])
+            return [p for p in found if p]
 
         api = await start_http_api(http, metrics, readiness)
         event(log, "supervisor_started", workers=len(children), pid=os.getpid())

@@ -193,8 +193,20 @@ class Frontend:
                     if len(buf) > MAX_HEADER:
                         raise ProxyProtocolError("header too long")
         except (TimeoutError, StreamClosed, ProxyProtocolError, ValueError) as exc:
-            log.warning("PROXY header refused from %s: %s", stream.peername()[0], exc)
+            reason = proxy_refusal_reason(exc, len(buf))
+            event(log, "proxy_refused", logging.WARNING, client=stream.peername()[0], reason=reason)
             return None
+
+
+def proxy_refusal_reason(exc: Exception, received: int) -> str:
+    """Why a PROXY header was refused, never empty: a timeout and a closed connection
+    carry no text of their own, and an admin must tell a silent or misconfigured
+    balancer from a client that speaks SMTP first."""
+    if isinstance(exc, TimeoutError):
+        return f"no complete header within {PROXY_TIMEOUT:g}s ({received} bytes received)"
+    if isinstance(exc, StreamClosed):
+        return f"connection closed before a complete header ({received} bytes received)"
+    return str(exc) or type(exc).__name__
 
 
 class _Connection:

@@ -156,7 +156,18 @@ def setup_logging(fmt: str = "kv", level: str = "info") -> None:
     logging.logMultiprocessing = False
 
 
-def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log one structured event; ``fields`` keep their order."""
+def event(
+    logger: logging.Logger,
+    name: str,
+    level: int = logging.INFO,
+    *,
+    message: str = "",
+    **fields: Any,
+) -> None:
+    """Log one structured event; ``fields`` keep their order.
+
+    ``message`` becomes a ``msg=`` field, for the few events whose wording admins
+    already grep for (``policy reload refused``).
+    """
     if logger.isEnabledFor(level):
-        logger.log(level, "", extra={EVENT: {"event": name, **fields}})
+        logger.log(level, message, extra={EVENT: {"event": name, **fields}})

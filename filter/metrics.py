@@ -87,16 +87,19 @@ RATELIMIT_LIMITS = (
 RATELIMIT_RESULTS = ("under", "over")
 DNS_RTYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME", "NS", "SOA")
 DNS_OUTCOMES = ("ok", "nxdomain", "nodata", "servfail", "timeout", "error")
+# Where a conversation with the upstream failed (filter.relay's stage names): a
+# timeout, a dropped connection, a malformed or 421 reply counts once, at its stage;
+# "data" is the DATA command and the message body, "data_end" the reply to the dot.
 UPSTREAM_STAGES = (
     "connect",
     "greeting",
-    "xclient",
     "ehlo",
+    "xclient",
+    "xforward",
     "mail",
     "rcpt",
     "data",
-    "timeout",
-    "protocol",
+    "data_end",
 )
 REPLY_STAGES = ("connect", "helo", "mail", "rcpt", "data", "other")
 CODE_CLASSES = ("2xx", "3xx", "4xx", "5xx")
@@ -228,7 +231,8 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "mailgate_upstream_errors",
-            "Failures talking to the downstream MTA, by stage.",
+            "Failures talking to the downstream MTA (unreachable, timeout, connection "
+            "lost, malformed or 421 reply) by the stage they happened at.",
             ["stage"],
             registry=reg,
         )
@@ -246,7 +250,7 @@ class Metrics:
         )
         self.policy_reloads = Counter(
             "mailgate_policy_reloads",
-            "Policy reloads by outcome.",
+            "Policy reloads (SIGHUP) by outcome; the policy loaded at start is not counted.",
             ["outcome"],
             registry=reg,
         )

@@ -179,7 +179,9 @@ class Upstream:
     async def data(self, chunks: Iterable[bytes]) -> Reply:
         """DATA, the dot-stuffed message, the final dot; returns the final reply.
 
-        A non-354 answer to DATA is returned as is (e.g. 554 no valid recipients).
+        A non-354 answer to DATA is returned as is (e.g. 554 no valid recipients),
+        except 421, which raises like every failure: stage ``data`` for the DATA
+        command and the body, ``data_end`` for the reply to the final dot.
         """
         go = await self.command("data", "DATA")
         if go.code != 354:
@@ -273,7 +275,13 @@ class Upstream:
             if isinstance(exc, UpstreamError):
                 raise
             raise UpstreamError(stage, str(exc) or type(exc).__name__) from exc
-        return parse_reply(lines)
+        reply = parse_reply(lines)
+        if reply.code == 421:
+            # RFC 5321 3.8: the upstream is closing the channel. A failure like a lost
+            # connection, raised here where the stage is known (DATA or the final dot).
+            self.abort()
+            raise UpstreamError(stage, f"closing: {reply}", reply)
+        return reply
 
 
 def _join(head: str, params: Iterable[str]) -> str:

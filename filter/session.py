@@ -598,6 +598,9 @@ class Session:
             return replies.UPSTREAM_UNAVAILABLE
         assert isinstance(reply, Reply)
         if reply.code == 421 and self.upstream is not None:
+            # filter.relay raises on 421 (counted above, at its exact stage); this is
+            # for a port that returns it instead.
+            self.metrics.count_upstream_error(stage)
             self.upstream.abort()
             self.upstream = None
             if self.txn is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import socket
 import subprocess
@@ -210,3 +211,117 @@ def test_a_taken_port_is_one_clear_line_and_exit_1(
     expected = "cannot listen: " if taken == "smtp" else "cannot listen for metrics"
     assert expected in err and f"127.0.0.1:{port}" in err
     assert "Traceback" not in err
+
+
+def _refused(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:port any more."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_health_api_stays_up_while_a_session_drains(
+    mailgate: StartMailgate, upstream: ScriptedUpstream, workers: int
+) -> None:
+    """SIGTERM closes the SMTP listener at once, but /healthz, /readyz and /metrics
+    answer until the last session is done: the process still serves, and a balancer
+    must read "shutting down" rather than a refused connection."""
+    mg = mailgate({"server": {"shutdown_grace": "10s", "workers": workers}})
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    r.banner()
+    r.cmd("EHLO client.example.org")
+    assert r.cmd("MAIL FROM:<alice@example.org>").code == 250
+    assert r.cmd("RCPT TO:<bob@example.test>").code == 250
+    assert r.cmd("DATA").code == 354
+    r.send(b"Subject: draining\r\n\r\nfirst half\r\n")  # mid-DATA: the session is busy
+    mg.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert _refused(mg.smtp_port)  # no new SMTP sessions
+    assert _get(f"{mg.metrics_url}/healthz") == (200, "ok\n")
+    status, body = _get(f"{mg.metrics_url}/readyz")
+    assert status == 503 and "shutting down" in body
+    assert _metrics(mg)[("mailgate_active_sessions", ())] == 1
+    assert mg.returncode is None
+    r.send(b"second half\r\n.\r\n")
+    assert r.read_reply().code == 250  # the upstream's own 250, after the signal
+    assert r.cmd("QUIT").code == 221
+    r.close()
+    assert mg.wait(timeout=15) == 0
+    assert _refused(mg.metrics_port)  # closed once nothing was left to serve
+    [txn] = upstream.wait_for_transactions(1)
+    assert txn.message.endswith(b"first half\r\nsecond half\r\n")
+
+
+def _events(mg: MailgateProcess, name: str) -> list[dict[str, str]]:
+    """The ``event=<name>`` lines of mailgate's key=value log, as dicts."""
+    found = []
+    for line in mg.logs().splitlines():
+        try:
+            fields = dict(part.split("=", 1) for part in shlex.split(line))
+        except ValueError:  # not a key=value line (the rig's own labels)
+            continue
+        if fields.get("event") == name:
+            found.append(fields)
+    return found
+
+
+def _wait_for_events(mg: MailgateProcess, name: str, count: int, within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while len(_events(mg, name)) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} {name} events\n{mg.logs()}"
+        time.sleep(0.1)
+
+
+def test_policy_reloads_count_sighups_only(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """The start is no reload: a dashboard of reloads by outcome shows SIGHUPs, and
+    mailgate_policy_generation says which policy is loaded."""
+    mg = mailgate()
+    ok = ("mailgate_policy_reloads_total", (("outcome", "ok"),))
+    error = ("mailgate_policy_reloads_total", (("outcome", "error"),))
+    generation = ("mailgate_policy_generation", ())
+    m = _metrics(mg)
+    assert (m[ok], m[error], m[generation]) == (0, 0, 1)
+    mg.reload({"server": {"max_recipients": 5}})
+    time.sleep(0.5)
+    m = _metrics(mg)
+    assert (m[ok], m[error], m[generation]) == (1, 0, 2)
+    mg.config_path.write_text('[server]\nmax_recipients = "many"\n')
+    mg.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    m = _metrics(mg)
+    assert (m[ok], m[error], m[generation]) == (1, 1, 2)
+    _, text = _get(f"{mg.metrics_url}/metrics")
+    assert "start is not counted" in text  # the HELP line says so too
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_refused_reload_is_a_key_value_event(
+    mailgate: StartMailgate, upstream: ScriptedUpstream, workers: int
+) -> None:
+    """Each problem is one ``event=policy_reload outcome=error issue=…`` line, from the
+    supervisor (no worker field) and from every worker (worker=N)."""
+    mg = mailgate({"server": {"workers": workers}})
+    _wait_for_events(mg, "started", workers)  # a worker takes SIGHUP once it runs
+    mg.config_path.write_text('[server]\nmax_recipients = "many"\nmode = "monitr"\n')
+    mg.send_signal(signal.SIGHUP)
+    time.sleep(0.8)
+    refused = [e for e in _events(mg, "policy_reload") if e.get("outcome") == "error"]
+    processes = [None] if workers == 1 else [None, "0", "1"]
+    assert sorted(e.get("worker", "") for e in refused) == sorted(
+        (p or "") for p in processes for _ in range(2)
+    )
+    for e in refused:
+        assert e["level"] == "error" and e["msg"] == "policy reload refused"
+    issues = {e["issue"] for e in refused}
+    assert len(issues) == 2
+    assert any("server.max_recipients" in i for i in issues)
+    assert any("server.mode" in i and "monitr" in i for i in issues)
+    assert not any("policy reload refused:" in line for line in mg.logs().splitlines())
+    m = _metrics(mg)
+    # Each worker counts its own reload (the supervisor counts none).
+    assert m[("mailgate_policy_reloads_total", (("outcome", "error"),))] == workers

@@ -8,11 +8,14 @@ from __future__ import annotations
 import re
 import smtplib
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import StartMailgate, message
 from tests.rig.client import RawSMTP, smtp_client
+from tests.rig.mailgate import MailgateProcess
 from tests.rig.upstream import ScriptedUpstream
 
 
@@ -202,3 +205,84 @@ def test_rset_aborts_the_upstream_transaction(
     time.sleep(0.2)
     verbs = [v for s in upstream.sessions for v in s.verbs()]
     assert "RSET" in verbs and "DATA" not in verbs
+
+
+def _upstream_errors(mg: MailgateProcess) -> dict[str, float]:
+    """stage -> mailgate_upstream_errors_total, read from the running process."""
+    with urllib.request.urlopen(f"{mg.metrics_url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        s.labels["stage"]: s.value
+        for fam in text_string_to_metric_families(text)
+        if fam.name == "mailgate_upstream_errors"
+        for s in fam.samples
+        if s.name == "mailgate_upstream_errors_total"
+    }
+
+
+@pytest.mark.parametrize(
+    ("script", "stage"),
+    [
+        ({"data": "421 4.3.2 shutting down"}, "data"),
+        ({"drop": ["data"]}, "data"),
+        ({"delay": {"data": 2.5}}, "data"),  # beyond upstream.timeout = 1s
+        ({"data_end": "421 4.3.2 shutting down"}, "data_end"),
+        ({"drop": ["data_end"]}, "data_end"),
+        ({"delay": {"data_end": 2.5}}, "data_end"),
+        ({"mail": "421 4.3.2 shutting down"}, "mail"),
+        ({"delay": {"rcpt": 2.5}}, "rcpt"),
+        ({"data_end": "451 4.3.0 queue file write error"}, None),  # its own answer: passed on
+    ],
+    ids=[
+        "421-at-DATA",
+        "drop-at-DATA",
+        "timeout-at-DATA",
+        "421-at-dot",
+        "drop-at-dot",
+        "timeout-at-dot",
+        "421-at-MAIL",
+        "timeout-at-RCPT",
+        "451-at-dot",
+    ],
+)
+def test_each_upstream_failure_is_counted_once_at_its_stage(
+    mailgate: StartMailgate, upstream: ScriptedUpstream, script: dict, stage: str | None
+) -> None:
+    """The client gets a 4xx; mailgate_upstream_errors_total gains exactly one, under
+    the stage the log line names. A reply the upstream chose (451 to the dot) reaches
+    the client as is and is no failure of the conversation."""
+    mg = mailgate({"upstream": {"timeout": "1s"}})
+    before = _upstream_errors(mg)
+    assert set(before) == {
+        "connect",
+        "greeting",
+        "ehlo",
+        "xclient",
+        "xforward",
+        "mail",
+        "rcpt",
+        "data",
+        "data_end",
+    }
+    upstream.script(**script)
+    r = RawSMTP("127.0.0.1", mg.smtp_port, timeout=15).connect()
+    r.banner()
+    r.cmd("EHLO client.example.org")
+    replies = [r.cmd("MAIL FROM:<alice@example.org>"), r.cmd("RCPT TO:<bob@example.test>")]
+    replies.append(r.cmd("DATA"))
+    if replies[-1].code == 354:
+        r.send(message() + b".\r\n")
+        replies.append(r.read_reply())
+    r.cmd("QUIT")
+    r.close()
+    failed = [x for x in replies if x.code >= 400]
+    assert failed and failed[0].code == 451, replies
+    after = _upstream_errors(mg)
+    grown = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    if stage is None:
+        assert grown == {}
+        assert failed[0].text == "4.3.0 queue file write error"
+        return
+    assert grown == {stage: 1}
+    assert failed[0].text.startswith("4.3.0 Service temporarily unavailable")
+    assert f"upstream failure stage={stage} " in mg.logs()
