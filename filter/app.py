@@ -314,6 +314,9 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        # A worker is forked with SIGHUP blocked (see _supervise): one that came while
+        # it started is delivered now, to the handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         await self.start(sockets, http)
         addrs = ", ".join(str(a) for a in self.policy.server.listen)
         event(
@@ -399,7 +402,13 @@ def _run(coro_factory: Callable[[], object]) -> None:
 
 
 def serve(loaded: LoadedPolicy, config: Path) -> int:
-    """``mailgate serve``: bind, then run one process or a parent with workers."""
+    """``mailgate serve``: bind, then run one process or a parent with workers.
+
+    SIGHUP is blocked until the process has its reload handler (``Server.serve``,
+    or the supervisor's loop): a SIGHUP sent while mailgate starts is then a reload
+    once it runs, instead of its default action, which is to kill the process.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     policy = loaded.policy
     setup_logging(policy.logging.format, policy.logging.level)
     workers = policy.server.workers
@@ -431,19 +440,30 @@ def serve(loaded: LoadedPolicy, config: Path) -> int:
 
 
 def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socket.socket) -> int:
-    """Parent of ``server.workers`` processes: fork, forward signals, restart, aggregate."""
+    """Parent of ``server.workers`` processes: fork, forward signals, restart, aggregate.
+
+    SIGHUP stays blocked (see ``serve``) until a process has its handler: its default
+    action would kill a supervisor or worker that is still starting. A blocked SIGHUP
+    is kept pending and delivered (a reload) once the handler is in place. A worker restarted
+    after a crash starts with the policy of the last good reload, not the first one.
+    """
     children: dict[int, int] = {}
+    current = {"loaded": loaded}
 
     def spawn(index: int) -> None:
         flush_logs()  # a child must not inherit (and repeat) buffered lines
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         pid = os.fork()
-        if pid == 0:  # child: its own loop, no HTTP listener
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:  # child: its own loop, no HTTP listener; SIGHUP blocked until it serves
             code = 0
             http.close()  # the parent's: metrics and health are served there
             try:
-                sockets = open_listeners(loaded.policy.server.listen, reuse_port=True)
-                server = Server(loaded, config, metrics, worker=index)
-                _run(lambda: server.serve(sockets, http=None))
+                policy = current["loaded"]
+                sockets = open_listeners(policy.policy.server.listen, reuse_port=True)
+                server = Server(policy, config, metrics, worker=index)
+                _run(lambda: server.serve(sockets, http=None))  # unblocks SIGHUP
             except BaseException:
                 log.exception("worker %d crashed", index)
                 code = 1
@@ -458,7 +478,6 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
     async def parent() -> None:
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
-        policy_holder = {"policy": loaded.policy}
 
         def forward(sig: signal.Signals) -> None:
             for pid in list(children):
@@ -467,13 +486,15 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
 
         def on_hup() -> None:
             try:
-                # Workers count their own reloads; the parent only keeps /readyz current.
-                policy_holder["policy"] = load_policy(config).policy
+                # Workers count their own reloads; the parent keeps /readyz current
+                # and the policy a restarted worker starts with.
+                current["loaded"] = load_policy(config)
             except RELOAD_ERRORS as exc:
                 log_reload_refused(exc)
             forward(signal.SIGHUP)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
         def on_stop(sig: signal.Signals) -> None:
             stopping.set()
@@ -485,7 +506,7 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
         async def readiness() -> list[str]:
             if stopping.is_set():  # as Server.readiness: known without probing
                 return [SHUTTING_DOWN]
-            policy = policy_holder["policy"]
+            policy = current["loaded"].policy
             found = await asyncio.gather(probe_upstream(policy), probe_store(policy))
             return [p for p in found if p]
 
