@@ -1,15 +1,19 @@
 """The ``mailgate`` command line (L6): serve, check, policy, and the admin tools.
 
 Exit codes: 0 success (``check`` whatever the verdict), 1 a failed validation or a
-runtime error, 2 bad usage or input.
+runtime error, 2 bad usage or input, 141 (128 + SIGPIPE) stdout's reader went away.
+Errors go to stderr; stdout carries only the command's output (``policy check``'s
+output is the errors).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -19,8 +23,11 @@ from typing import TYPE_CHECKING
 
 from filter import __version__
 from filter.policy import PolicyError, default_config_path, load_policy, render_toml
+from filter.smtpsyntax import SyntaxProblem, parse_path
 
 if TYPE_CHECKING:  # the store pulls in redis: imported only by the commands that use it
+    from filter.dryrun import DryRun
+    from filter.results import CheckResult
     from filter.store import GreylistStats, Store
 
 
@@ -48,8 +55,11 @@ def cmd_policy(args: argparse.Namespace) -> int:
     try:
         loaded = load_policy(config)
     except PolicyError as exc:
+        # `policy check` exists to print them; anywhere else stdout is the command's
+        # output (`policy show > file`), so errors go to stderr.
+        out = sys.stdout if args.policy_command == "check" else sys.stderr
         for issue in exc.issues:
-            print(issue)
+            print(issue, file=out)
         return 1
     if args.policy_command == "check":
         files = ", ".join(str(f) for f in loaded.files)
@@ -60,8 +70,13 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """``mailgate check FILE.eml --ip IP …``: one message through the whole pipeline.
+
+    Exit 0 whatever the verdict, 2 bad input (missing FILE or --ip, an address the
+    live session would refuse as a command argument, an unreadable file, a bad policy).
+    """
     from filter.checks.registry import build_checks
-    from filter.dryrun import DryRun, evaluate
+    from filter.dryrun import evaluate
     from filter.netaddr import normalize_ip
     from filter.pipeline import Pipeline
     from filter.resolver import Resolver
@@ -69,6 +84,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     if args.replay:
         return cmd_replay(args)
+    _reclaim_file(args)
     if not args.file or not args.ip:
         print("mailgate check: FILE.eml and --ip are required", file=sys.stderr)
         return 2
@@ -76,6 +92,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         normalize_ip(args.ip)
     except ValueError:
         print(f"mailgate check: --ip {args.ip!r} is not an IP address", file=sys.stderr)
+        return 2
+    try:
+        mail_from = _smtp_path("--mail-from", args.mail_from or "", "FROM")
+        rcpts = [_smtp_path("--rcpt", r, "TO") for r in args.rcpt or []]
+    except ValueError as exc:
+        print(f"mailgate check: {exc}", file=sys.stderr)
         return 2
     try:
         raw = Path(args.file).read_bytes()
@@ -89,12 +111,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     pipeline = Pipeline(build_checks(policy), policy.server.check_timeout)
-    rcpts = args.rcpt or []
 
     async def run() -> DryRun:
         resolver = Resolver(policy.dns.nameservers, policy.dns.timeout)
         store = Store.from_policy(policy.redis)  # read-only here: checks see dry_run
-        mail_from = args.mail_from or ""
         try:
             return await evaluate(
                 policy, pipeline, content, args.ip, args.helo, mail_from, rcpts, resolver, store
@@ -103,15 +123,81 @@ def cmd_check(args: argparse.Namespace) -> int:
             await store.aclose()
 
     outcome = asyncio.run(run())
+    envelope = {"ip": args.ip, "helo": args.helo, "mail_from": mail_from, "rcpts": rcpts}
+    if args.json:
+        print(json.dumps(_check_json(outcome, envelope), indent=2))
+    else:
+        _print_check(outcome, envelope)
+    return 0
+
+
+def _reclaim_file(args: argparse.Namespace) -> None:
+    """``check --rcpt a@x b@y FILE.eml``: ``--rcpt`` takes several values, so argparse
+    hands a FILE written after them to ``--rcpt``; an existing file there is the FILE."""
+    if args.file is None and args.rcpt and Path(args.rcpt[-1]).is_file():
+        args.file = args.rcpt.pop()
+
+
+def _smtp_path(option: str, value: str, keyword: str) -> str:
+    """An envelope address parsed as the live session parses MAIL FROM/RCPT TO.
+
+    ``check`` judges what a real client could send, so it refuses what the session
+    would answer with a 501; <brackets> are optional. ValueError names the option.
+    """
+    inner = value[1:-1] if value.startswith("<") and value.endswith(">") else value
+    try:
+        address = parse_path(f"{keyword}:<{inner}>", keyword).address
+    except SyntaxProblem as exc:
+        raise ValueError(f"{option} {value!r}: {exc}") from exc
+    if keyword == "TO" and not address:
+        raise ValueError(f"{option} {value!r}: a recipient cannot be the null address")
+    return address
+
+
+_AUTH_CHECKS = ("spf", "dkim", "dmarc")
+_DNSBL_CHECKS = ("dnsbl", "dnsbl_domain")
+
+
+def _check_results(outcome: DryRun) -> dict[str, object]:
+    """Each check's RFC 8601 word; spf, dkim, dmarc and dnsbl always present.
+
+    A disabled check reports "none", the word it gives when run disabled; a check
+    that did not run (a trusted client runs none) is null: "none" has a meaning.
+    """
+    words = _result_words(outcome.results)
+    results: dict[str, object] = {k: words.get(k, _not_run(outcome, k)) for k in _AUTH_CHECKS}
+    if any(r.check in _DNSBL_CHECKS for r in outcome.results):
+        listed = [s.name for r in outcome.results if r.check in _DNSBL_CHECKS for s in r.symbols]
+        results["dnsbl"] = list(dict.fromkeys(listed))
+    else:
+        results["dnsbl"] = None if _not_run(outcome, "dnsbl") is None else []
+    results.update({k: w for k, w in words.items() if k not in results})
+    return results
+
+
+def _not_run(outcome: DryRun, check: str) -> str | None:
+    """The word of a check without a result: "none" if the policy disables it, else null."""
+    return "none" if not outcome.trusted and check not in outcome.enabled else None
+
+
+def _result_words(results: list[CheckResult]) -> dict[str, str]:
+    """One word per check; of a recipient check's several, the one that decided."""
+    words: dict[str, str] = {}
+    decided: set[str] = set()
+    for r in results:
+        if r.check not in words or (r.decision is not None and r.check not in decided):
+            words[r.check] = r.result
+        if r.decision is not None:
+            decided.add(r.check)
+    return words
+
+
+def _check_json(outcome: DryRun, envelope: dict[str, object]) -> dict[str, object]:
+    """``check --json``: the live verdict, and every check's results and symbols."""
     v = outcome.verdict
-    found = {r.check: r.result for r in outcome.results}
-    results: dict[str, object] = {k: found.get(k, "none") for k in ("spf", "dkim", "dmarc")}
-    results["dnsbl"] = [
-        s.name for r in outcome.results if r.check in ("dnsbl", "dnsbl_domain") for s in r.symbols
-    ]
-    results.update({k: val for k, val in found.items() if k not in results})
-    symbols = [{"name": s.name, "score": s.score, "detail": s.detail} for s in v.symbols]
-    data = {
+    complete = outcome.complete or v
+    return {
+        "envelope": envelope,
         "action": v.action.value,
         "score": v.score,
         "smtp_reply": str(outcome.reply),
@@ -119,28 +205,47 @@ def cmd_check(args: argparse.Namespace) -> int:
         "reason": v.reason,
         "would": v.would.value if v.would else None,
         "trusted": outcome.trusted,
-        "results": results,
-        "symbols": symbols,
-        "checks_run": sorted(found),
+        "results": _check_results(outcome),
+        "symbols": [
+            {"name": s.name, "score": s.score, "detail": s.detail} for s in complete.symbols
+        ],
+        "score_after_data": complete.score,
+        "checks_run": sorted({r.check for r in outcome.results}),
         "authentication_results": outcome.authentication_results,
     }
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
+
+
+def _print_check(outcome: DryRun, envelope: dict[str, object]) -> None:
+    """``check`` without --json: the same facts for a person."""
+    v = outcome.verdict
+    complete = outcome.complete or v
+    rcpts = envelope["rcpts"]
+    targets = ", ".join(f"<{r}>" for r in rcpts) if isinstance(rcpts, list) else ""
+    print(f"envelope: {envelope['ip']} <{envelope['mail_from']}> -> {targets or '-'}")
     print(f"action:  {v.action.value}   score: {v.score:g}   stage: {outcome.stage.label}")
     print(f"reply:   {outcome.reply}")
     if v.reason:
         print(f"reason:  {v.reason}")
     if outcome.trusted:
-        print("client is in server.trusted_networks: no checks run")
-    print(f"checks:  {', '.join(sorted(found)) or '(none enabled)'}")
+        print("client is in server.trusted_networks: no checks run, no headers added")
+    ran = sorted({r.check for r in outcome.results})
+    print(f"checks:  {', '.join(ran) or '(none run)'}")
+    words = []
+    for name, word in _check_results(outcome).items():
+        if isinstance(word, list):
+            word = ",".join(word) or "-"
+        words.append(f"{name}={'(not run)' if word is None else word}")
+    print(f"results: {' '.join(words)}")
     if outcome.authentication_results:
         print(outcome.authentication_results)
-    if symbols:
+    if complete.symbols:
+        if v.refuses:
+            print(
+                f"every check's symbols; had nothing refused, score after DATA: {complete.score:g}"
+            )
         print(f"{'symbol':32} {'score':>7}  detail")
-        for s in v.symbols:
+        for s in complete.symbols:
             print(f"{s.name:32} {s.score:7.2f}  {s.detail}")
-    return 0
 
 
 def _crlf(raw: bytes) -> bytes:
@@ -471,7 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ip", help="client IP address to assume")
     c.add_argument("--helo", help="HELO/EHLO name to assume")
     c.add_argument("--mail-from", help="envelope sender (default: null sender)")
-    c.add_argument("--rcpt", action="append", help="envelope recipient (repeatable)")
+    c.add_argument(
+        "--rcpt",
+        action="extend",
+        nargs="+",
+        metavar="ADDR",
+        help="envelope recipients (several after one --rcpt, or --rcpt repeated)",
+    )
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--replay", help="Maildir or folder of .eml files to replay")
     c.add_argument("--policy", action="append", help="policy file for --replay (NEW, then OLD)")
@@ -524,8 +635,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    """Run one command; a reader that went away (``| head``) ends it quietly."""
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+            code = int(args.func(args))
+        finally:
+            sys.stdout.flush()  # here, not at exit: also after --help, --version
+    except BrokenPipeError:
+        return _stdout_closed()
+    return code
+
+
+def _stdout_closed() -> int:
+    """What Unix tools do when the pipe closes: stop, no traceback, 128 + SIGPIPE.
+
+    stdout is pointed at /dev/null first, so the interpreter's final flush of what
+    is still buffered has nowhere to fail.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ at the start of each audit so a fix published a minute ago is seen.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,10 +32,15 @@ import dns.nameserver
 from filter.domains import to_a_label
 from filter.units import Address
 
-__all__ = ["MAX_SPF_LOOKUPS", "MAX_SPF_VOID_LOOKUPS", "audit"]
+__all__ = ["MAX_SPF_LOOKUPS", "MAX_SPF_VOID_LOOKUPS", "audit", "domain_name"]
 
 MAX_SPF_LOOKUPS = 10  # RFC 7208 section 4.6.4
 MAX_SPF_VOID_LOOKUPS = 2  # RFC 7208 section 4.6.4
+
+_MAX_NAME = 253  # octets of a name in text form, without the trailing dot (RFC 1035 2.3.4)
+_MAX_LABEL = 63
+_EMPTY_LABEL = "an empty label (two dots in a row, or a leading dot)"
+_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\Z")
 
 _DMARC_TAGS = ("p", "sp", "np", "adkim", "aspf", "t", "psd", "fo", "rua", "ruf")
 
@@ -58,9 +66,7 @@ def audit(domain: str, nameservers: Sequence[Address] = (), timeout: float = 3.0
     "advice"}`` and ``errors``/``warnings`` count them. Raises ValueError when
     ``domain`` is not a domain name.
     """
-    name = to_a_label(domain)
-    if name is None or "." not in name:
-        raise ValueError(f"{domain!r} is not a domain name")
+    name = domain_name(domain)
     ns = _nameservers(nameservers)
     checkdmarc.utils.DNS_CACHE.clear()
     kw: dict[str, Any] = {"nameservers": ns, "timeout": timeout}
@@ -81,6 +87,53 @@ def audit(domain: str, nameservers: Sequence[Address] = (), timeout: float = 3.0
         "errors": sum(1 for p in problems if p["severity"] == "error"),
         "warnings": sum(1 for p in problems if p["severity"] == "warning"),
     }
+
+
+def domain_name(domain: str) -> str:
+    """The A-label form of the name an admin typed; ValueError says what is wrong.
+
+    Checked before any lookup: checkdmarc would report a malformed name as the
+    domain's DNS problem (exit 1), when the mistake is on the command line (exit 2).
+    Mail domains are host names (RFC 5321 4.1.2): letters, digits, inner hyphens.
+    """
+    why = _malformed(domain.strip())
+    name = to_a_label(domain)
+    if why is None and name is None:
+        why = "IDNA refuses it"
+    if why is not None or name is None:
+        raise ValueError(f"{domain!r} is not a domain name: {why}")
+    return name
+
+
+def _malformed(text: str) -> str | None:
+    """Why ``text`` cannot be a mail domain, or None if it can (IDNA aside)."""
+    if not text:
+        return "it is empty"
+    if "@" in text:
+        return "it is an e-mail address; give the part after the @"
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(text.strip("[]"))
+        return "it is an IP address"
+    if ".." in text or text.startswith("."):
+        return _EMPTY_LABEL  # before to_a_label, which strips any number of final dots
+    name = to_a_label(text)
+    if name is None:
+        return None  # IDNA's verdict, worded by the caller
+    labels = name.split(".")
+    if len(labels) < 2:
+        return "a single label (a domain that sends mail has at least two)"
+    if len(name) > _MAX_NAME:
+        return f"longer than {_MAX_NAME} characters"
+    for label in labels:
+        if not label:
+            return _EMPTY_LABEL
+        if len(label) > _MAX_LABEL:
+            return f"label {label[:16]}… is longer than {_MAX_LABEL} characters"
+        if not _LDH_LABEL.match(label):
+            return f"label {label!r} has characters other than letters, digits and inner hyphens"
+    if labels[-1].isdigit():
+        return "the top-level label is numeric"
+    return None
 
 
 def _spf(domain: str, res: dict[str, Any], problems: list[dict[str, str]]) -> dict[str, Any]:

@@ -1,8 +1,15 @@
 """Run the whole check pipeline on one stored message without delivering it (L4).
 
-``mailgate check`` and (later) policy replay use this: the same checks, the same
-verdict and the same reply a live session would produce, with ``dry_run`` set so no
-check changes stored state (greylist triplets, rate counters).
+``mailgate check`` and policy replay use this: the same checks, the same verdict and
+the same reply a live session would produce, with ``dry_run`` set so no check changes
+stored state (greylist triplets, rate counters).
+
+What "the same" means, stage by stage, mirrors :class:`filter.session.Session`: the
+CONNECT, HELO and MAIL checks run without a verdict; the session judges first at each
+RCPT (so a refusal decided earlier, e.g. a DNSBL listing, is answered at RCPT and the
+envelope gets logged), then after DATA. Unlike a live session, the dry run does not
+stop at the first refusal: every stage's checks still run, so ``mailgate check`` can
+explain all of them, while the verdict, reply and stage stay those of that refusal.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from filter.pipeline import Pipeline
 from filter.policy.schema import Policy
 from filter.replies import Reply
 from filter.resolver import Resolver
-from filter.results import CheckResult
+from filter.results import Action, CheckResult
 from filter.session import common_override_domain
 from filter.store import Store
 from filter.verdict import Verdict, decide
@@ -26,7 +33,15 @@ from filter.verdict import Verdict, decide
 
 @dataclass
 class DryRun:
-    """What a message would get: verdict, the reply, at which stage, and every result."""
+    """What a message would get: verdict, the reply, at which stage, and every result.
+
+    ``verdict``, ``reply`` and ``stage`` are the live session's (its first refusal, or
+    the verdict after DATA). ``results`` holds every check of every stage, also those
+    a refusal made moot; ``complete`` is the after-DATA verdict over all of them (every
+    symbol, as if nothing had refused). ``authentication_results`` is the header field
+    the session adds to the message, unfolded ("" for a trusted client: it adds none).
+    ``enabled`` names the checks the policy runs (a disabled check is not among them).
+    """
 
     verdict: Verdict
     reply: Reply
@@ -34,6 +49,8 @@ class DryRun:
     results: list[CheckResult] = field(default_factory=list)
     trusted: bool = False
     authentication_results: str = ""
+    complete: Verdict | None = None
+    enabled: tuple[str, ...] = ()
 
 
 async def evaluate(
@@ -47,50 +64,135 @@ async def evaluate(
     resolver: Resolver | None = None,
     store: Store | None = None,
 ) -> DryRun:
+    """Judge ``content`` as a session with this client and envelope would."""
     client = ClientInfo(ip=normalize_ip(ip), port=0, session_id="CHECK", helo=helo, proto="ESMTP")
     client.trusted = ip_in(client.ip, policy.server.trusted_networks)
     envelope = Envelope(mail_from=mail_from, message_id="CHECK.1")
-    envelope.recipients = [Recipient(r) for r in rcpts]
+    enabled = tuple(c.name for c in pipeline.checks)
+    if client.trusted:
+        return _trusted(enabled)
+    walk = _Walk(policy, pipeline, client, envelope, resolver, store)
     message = MessageBuffer()
-    message.write(content)
-    results: dict[str, CheckResult] = {}
-    collected: list[CheckResult] = []
     try:
-        if client.trusted:
-            v = Verdict(decide([], policy, Stage.DATA).action, 0.0, (), None, "trusted client")
-            return DryRun(v, _accepted(), Stage.DATA, [], True)
-        for stage in Stage:
-            if stage is Stage.HELO and not helo:
-                continue
-            targets: list[Recipient | None] = (
-                list(envelope.recipients) if stage is Stage.RCPT else [None]
-            )
-            for rcpt in targets:
-                ctx = Context(
-                    client=client,
-                    policy=policy,
-                    results=results,
-                    envelope=envelope if stage >= Stage.MAIL else None,
-                    recipient=rcpt,
-                    message=message if stage is Stage.DATA else None,
-                    dry_run=True,
-                    resolver=resolver,
-                    store=store,
-                )
-                got = await pipeline.run(stage, ctx)
-                collected.extend(got)
-                rcpt_domain = rcpt.address.rpartition("@")[2] if rcpt is not None else None
-                verdict = decide(collected, policy, stage, rcpt_domain)
-                if verdict.refuses and verdict.reply is not None:
-                    return DryRun(verdict, verdict.reply, stage, collected)
-        verdict = decide(
-            collected, policy, Stage.DATA, common_override_domain(policy, envelope.recipients)
-        )
-        header = authresults.build({r.check: r for r in collected}, policy.authserv_id)
-        ar = header.decode().replace("\r\n\t", " ").strip()
-        return DryRun(verdict, _accepted(), Stage.DATA, collected, False, ar)
+        message.write(content)
+        await walk.identity()
+        await walk.recipients([Recipient(r) for r in rcpts])
+        await walk.data(message)
     finally:
         message.close()
+    return walk.outcome(enabled)
+
+
+class _Walk:
+    """One dry-run transaction: the results a live session would hold, and all of them.
+
+    ``kept`` follows the session's own bookkeeping (a refused recipient's results are
+    dropped, a recipient check counts once per transaction), because the verdicts
+    are computed from it; ``everything`` is what the explanation shows.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        pipeline: Pipeline,
+        client: ClientInfo,
+        envelope: Envelope,
+        resolver: Resolver | None,
+        store: Store | None,
+    ) -> None:
+        self.policy = policy
+        self.pipeline = pipeline
+        self.client = client
+        self.envelope = envelope
+        self.resolver = resolver
+        self.store = store
+        self.kept: list[CheckResult] = []
+        self.everything: list[CheckResult] = []
+        self.all_rcpts: list[Recipient] = []
+        self.refusal: tuple[Verdict, Stage] | None = None
+        self.final: Verdict | None = None
+
+    async def run(
+        self, stage: Stage, rcpt: Recipient | None = None, message: MessageBuffer | None = None
+    ) -> list[CheckResult]:
+        """One stage's checks, seeing the results the session would hand them."""
+        ctx = Context(
+            client=self.client,
+            policy=self.policy,
+            results={r.check: r for r in self.kept},
+            envelope=self.envelope if stage >= Stage.MAIL else None,
+            recipient=rcpt,
+            message=message,
+            dry_run=True,
+            resolver=self.resolver,
+            store=self.store,
+        )
+        got = await self.pipeline.run(stage, ctx)
+        self.everything.extend(got)
+        return got
+
+    async def identity(self) -> None:
+        """CONNECT, HELO (when a name is known) and MAIL: checks only, no verdict yet."""
+        for stage in (Stage.CONNECT, Stage.HELO, Stage.MAIL):
+            if stage is Stage.HELO and not self.client.helo:
+                continue
+            self.kept.extend(await self.run(stage))
+
+    async def recipients(self, rcpts: list[Recipient]) -> None:
+        """Each RCPT judged as the session judges it; earlier refusals are applied here.
+
+        Without recipients the RCPT verdict is still taken once (no recipient checks,
+        no domain override), so a refusal decided before RCPT is reported where a
+        live session would give it.
+        """
+        self.all_rcpts = rcpts
+        targets: list[Recipient | None] = list(rcpts) or [None]
+        for rcpt in targets:
+            got = await self.run(Stage.RCPT, rcpt) if rcpt is not None else []
+            domain = rcpt.address.rpartition("@")[2].lower() if rcpt is not None else None
+            verdict = decide([*self.kept, *got], self.policy, Stage.RCPT, domain)
+            if verdict.refuses and verdict.reply is not None:
+                self._refuse(verdict, Stage.RCPT)
+                continue
+            seen = {r.check for r in self.kept}
+            self.kept.extend(r for r in got if r.check not in seen)
+            if rcpt is not None:
+                self.envelope.recipients.append(rcpt)
+
+    async def data(self, message: MessageBuffer) -> None:
+        """The DATA checks, and the session's verdict after DATA (if nothing refused)."""
+        accepted = self.envelope.recipients
+        self.envelope.recipients = list(self.all_rcpts)  # what the checks see: all of them
+        self.kept.extend(await self.run(Stage.DATA, message=message))
+        domain = common_override_domain(self.policy, accepted)
+        self.final = decide(self.kept, self.policy, Stage.DATA, domain)
+        if self.final.refuses and self.final.reply is not None:
+            self._refuse(self.final, Stage.DATA)
+
+    def _refuse(self, verdict: Verdict, stage: Stage) -> None:
+        """Remember the first refusal: the one the client would hear."""
+        if self.refusal is None:
+            self.refusal = (verdict, stage)
+
+    def outcome(self, enabled: tuple[str, ...]) -> DryRun:
+        """The live verdict and reply, with every result and the header we would add."""
+        assert self.final is not None, "data() runs before outcome()"
+        domain = common_override_domain(self.policy, self.all_rcpts)
+        complete = decide(self.everything, self.policy, Stage.DATA, domain)
+        header = authresults.build({r.check: r for r in self.everything}, self.policy.authserv_id)
+        ar = header.decode().replace("\r\n\t", " ").strip()
+        if self.refusal is not None:
+            verdict, stage = self.refusal
+            reply = verdict.reply if verdict.reply is not None else _accepted()
+        else:
+            verdict, stage, reply = self.final, Stage.DATA, _accepted()
+        return DryRun(verdict, reply, stage, self.everything, False, ar, complete, enabled)
+
+
+def _trusted(enabled: tuple[str, ...]) -> DryRun:
+    """A trusted client: the session runs no check and adds no header of its own."""
+    v = Verdict(Action.ACCEPT, 0.0, (), None, "trusted client")
+    return DryRun(v, _accepted(), Stage.DATA, [], True, "", v, enabled)
 
 
 def _accepted() -> Reply:

@@ -392,3 +392,35 @@ def test_domain_bad_input_and_nonexistent(config: Path) -> None:
     assert r.returncode == 1
     data = json.loads(r.stdout)
     assert data["problems"][0]["area"] == "domain"
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("bad..domain", "an empty label"),
+        (f"{'a' * 70}.test", "longer than 63 characters"),
+        ("exa_mple!.test", "characters other than letters, digits and inner hyphens"),
+        ("1.2.3.4", "it is an IP address"),
+        ("[192.0.2.1]", "it is an IP address"),
+        ("user@pass.test", "it is an e-mail address"),
+        ("localhost", "a single label"),
+        ("example.123", "the top-level label is numeric"),
+        ("bad-.test", "inner hyphens"),
+    ],
+)
+def test_domain_malformed_names_are_bad_input(
+    config: Path, dns_zone: ZoneDNSServer, name: str, why: str
+) -> None:
+    for json_flag in ((), ("--json",)):
+        r = mailgate("domain", name, *json_flag, "--config", str(config))
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stdout == ""
+        assert r.stderr.startswith(f"mailgate domain: {name!r} is not a domain name: ")
+        assert r.stderr.count("\n") == 1 and why in r.stderr
+    assert dns_zone.count() == 0  # refused before any lookup
+
+
+def test_domain_accepts_a_trailing_dot_and_idn(config: Path, dns_zone: ZoneDNSServer) -> None:
+    r = mailgate("domain", "Bücher.example.test.", "--json", "--config", str(config))
+    assert r.returncode == 1, r.stderr  # a real audit: no records, so errors
+    assert json.loads(r.stdout)["domain"] == "xn--bcher-kva.example.test"
