@@ -150,7 +150,9 @@ class Session:
         for stage in (Stage.CONNECT, Stage.HELO):
             if stage > through:
                 break
-            if stage in self.session_results and not self._identity_dirty:
+            if stage in self.session_results:
+                # Done for this identity: a new identity (XFORWARD) clears the results,
+                # a new HELO name drops the HELO stage's, so whatever is left is current.
                 continue
             if stage is Stage.HELO and not self.client.helo:
                 continue

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import StartMailgate, message
+from tests.integration.conftest import AUTH_CHECKS_OFF, StartMailgate, message
 from tests.rig.client import RawSMTP, smtp_client
 from tests.rig.mailgate import MailgateProcess
 from tests.rig.upstream import ScriptedUpstream
@@ -380,3 +380,30 @@ def test_sighups_while_a_worker_restarts_are_reloads_not_its_death(
     assert mg.logs().count("died; restarting it") == 1, mg.logs()
     assert len(_children(mg.proc.pid)) == 2
     assert _send_one(mg)[0] == 250
+
+
+def test_connect_checks_run_once_per_session(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """rdns and the DNSBL start at connect; EHLO waits for them and must not run them
+    again (doubled DNS queries, metrics and EHLO latency before this was fixed)."""
+    mg = mailgate(
+        {
+            **AUTH_CHECKS_OFF,
+            "rdns": {"enabled": True},
+            "helo": {"enabled": True},
+            "dnsbl": {"enabled": True, "zones": [{"zone": "bl.lifecycle.test", "score": 1.0}]},
+        }
+    )
+    for _ in range(2):
+        assert _send_one(mg)[0] == 250
+    m = _metrics(mg)
+
+    def runs(check: str) -> float:
+        return sum(
+            v
+            for (name, labels), v in m.items()
+            if name == "mailgate_check_results_total" and ("check", check) in labels
+        )
+
+    assert (runs("rdns"), runs("dnsbl"), runs("helo")) == (2, 2, 2)
