@@ -509,6 +509,17 @@ class ForgetReport:
     allow: int
 
 
+#: What a store operation can raise that means "the store failed": redis-py's own
+#: errors, the socket's, timeouts, and the cluster client's, which are not RedisErrors
+#: (``SlotNotCoveredError`` and friends derive from ``RedisClusterException``).
+_STORE_FAILURES = (
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+    TimeoutError,
+)
+
+
 class StoreError(Exception):
     """The store failed (down, timed out, failed over mid-command, refused a script)."""
 
@@ -618,7 +629,7 @@ class Store:
                 return await op()
             async with self._limit:
                 return await op()
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+        except _STORE_FAILURES as exc:
             if self.metrics is not None:
                 self.metrics.store_errors.inc()
             raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
@@ -741,11 +752,13 @@ class Store:
         try:
             extra: dict[str, Any] = {}
             if self.mode == "cluster":
-                # Every key lives in the prefix's slot: scan only the node owning it.
+                # Every key lives in the prefix's slot: scan only the node owning it. A
+                # fresh client (the admin commands) has no slot map until initialised.
+                await self.client.initialize()
                 extra["target_nodes"] = self.client.get_node_from_key(self.prefix)
             async for k in self.client.scan_iter(match=match, count=count, **extra):
                 yield str(k)
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+        except _STORE_FAILURES as exc:
             if self.metrics is not None:
                 self.metrics.store_errors.inc()
             raise StoreError(f"scan: {type(exc).__name__}: {exc}") from exc

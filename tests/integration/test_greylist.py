@@ -635,3 +635,27 @@ async def test_sentinel_and_cluster_urls_greylist_and_administer(
     finally:
         await store.aclose()
     assert metrics.registry.get_sample_value("mailgate_store_errors_total") == 0
+
+
+async def test_admin_reads_work_on_a_fresh_cluster_client(cluster_url: str, clock: Clock) -> None:
+    """`mailgate greylist stats|show|forget` start with a new client: its first call is
+    a SCAN of the prefix's node, before any command taught it the cluster's slots."""
+    prefix = f"t{time.monotonic_ns()}:"
+    writer = Store(cluster_url, prefix)
+    try:
+        await Harness(writer, make_policy(cluster_url), clock).rcpt()
+    finally:
+        await writer.aclose()
+    for read in ("stats", "triplets", "forget"):
+        metrics = Metrics(CollectorRegistry())
+        fresh = Store(cluster_url, prefix, metrics=metrics)
+        try:
+            if read == "stats":
+                assert (await fresh.stats(5)).triplets == 1
+            elif read == "triplets":
+                assert len(await fresh.triplets(10)) == 1
+            else:
+                assert (await fresh.forget(parse_allow_target("192.0.2.1"))).triplets == 1
+        finally:
+            await fresh.aclose()
+        assert metrics.registry.get_sample_value("mailgate_store_errors_total") == 0
