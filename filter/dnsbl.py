@@ -290,11 +290,14 @@ class Tally:
     listed: bool
 
 
-def tally(hits: Iterable[Hit], threshold: float, prior: float = 0.0) -> Tally:
+def tally(
+    hits: Iterable[Hit], threshold: float, prior: float = 0.0, prior_zones: Iterable[str] = ()
+) -> Tally:
     """postscreen-style: a hit on a ``reject`` zone rejects; else the sum may.
 
     The sum includes allowlist (negative) scores and ``prior`` (the connect-time
-    IP sum, when the MAIL-time domain check adds its own hits). ``threshold`` 0
+    IP sum, when the MAIL-time domain check adds its own hits; ``prior_zones``, the
+    masked zones that sum came from, for the reason). ``threshold`` 0
     turns the sum rule off. An allowlist hit never rejects, and does not cancel a
     ``reject`` zone either: the admin asked for that zone alone to decide.
     """
@@ -309,6 +312,8 @@ def tally(hits: Iterable[Hit], threshold: float, prior: float = 0.0) -> Tally:
         if h.subject:
             reason = f"{h.subject} domain listed in {mask_zone(h.zone)} ({h.label or h.code})"
     elif threshold > 0 and listed and total >= threshold:
-        zones = ", ".join(sorted({mask_zone(h.zone) for h in hits if not h.allow}))
+        zones = ", ".join(
+            sorted({mask_zone(h.zone) for h in hits if not h.allow} | set(prior_zones))
+        )
         reason = f"DNSBL score {total:g} >= threshold {threshold:g} ({zones})"
     return Tally(total, reason, any(h.allow for h in hits), listed)

@@ -49,11 +49,19 @@ class Symbol:
 
 @dataclass(frozen=True)
 class Decision:
-    """A hard outcome a check demands regardless of the score (e.g. a DNSBL reject)."""
+    """A hard outcome a check demands regardless of the score (e.g. a DNSBL reject).
+
+    ``sum_of`` and ``threshold`` mark a decision that rests on scores: it holds only
+    while those symbols' scores add up to ``threshold`` or more (DNSBL's combined
+    threshold). The verdict re-judges it with a recipient domain's ``scores``, which
+    the check, running before the recipient is known, could not see.
+    """
 
     action: Action
     reply: Reply | None  # None for actions that are not refusals (add_header)
     reason: str
+    sum_of: tuple[str, ...] = ()
+    threshold: float = 0.0
 
 
 @dataclass(frozen=True)

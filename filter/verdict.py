@@ -60,6 +60,7 @@ def decide(
         and policy.check_mode(r.check, override) == "enforce"
         for r in results
     )
+    scored: dict[str, float] | None = None  # symbol -> score, for score-based decisions
     for r in results:
         mode = policy.check_mode(r.check, override)
         if mode == "off":
@@ -75,6 +76,11 @@ def decide(
             if allow_listed and not r.check.startswith("lists"):
                 # An allow-list entry is Postfix's OK: other checks' refusals are moot.
                 continue
+            if r.decision.sum_of and override is not None and override.scores:
+                if scored is None:
+                    scored = {s.name: s.score for x in results for s in x.symbols}
+                if not _still_holds(r.decision, scored, override):
+                    continue
             (would_checks if mode == "monitor" else decisions).append(r.decision)
     score = total_score(symbols)
     reject_at, add_header_at = _thresholds(policy, override)
@@ -103,9 +109,18 @@ def decide(
     would = _hardest(d for d in would_checks if d.action in REFUSING)
     if would is not None and would.action.severity > action.severity:
         # A check in monitor mode would have refused: remember it, change nothing.
-        reason = f"check in monitor mode: would {would.action}: {would.reason}"
+        note = f"check in monitor mode: would {would.action}: {would.reason}"
+        reason = f"{reason}; {note}" if reason else note
         return Verdict(action, score, tuple(symbols), reply, reason, would.action)
     return Verdict(action, score, tuple(symbols), reply, reason)
+
+
+def _still_holds(decision: Decision, scored: dict[str, float], override: DomainOverride) -> bool:
+    """A score-based decision under the recipient domain's scores (see ``Decision``)."""
+    if not any(name in override.scores for name in decision.sum_of):
+        return True
+    total = sum(override.scores.get(name, scored.get(name, 0.0)) for name in decision.sum_of)
+    return round(total, 4) >= decision.threshold
 
 
 def _thresholds(policy: Policy, override: DomainOverride | None) -> tuple[float, float]:

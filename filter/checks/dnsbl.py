@@ -339,11 +339,17 @@ def _build_result(
     found: _Lookups,
     subject_text: str,
     prior: float = 0.0,
+    prior_symbols: tuple[str, ...] = (),
+    prior_zones: tuple[str, ...] = (),
 ) -> CheckResult:
-    """The check's report from its lookups: word, symbols, decision, data."""
+    """The check's report from its lookups: word, symbols, decision, data.
+
+    ``prior``, ``prior_symbols``, ``prior_zones``: the connect-time listings (score,
+    symbols, masked zones) the domain check's sum adds to.
+    """
     policy = ctx.policy
     hits = _dedupe(found.hits)
-    verdict = tally(hits, policy.dnsbl.threshold, prior)
+    verdict = tally(hits, policy.dnsbl.threshold, prior, prior_zones)
     symbols = [Symbol(h.symbol, h.score, _detail(h, subject_text)) for h in hits]
     if verdict.listed:
         word = "fail"
@@ -357,7 +363,12 @@ def _build_result(
         word = "none"
     decision = None
     if verdict.reject_reason:
-        decision = Decision(Action.REJECT, replies.REJECT_DNSBL, verdict.reject_reason)
+        by_zone = any(h.reject and not h.allow for h in hits)  # a reject zone: no sum
+        summed = () if by_zone else tuple(sorted({h.symbol for h in hits} | set(prior_symbols)))
+        threshold = 0.0 if by_zone else policy.dnsbl.threshold
+        decision = Decision(
+            Action.REJECT, replies.REJECT_DNSBL, verdict.reject_reason, summed, threshold
+        )
     data: dict[str, object] = {
         "listed": [h.as_data() for h in hits],
         "allowlisted": verdict.allowlisted,
@@ -463,4 +474,13 @@ class DNSBLDomainCheck:
         prior = ctx.results.get("dnsbl")
         prior_score = prior.data.get("score", 0.0) if prior is not None else 0.0
         base = float(prior_score) if isinstance(prior_score, int | float) else 0.0
-        return _build_result(self.name, ctx, found, "domain", base)
+        symbols: tuple[str, ...] = ()
+        prior_zones: tuple[str, ...] = ()
+        if prior is not None:
+            symbols = tuple(s.name for s in prior.symbols if s.name != "DNSBL_TEMPERROR")
+            listed = prior.data.get("listed")
+            if isinstance(listed, list):
+                prior_zones = tuple(
+                    str(e["zone"]) for e in listed if isinstance(e, dict) and e.get("score", 0) > 0
+                )
+        return _build_result(self.name, ctx, found, "domain", base, symbols, prior_zones)

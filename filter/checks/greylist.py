@@ -33,7 +33,9 @@ answers 451 4.3.0. Either way ``mailgate_store_errors_total`` and
 Result words (RFC 8601 has no greylist method; these keep metrics readable):
 "policy" greylisted, "pass" passed or allowlisted by the store, "none" exempt or
 disabled, "temperror" store failure. ``data``: ``outcome`` (new | early | passed |
-allowlisted | exempt | error | disabled), ``reason``, ``retry_after``, ``triplet``.
+allowlisted | exempt | refused | error | disabled), ``reason``, ``retry_after``,
+``triplet``. "refused": another check refuses the recipient anyway (a DNSBL or list
+reject), so no triplet is written for it and nothing is counted.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from filter.results import Action, CheckResult, Decision, Symbol
 from filter.store import StoreError
 from filter.verdict import decide
 
-__all__ = ["GreylistCheck", "exemption", "score_so_far", "spf_domain"]
+__all__ = ["GreylistCheck", "exemption", "refused_already", "score_so_far", "spf_domain"]
 
 log = logging.getLogger("mailgate.greylist")
 
@@ -91,6 +93,24 @@ def score_so_far(ctx: Context) -> float:
     earlier = [r for r in ctx.results.values() if r.check != "greylist"]
     domain = ctx.recipient.address.rpartition("@")[2] if ctx.recipient else None
     return decide(earlier, ctx.policy, Stage.RCPT, domain).score
+
+
+def refused_already(ctx: Context) -> str | None:
+    """Why the recipient is refused anyway (a DNSBL reject, a block list), or None.
+
+    Such a recipient never reaches the upstream, so a triplet for it would only fill
+    the store, ``greylist stats`` and the metrics with botnet traffic. Judged as the
+    verdict judges (monitor modes and domain overrides apply), and only when some
+    earlier check demanded an outcome at all.
+    """
+    earlier = [r for r in ctx.results.values() if r.check != "greylist"]
+    if not any(r.decision is not None for r in earlier):
+        return None
+    domain = ctx.recipient.address.rpartition("@")[2] if ctx.recipient else None
+    verdict = decide(earlier, ctx.policy, Stage.RCPT, domain)
+    if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+        return f"refused anyway ({verdict.action}: {verdict.reason})"
+    return None
 
 
 def exemption(ctx: Context, recipient: str) -> str | None:
@@ -133,7 +153,7 @@ class GreylistCheck:
 
     name = "greylist"
     stage = Stage.RCPT
-    needs: tuple[str, ...] = ("spf", "dnsbl", "lists")
+    needs: tuple[str, ...] = ("spf", "dnsbl", "lists", "lists_rcpt")
 
     async def run(self, ctx: Context) -> CheckResult:
         gl = ctx.policy.greylist
@@ -142,6 +162,11 @@ class GreylistCheck:
         if not gl.enabled:
             return CheckResult(
                 "greylist", "none", (), None, {"outcome": "disabled", "reason": "disabled"}
+            )
+        refused = refused_already(ctx)
+        if refused is not None:  # not greylisted, not counted: it never gets through
+            return CheckResult(
+                "greylist", "none", (), None, {"outcome": "refused", "reason": refused}
             )
         recipient = normalise_recipient(ctx.recipient.address)
         why = exemption(ctx, recipient)

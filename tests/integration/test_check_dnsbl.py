@@ -222,6 +222,8 @@ async def test_threshold_combines_two_non_reject_zones(
     r = await run_ip(dns_zone, policy(a, b, threshold=5.0), health)
     assert r.decision is not None and r.decision.reply is replies.REJECT_DNSBL
     assert r.decision.reason == "DNSBL score 5 >= threshold 5 (a.bl.test, b.bl.test)"
+    # a decision that rests on the sum says so, for the verdict to re-judge per domain
+    assert (r.decision.sum_of, r.decision.threshold) == (("DNSBL_A", "DNSBL_B"), 5.0)
 
 
 async def test_dnswl_hit_scores_negative_and_allowlists(
@@ -438,7 +440,13 @@ async def test_domain_reject_and_combined_threshold(
     prior = await run_ip(dns_zone, pol, health)
     assert prior.decision is None
     r = await run_domain(dns_zone, pol, health, "mx.fine.example", "a@spammer.example", prior)
-    assert r.decision is not None and "DNSBL score 8 >= threshold 8" in r.decision.reason
+    assert r.decision is not None
+    # the reason names the client's zone too, whose listing is part of the sum
+    assert r.decision.reason == "DNSBL score 8 >= threshold 8 (dbl.bl.test, soft.bl.test)"
+    assert r.decision.sum_of == ("DNSBL_DBL_SPAM", "DNSBL_SOFT")
+    # a listing on a reject zone decides by itself: nothing to re-judge
+    r = await run_domain(dns_zone, policy(hard), health, "mx.fine.example", "a@spammer.example")
+    assert r.decision is not None and r.decision.sum_of == ()
 
 
 # -- access keys, the pipeline, the verdict ----------------------------------------------

@@ -25,8 +25,8 @@ from filter.checks.greylist import GreylistCheck
 from filter.greylist import parse_allow_target
 from filter.metrics import Metrics
 from filter.model import ClientInfo, Envelope, Recipient
-from filter.policy.schema import Policy, policy_from_dict
-from filter.results import Action, CheckResult, Symbol
+from filter.policy.schema import DNSBLPolicy, Policy, policy_from_dict
+from filter.results import Action, CheckResult, Decision, Symbol
 from filter.store import Store
 from tests.rig.ports import free_cluster_port, free_port
 from tests.rig.redisserver import start_redis_server, stop_servers, wait_until
@@ -381,6 +381,25 @@ async def test_dnswl_listed_client_is_not_greylisted(gl: Harness, raw: redis.Red
     assert r.decision is None and "allowlist" in str(r.data["reason"])
     listed = CheckResult("dnsbl", "fail", (), None, {"allowlisted": False})
     assert greylisted(await gl.rcpt(results={"dnsbl": listed}))
+
+
+async def test_a_recipient_refused_anyway_leaves_no_triplet(
+    store: Store, redis_url: str, clock: Clock, raw: redis.Redis, metrics: Metrics
+) -> None:
+    """A DNSBL reject or a block-list entry refuses the recipient at RCPT anyway: no
+    triplet is written and nothing is counted, so botnet traffic does not fill the
+    store. A refusal that a monitor mode only remembers does not count as one."""
+    gl = Harness(store, make_policy(redis_url), clock)
+    reject = Decision(Action.REJECT, replies.REJECT_DNSBL, "client listed in zen (SBL)")
+    dnsbl = CheckResult("dnsbl", "fail", (Symbol("DNSBL_ZEN_SBL", 10.0),), reject, {})
+    r = await gl.rcpt(results={"dnsbl": dnsbl})
+    assert r.decision is None and r.data["outcome"] == "refused"
+    assert "client listed in zen" in str(r.data["reason"])
+    assert triplet_keys(raw) == []
+    assert sum(count(metrics, x) for x in ("new", "early", "passed", "allowlisted")) == 0
+    monitored = dataclasses.replace(make_policy(redis_url), dnsbl=DNSBLPolicy(mode="monitor"))
+    assert greylisted(await gl.rcpt(results={"dnsbl": dnsbl}, policy=monitored))
+    assert len(triplet_keys(raw)) == 1
 
 
 async def test_apply_score_greylists_only_at_the_threshold(

@@ -175,3 +175,47 @@ async def test_greylist_score_counts_as_the_verdict_counts() -> None:
         recipient=Recipient("bob@example.org"),
     )
     assert score_so_far(ctx) == 2.0  # DNSBL's 10 is monitored: 0
+
+
+def _summed_dnsbl() -> CheckResult:
+    """Two listings that only reject together (threshold 10), as the DNSBL check reports."""
+    return CheckResult(
+        "dnsbl",
+        "fail",
+        (Symbol("DNSBL_SOFT", 4.0, "listed"), Symbol("DNSBL_ZEN_CSS", 6.0, "listed")),
+        Decision(
+            Action.REJECT,
+            replies.REJECT_DNSBL,
+            "DNSBL score 10 >= threshold 10",
+            ("DNSBL_SOFT", "DNSBL_ZEN_CSS"),
+            10.0,
+        ),
+    )
+
+
+def test_a_domain_score_rejudges_the_dnsbl_sum() -> None:
+    """The DNSBL sum is made at connect, before any recipient is known; a recipient
+    domain that scores one of its symbols lower is judged with that score."""
+    p = policy({"domains": {"css0.test": {"scores": {"DNSBL_ZEN_CSS": 0.0}}}})
+    mild = decide([_summed_dnsbl()], p, Stage.RCPT, "css0.test")
+    assert mild.action is Action.ACCEPT and mild.reply is None
+    assert decide([_summed_dnsbl()], p, Stage.RCPT, "other.test").action is Action.REJECT
+    # An override of an unrelated symbol, or one that keeps the sum, changes nothing.
+    keep = policy({"domains": {"x.test": {"scores": {"SPF_FAIL": 0.0, "DNSBL_SOFT": 5.0}}}})
+    assert decide([_summed_dnsbl()], keep, Stage.RCPT, "x.test").action is Action.REJECT
+
+
+def test_a_reject_zone_is_not_rescored() -> None:
+    """A listing on a ``reject = true`` zone rejects by itself, whatever its score."""
+    p = policy({"domains": {"css0.test": {"scores": {"DNSBL_ZEN_SBL": 0.0}}}})
+    assert decide([DNSBL_HIT], p, Stage.RCPT, "css0.test").action is Action.REJECT
+
+
+def test_the_reason_names_the_action_taken_and_what_monitor_would_have_done() -> None:
+    p = policy({"dnsbl": {"mode": "monitor"}})
+    grey = CheckResult(
+        "greylist", "policy", (), Decision(Action.GREYLIST, replies.greylisted(300), "new triplet")
+    )
+    v = decide([DNSBL_HIT, grey], p, Stage.RCPT)
+    assert (v.action, v.would) == (Action.GREYLIST, Action.REJECT)
+    assert v.reason.startswith("new triplet; check in monitor mode: would reject")
