@@ -219,7 +219,7 @@ async def probe(resolver: Resolver, zone: DNSBLZone, health: ZoneHealth = HEALTH
     st = health.state(zone)
     st.probing, st.last_probe = True, health.clock()
     try:
-        listed, unlisted = probe_names(zone.zone, zone.type)
+        listed, unlisted = probe_names(zone.query_zone, zone.type)
         positive, negative = await asyncio.gather(
             _probe_lookup(resolver, listed, zone, health),
             _probe_lookup(resolver, unlisted, zone, health),
@@ -431,7 +431,7 @@ class DNSBLCheck:
             return _no_resolver(self.name, policy)
         # IPv4-mapped IPv6 is listed under its IPv4 address; a bad address is our bug.
         ip = normalize_ip(ctx.client.ip)
-        queries = [(z, ip_query_name(ip, z.zone), "") for z in zones]
+        queries = [(z, ip_query_name(ip, z.query_zone), "") for z in zones]
         found = await _query_zones(ctx, ctx.resolver, queries, self.health)
         return _build_result(self.name, ctx, found, f"client {ip}")
 
@@ -464,7 +464,7 @@ class DNSBLDomainCheck:
         for zone in zones:
             names: set[str] = set()
             for subject, domain in subjects:
-                name = domain_query_name(domain, zone.zone)
+                name = domain_query_name(domain, zone.query_zone)
                 if name is not None and name not in names:  # HELO == sender domain: once
                     names.add(name)
                     queries.append((zone, name, subject))

@@ -808,6 +808,13 @@ def _is_code_address(value: str) -> bool:
         return False
 
 
+_KEY = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _is_key(value: str) -> bool:
+    return not value or bool(_KEY.fullmatch(value))
+
+
 @dataclass(frozen=True)
 class DNSBLZone:
     """One ``[[dnsbl.zones]]`` entry; ``zone`` is required.
@@ -818,7 +825,10 @@ class DNSBLZone:
     score, never a reject, and the client counts as allowlisted for greylisting.
     ``codes`` names answer addresses (Spamhaus ZEN's SBL/XBL/PBL...);
     ``blocked_codes`` adds a list's own "query refused" answers to the built-in
-    ones (127.0.0.1, 127.255.255.0/24, anything outside 127/8).
+    ones (127.0.0.1, 127.255.255.0/24, anything outside 127/8). ``key``, a paid
+    list's access key (Spamhaus DQS, Abusix), goes in front of the zone in queries
+    only (``<ip>.<key>.<zone>``): logs, metrics, symbols and headers show ``zone``.
+    A key written into ``zone`` itself is hidden only when it looks like one.
     """
 
     zone: str = cast(str, field(metadata={KIND: StrKind(is_hostname, "a DNS zone name", False)}))
@@ -833,11 +843,17 @@ class DNSBLZone:
     blocked_codes: tuple[str, ...] = _field(
         (), ListKind(StrKind(_is_code_address, "an address in 127.0.0.0/8", False))
     )
+    key: str = text("", _is_key, "letters, digits and hyphens (one DNS label)")
 
     @property
     def tag(self) -> str:
         """The zone's part of its symbols: ``name``, else derived from the zone."""
         return self.name or derived_tag(self.zone)
+
+    @property
+    def query_zone(self) -> str:
+        """The zone as queries name it: with the access key in front, if any."""
+        return f"{self.key}.{self.zone}" if self.key else self.zone
 
     def problems(self) -> Iterable[Problem]:
         if self.allow:

@@ -471,6 +471,23 @@ async def test_reply_and_logs_never_show_the_access_key(
     assert symbols(listed) == {"DNSBL_ZEN": 10.0}
 
 
+async def test_a_zone_key_is_queried_and_never_shown(
+    dns_zone: ZoneDNSServer, health: ZoneHealth, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``key`` goes in front of the zone in queries only, whatever it looks like (a
+    short key would not be recognised inside ``zone``)."""
+    short_key = "s3cr3t-ab12"
+    zone = DNSBLZone("zen2.dq.bl.test", 10.0, False, key=short_key)
+    list_ip(dns_zone, f"{short_key}.zen2.dq.bl.test", CLIENT, "127.0.0.2")
+    caplog.set_level(logging.DEBUG)
+    dns_zone.reset_counters()
+    listed = await run_ip(dns_zone, policy(zone), health)
+    assert symbols(listed) == {"DNSBL_ZEN2": 10.0}
+    assert dns_zone.count(f"10.2.0.192.{short_key}.zen2.dq.bl.test", "A") == 1
+    shown = repr(listed) + caplog.text
+    assert short_key not in shown and "zen2.dq.bl.test" in shown
+
+
 async def test_pipeline_connect_result_rejects_at_rcpt(
     dns_zone: ZoneDNSServer, health: ZoneHealth, metrics: Metrics
 ) -> None:

@@ -278,6 +278,7 @@ def test_to_toml_data_uses_human_units() -> None:
             "allow": False,
             "codes": {},
             "blocked_codes": [],
+            "key": "",
         }
     ]
 
