@@ -46,6 +46,16 @@ class MessageBuffer:
         return self._header_end is not None
 
     @property
+    def header_overflow(self) -> bool:
+        """The header fields run past MAX_HEADER_BLOCK: no blank line within it.
+
+        Such a message is refused: the checks and the removal of forged fields only
+        ever see the first MAX_HEADER_BLOCK bytes, so fields after it (a forged
+        Authentication-Results, a second From) would go through unseen.
+        """
+        return self._header_end is None and self.size > MAX_HEADER_BLOCK
+
+    @property
     def header_block(self) -> bytes:
         """The header fields (each ending in CRLF), without the blank separator line.
 

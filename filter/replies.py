@@ -114,6 +114,7 @@ def bad_parameter(detail: str) -> Reply:
 
 # Message content.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Error: message header size exceeds fixed limit")
 BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received in message (RFC 5321 2.3.8)")
 DATA_LINE_TOO_LONG = Reply(550, "5.5.6", "Error: message line too long (RFC 5321 4.5.3.1.6)")
 

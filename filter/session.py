@@ -430,6 +430,8 @@ class Session:
         try:
             self.metrics.message_size.observe(message.size)
             refusal = _content_problem(problems)
+            if refusal is None and message.header_overflow:
+                refusal = replies.HEADER_TOO_BIG  # fields past the limit would go unseen
             if refusal is not None:
                 await self._abort_upstream_txn()
                 self._log_message(txn, message, None, refusal, "refused", t_checks)

@@ -10,6 +10,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from filter.headers import MAX_HEADER_BLOCK
 from tests.integration.conftest import AUTH_CHECKS_OFF, StartMailgate
 from tests.rig.client import smtp_client
 from tests.rig.upstream import ScriptedUpstream
@@ -143,3 +144,28 @@ def test_a_hostile_mail_from_cannot_inject_a_result_into_our_header(
     assert [r.method for r in parsed.results] == ["spf"]
     assert parsed.results[0].properties[0].value == sender
     assert f'smtp.mailfrom="{sender}"' in ours
+
+
+def test_a_header_block_past_the_limit_is_refused_not_passed_unseen(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """Checks and the removal of forged fields read the first MAX_HEADER_BLOCK bytes
+    of the header; fields after that (here a forged A-R and a second From) would reach
+    the upstream unseen, so such a message is refused with 552 5.3.4."""
+    mg = mailgate({**AUTH_CHECKS_OFF, "server": {"max_message_size": "4MiB"}})
+    filler = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"x" * 60) for i in range(16000))
+    assert len(filler) > MAX_HEADER_BLOCK
+    forged = b"Authentication-Results: mx.mailgate.test; dmarc=pass header.from=bank.test\r\n"
+    with smtp_client("127.0.0.1", mg.smtp_port) as c:
+        c.ehlo("client.example.org")
+        c.mail("alice@example.org")
+        c.rcpt("bob@example.test")
+        code, text = c.data(filler + forged + b"From: <ceo@bank.test>\r\n\r\nbody\r\n")
+        assert (code, text[:5]) == (552, b"5.3.4")
+        # a big body under a normal header still goes through
+        c.mail("alice@example.org")
+        c.rcpt("bob@example.test")
+        big_body = b"From: <alice@example.org>\r\n\r\n" + (b"y" * 76 + b"\r\n") * 20000
+        assert c.data(big_body)[0] == 250
+    [txn] = upstream.wait_for_transactions(1)
+    assert b"bank.test" not in txn.message

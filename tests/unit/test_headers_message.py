@@ -285,3 +285,21 @@ def test_spooled_message_iter_chunks(seed: int) -> None:
     assert buf.content() == data + b"tail\r\n"
     assert buf.size == len(data) + 6
     buf.close()
+
+
+def test_header_overflow_only_when_no_blank_line_within_the_limit() -> None:
+    from filter.headers import MAX_HEADER_BLOCK
+
+    field = b"X-Filler: " + b"x" * 60 + b"\r\n"
+    fields = field * (MAX_HEADER_BLOCK // len(field) + 2)
+    over = MessageBuffer()
+    over.write(fields + b"\r\nbody\r\n")
+    assert over.header_overflow and not over.header_complete
+    fits = MessageBuffer()
+    fits.write(field * 10 + b"\r\n" + b"y" * (2 * MAX_HEADER_BLOCK))
+    assert not fits.header_overflow and fits.header_complete
+    no_body = MessageBuffer()  # all header, no blank line, small: RFC 5322 allows it
+    no_body.write(field * 10)
+    assert not no_body.header_overflow
+    for m in (over, fits, no_body):
+        m.close()
