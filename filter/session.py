@@ -243,6 +243,10 @@ class Session:
             return self._error(Reply(501, "5.5.4", f"Bad XFORWARD attribute: {exc}"))
         if not attrs:
             return self._error(replies.syntax("XFORWARD attribute=value..."))
+        if any(_CONTROL.search(value) for value in attrs.values()):
+            # A decoded value (xtext: "+0D+0A") would otherwise carry a line break
+            # into our Authentication-Results field (smtp.helo) and the log.
+            return self._error(Reply(501, "5.5.4", "Bad XFORWARD attribute: control character"))
         c = self.client
         for key, value in attrs.items():
             unavailable = value.startswith("[") and value.upper() in (
@@ -721,6 +725,9 @@ def common_override_domain(policy: Policy, recipients: Iterable[Recipient]) -> s
     if all(policy.override_for(d) is first for d in domains[1:]):
         return domains[0]
     return None
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _content_problem(problems: DataProblems) -> Reply | None:

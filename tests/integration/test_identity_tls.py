@@ -97,6 +97,20 @@ def test_xforward_from_anyone_else_is_refused(
     assert txn.xclient["ADDR"] == "127.0.0.9"
 
 
+def test_xforward_values_with_control_characters_are_refused(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """xtext can encode CR LF (+0D+0A): such a HELO would break our A-R field open."""
+    mg = mailgate({"server": {"xforward_hosts": ["127.0.0.1/32"]}})
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    r.banner()
+    r.cmd("EHLO postfix.example")
+    bad = r.cmd("XFORWARD ADDR=203.0.113.9 HELO=helo+0D+0AX-Injected:+20yes")
+    assert (bad.code, bad.text.split()[0]) == (501, "5.5.4")
+    assert r.cmd("XFORWARD ADDR=203.0.113.9 HELO=good.example").code == 250
+    r.close()
+
+
 def test_xforward_makes_a_trusted_peer_untrusted_for_a_remote_client(
     mailgate: StartMailgate, upstream: ScriptedUpstream
 ) -> None:
