@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from email.header import decode_header, make_header
 from typing import Any
 
 from authres import (
@@ -28,6 +29,8 @@ from filter.results import CheckResult
 _COMMENT = re.compile(r"\([^()]*\)")
 _QUOTED_ID = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _QUOTED_PAIR = re.compile(r"\\(.)")
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def build(results: Mapping[str, CheckResult], authserv_id: str) -> bytes:
@@ -140,8 +143,39 @@ def claimed_authserv_id(raw_field: bytes) -> str:
     return claimed.strip().lower().rstrip(".")
 
 
+def _decode_words(text: str) -> str:
+    """RFC 2047 encoded words decoded (not allowed in an authserv-id, RFC 2047 5, but
+    some parsers decode them anyway, so ``=?utf-8?q?mx.example.net?=`` claims our id)."""
+
+    def one(m: re.Match[str]) -> str:
+        try:
+            return str(make_header(decode_header(m.group(0))))
+        except (ValueError, LookupError):  # a malformed word: leave it as it is
+            return m.group(0)
+
+    return _ENCODED_WORD.sub(one, text)
+
+
+def claimed_ids(raw_field: bytes) -> set[str]:
+    """Every authserv-id a lenient reader could take an incoming A-R field to claim.
+
+    The strict reading (:func:`claimed_authserv_id`), of the field with encoded words
+    decoded and control characters as spaces; when the part before the first ";" is
+    malformed (an unbalanced parenthesis or quote), also every word in it, since
+    parsers disagree on where such a comment or string ends.
+    """
+    value = _CONTROL_CHARS.sub(" ", _decode_words(field_value(raw_field)))
+    ids = {claimed_authserv_id(b"x:" + value.encode("utf-8", "replace"))}
+    head = value.split(";", 1)[0]
+    if head.count("(") != head.count(")") or head.count('"') % 2:
+        words = re.split(r'[\s()"\\]+', head)
+        ids.update(w.lower().rstrip(".") for w in words if w)
+    ids.discard("")
+    return ids
+
+
 def is_forged(name: bytes, raw_field: bytes, authserv_id: str) -> bool:
     """True for an Authentication-Results field that claims to be ours."""
-    return name == b"authentication-results" and claimed_authserv_id(raw_field) == (
-        authserv_id.lower().rstrip(".")
-    )
+    if name != b"authentication-results":
+        return False
+    return authserv_id.lower().rstrip(".") in claimed_ids(raw_field)

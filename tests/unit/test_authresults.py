@@ -180,3 +180,24 @@ def test_helo_and_dkim_values_are_quoted_when_needed() -> None:
         ("header", "b", "ab@(x)"),
     ]
     assert b'header.d="a(b)@c"' in field and b"dmarc=pass" not in field.replace(b"z;dmarc", b"")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"Authentication-Results: =?utf-8?q?mx.example.net?=; dkim=pass\r\n",
+        b"Authentication-Results: =?utf-8?b?bXguZXhhbXBsZS5uZXQ=?=; dkim=pass\r\n",
+        b"Authentication-Results: mx.example.net\x00; dkim=pass\r\n",
+        b"Authentication-Results: (x mx.example.net; dkim=pass\r\n",
+        b'Authentication-Results: "x mx.example.net; dkim=pass\r\n',
+    ],
+)
+def test_lenient_readings_of_a_malformed_id_count_as_ours(raw: bytes) -> None:
+    """Encoded words, control characters and unbalanced comments or quotes: some
+    parser reads our id there, so the field is removed."""
+    assert is_forged(b"authentication-results", raw, "mx.example.net")
+
+
+def test_a_foreign_field_that_mentions_our_id_in_a_comment_is_kept() -> None:
+    raw = b"Authentication-Results: other.example (relayed by mx.example.net); spf=pass\r\n"
+    assert not is_forged(b"authentication-results", raw, "mx.example.net")
