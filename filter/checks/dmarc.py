@@ -48,6 +48,14 @@ class Evaluation:
     from_domains: tuple[str, ...] = ()
 
 
+def _severity(ev: Evaluation) -> int:
+    """How hard an evaluation would hit the message: what several authors compare."""
+    requested = ev.choice.requested if ev.choice else ""
+    if ev.result == "fail":
+        return {"reject": 4, "quarantine": 3}.get(requested, 1)
+    return 2 if ev.result == "temperror" else 0
+
+
 class _Discovery:
     """DMARC DNS lookups for one message, each name asked at most once.
 
@@ -131,7 +139,9 @@ class DMARCCheck:
             ev = Evaluation("none", reason="no message to evaluate")
         else:
             author = dmarc.author_domain(ctx.message.headers())
-            if author.error:
+            if author.error and author.domains and ctx.resolver is not None:
+                ev = await self._strictest(ctx, author, ctx.resolver, mode)
+            elif author.error:
                 ev = Evaluation("permerror", reason=author.error, from_domains=author.domains)
             elif ctx.resolver is None:
                 ev = Evaluation("temperror", from_domain=author.domain, reason="no DNS resolver")
@@ -149,6 +159,25 @@ class DMARCCheck:
         return self._report(ctx, Evaluation("temperror", reason=detail), mode, 0.0)
 
     # -- evaluation ------------------------------------------------------------------------
+
+    async def _strictest(
+        self, ctx: Context, author: dmarc.AuthorDomain, resolver: Resolver, mode: dmarc.Mode
+    ) -> Evaluation:
+        """Several From fields, or one with several domains: no single Author Domain.
+
+        RFC 9989 leaves this to the receiver, and its security considerations call such
+        messages an evasion attempt: a second From must not wash out a p=reject. So
+        every domain is evaluated (§5.3.1 allows it) and the message is held to the
+        strictest failure among them; if none fails, the result stays permerror.
+        """
+        evaluations = [await self._evaluate(ctx, d, resolver, mode) for d in author.domains]
+        worst = max(evaluations, key=_severity)
+        if _severity(worst) == 0:
+            return Evaluation("permerror", reason=author.error, from_domains=author.domains)
+        domains = ", ".join(author.domains)
+        worst.reason = f"{author.error} ({domains}); strictest: {worst.reason}".strip()
+        worst.from_domains = author.domains
+        return worst
 
     async def _evaluate(
         self, ctx: Context, author: str, resolver: Resolver, mode: dmarc.Mode
@@ -328,7 +357,7 @@ class DMARCCheck:
             data["aspf"] = ev.record.aspf
             if mode == "rfc7489":
                 data["pct"] = ev.record.pct
-        if ev.from_domains and not ev.from_domain:
+        if ev.from_domains and (not ev.from_domain or len(ev.from_domains) > 1):
             data["from_domains"] = list(ev.from_domains)
         return CheckResult(
             check=self.name,

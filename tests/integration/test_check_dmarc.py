@@ -418,19 +418,34 @@ async def test_rfc7489_uses_the_psl_not_a_walk(dns_zone: ZoneDNSServer) -> None:
 # -- From header rules ------------------------------------------------------------------------
 
 
-async def test_multiple_from_fields_is_permerror(dns_zone: ZoneDNSServer) -> None:
+async def test_a_second_from_field_cannot_wash_out_p_reject(dns_zone: ZoneDNSServer) -> None:
+    """Several From fields are invalid (RFC 5322 3.6) and name no single Author Domain;
+    the message is held to the strictest policy among their domains."""
     publish(dns_zone, "example.test", "v=DMARC1; p=reject")
     res = await run(dns_zone, "a@example.test", "b@example.test")
-    assert res.result == "permerror"
-    assert symbols(res) == ["DMARC_PERMERROR"]
-    assert res.decision is None
-    assert dns_zone.count() == 0
+    assert (res.result, symbols(res)) == ("fail", ["DMARC_REJECT"])
+    assert res.decision is not None and res.decision.action is Action.REJECT
+    assert "2 From header fields" in str(res.data["reason"])
+    res = await run(dns_zone, "ceo@example.test", "me@harmless.test")
+    assert res.decision is not None and res.decision.action is Action.REJECT
+    assert res.data["from_domains"] == ["example.test", "harmless.test"]
 
 
-async def test_several_domains_in_one_from_is_permerror(dns_zone: ZoneDNSServer) -> None:
+async def test_several_authors_that_all_pass_stay_permerror(dns_zone: ZoneDNSServer) -> None:
+    publish(dns_zone, "example.test", "v=DMARC1; p=reject")
+    res = await run(dns_zone, "a@example.test", "b@example.test", results=(spf("example.test"),))
+    assert (res.result, symbols(res), res.decision) == ("permerror", ["DMARC_PERMERROR"], None)
+
+
+async def test_several_domains_in_one_from_is_held_to_the_strictest(
+    dns_zone: ZoneDNSServer,
+) -> None:
     res = await run(dns_zone, "a@example.test, b@evil.test")
-    assert res.result == "permerror"
+    assert res.result == "permerror"  # neither publishes a policy: nothing fails
     assert res.data["from_domains"] == ["example.test", "evil.test"]
+    publish(dns_zone, "evil.test", "v=DMARC1; p=quarantine")
+    res = await run(dns_zone, "a@example.test, b@evil.test")
+    assert (res.result, symbols(res)) == ("fail", ["DMARC_QUARANTINE"])
 
 
 # -- DNS trouble -------------------------------------------------------------------------------
