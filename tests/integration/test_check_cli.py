@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from filter import replies
 from filter.dnsbl import ip_query_name
 from tests.integration.conftest import StartMailgate
+from tests.rig.cli import run_cli as cli
 from tests.rig.client import smtp_client
 from tests.rig.dnsserver import ZoneDNSServer, txt
 
@@ -47,16 +48,6 @@ MESSAGE = (
 )
 
 DNSBL_ZONE = f'[[dnsbl.zones]]\nzone = "{ZONE}"\nscore = 10.0\nreject = true\n\n'
-
-
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "filter", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def write_policy(

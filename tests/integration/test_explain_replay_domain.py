@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +19,11 @@ from filter import replies, verdictlog
 from filter.results import Action, Symbol
 from filter.store import Store
 from filter.verdict import Verdict
+from tests.rig.cli import run_cli as mailgate
 from tests.rig.dnsserver import MX, A, ZoneDNSServer, txt
 
 REPO = Path(__file__).resolve().parents[2]
 SESSION = "0A1B2C3D4E5F"
-
-
-def mailgate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "filter", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def write_policy(path: Path, redis_url: str, dns: ZoneDNSServer, extra: str = "") -> Path:
