@@ -86,7 +86,7 @@ class Frontend:
         self._idle: dict[asyncio.Task[None], bool] = {}
 
     def protocol_factory(self) -> SMTPStream:
-        stream = SMTPStream()
+        stream = SMTPStream(client=True)
         loop = asyncio.get_running_loop()
         fut = stream.connected
 
@@ -220,6 +220,9 @@ class _Connection:
         self.policy = session.policy
         srv = self.policy.server
         self.deadline = time.monotonic() + srv.session_timeout
+        # The stream enforces it on every wait for input, even inside a command line
+        # trickled a byte at a time (each byte would restart the idle timeout).
+        stream.session_deadline = asyncio.get_running_loop().time() + srv.session_timeout
         self.end_reason = "quit"
         self.task = asyncio.current_task()
 

@@ -10,9 +10,17 @@ things and nothing else; it knows no SMTP verbs.
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 
 HIGH_WATER = 256 * 1024  # pause reading when this much is buffered and unread
+# Replies queued but not yet handed to the transport: past this many a client-facing
+# stream flushes before reading the next command, so the transport's flow control sees
+# them (replies are small: this bounds the queue to tens of KB).
+OUT_MAX_WRITES = 256
+NO_CAP = 1 << 62
+LINGER = 30.0  # close() with unsent output: abort after this long (no read_timeout set)
+TIMER_SLACK = 0.01  # a deadline this much earlier than the armed timer does not re-arm it
 
 
 class StreamClosed(ConnectionError):
@@ -24,24 +32,40 @@ class LineTooLong(ValueError):
 
 
 class SMTPStream(asyncio.Protocol):
-    """Buffered reader and writer for one connection."""
+    """Buffered reader and writer for one connection.
 
-    def __init__(self) -> None:
+    ``client=True`` for the side that faces an SMTP client: an EOF from it closes only
+    its sending side (its replies still go out, RFC 5321 4.1.1.10), and while it does
+    not read its replies no further command is read from it (bounded memory).
+    """
+
+    def __init__(self, client: bool = False) -> None:
         self.transport: asyncio.Transport | None = None
+        self._client = client
+        self._tls = False
         self._buf = bytearray()
-        self._eof = False
+        self._eof = False  # no more input will come
+        self._lost = False  # the connection is gone: no output either
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._out: list[bytes] = []
+        # readline holds back when len(_out) exceeds this: -1 while the transport's
+        # buffer is over its high-water mark. One comparison on the per-command path.
+        self._out_cap = OUT_MAX_WRITES if client else NO_CAP
         self._loop = asyncio.get_running_loop()
         self.connected = self._loop.create_future()
         # Idle timeout for every wait for input (None: wait forever). One timer per
         # connection, pushed forward lazily: a wait costs a clock read, not a TimerHandle.
         self.read_timeout: float | None = None
+        # Loop time no wait for input may outlast, however recent the last byte (the
+        # session lifetime); only applies while read_timeout is set.
+        self.session_deadline = math.inf
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._linger: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -58,27 +82,38 @@ class SMTPStream(asyncio.Protocol):
             self.transport.pause_reading()
 
     def eof_received(self) -> bool:
+        """A client that half-closes after its last command still reads the replies:
+        keep our side open until close() has flushed them (TLS cannot half-close)."""
         self._eof = True
         self._wake()
-        return False
+        return self._client and not self._tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
+        self._lost = True
         self._out.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         self._wake()
         if self._drain_waiter and not self._drain_waiter.done():
             self._drain_waiter.set_exception(StreamClosed("connection lost"))
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._client:
+            self._out_cap = -1
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._client:
+            self._out_cap = OUT_MAX_WRITES
         if self._drain_waiter and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+        self._wake()  # a client-facing stream may be holding back its next command
 
     # -- reading -------------------------------------------------------------
     def _wake(self) -> None:
@@ -87,18 +122,52 @@ class SMTPStream(asyncio.Protocol):
             w.set_result(None)
 
     async def _wait(self) -> None:
-        """Wait for more input; flushes pending output first (we are about to block)."""
+        """Wait for more input; flushes pending output first (we are about to block).
+
+        May return without new input (the client drained its replies); callers loop.
+        """
         if self._eof:
             raise StreamClosed("connection closed by peer")
         self.flush()
+        if self._write_paused and self._client:
+            await self._hold_back()
+            return
         if self._paused and self.transport:
             self._paused = False
             self.transport.resume_reading()
+        await self._block()
+
+    async def _hold_back(self) -> None:
+        """The client does not read its replies: read none of its commands until it does.
+
+        Otherwise a pipelining client that never reads grows the transport's buffer
+        without bound. Reading pauses too, so TCP pushes back on the client; the read
+        timeout (idle, and the session deadline) still ends a client that never drains.
+        """
+        self.flush()
+        while self._write_paused:
+            if self._lost:
+                raise StreamClosed("connection lost")
+            if not self._paused and self.transport:
+                self._paused = True
+                self.transport.pause_reading()
+            await self._block()
+
+    async def _block(self) -> None:
+        """Wait for a wake-up (input, EOF, drained output) or the read deadline."""
         self._waiter = waiter = self._loop.create_future()
         if self.read_timeout is not None:
-            self._deadline = self._loop.time() + self.read_timeout
-            if self._timer is None:
-                self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            deadline = self._loop.time() + self.read_timeout
+            if deadline > self.session_deadline:
+                deadline = self.session_deadline
+            self._deadline = deadline
+            # The timer is pushed forward lazily (_on_timer); it is re-armed only when
+            # the deadline moves earlier, i.e. near the end of the session.
+            if self._timer is None or deadline < self._timer_at - TIMER_SLACK:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer_at = deadline
+                self._timer = self._loop.call_at(deadline, self._on_timer)
         try:
             await waiter
         finally:
@@ -111,6 +180,7 @@ class SMTPStream(asyncio.Protocol):
             return
         now = self._loop.time()
         if now < self._deadline:
+            self._timer_at = self._deadline
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
             return
         w.set_exception(TimeoutError())
@@ -121,6 +191,8 @@ class SMTPStream(asyncio.Protocol):
 
     async def readline(self, limit: int) -> bytes:
         """One line including its LF. Raises LineTooLong past ``limit`` bytes."""
+        if len(self._out) > self._out_cap:
+            await self._hold_back()
         start = 0
         while True:
             i = self._buf.find(b"\n", start)
@@ -200,12 +272,20 @@ class SMTPStream(asyncio.Protocol):
             self._drain_waiter = None
 
     def close(self) -> None:
+        """Close after the pending output is sent; abort if the peer will not take it.
+
+        A transport closes only once its buffer is sent: a peer that never reads would
+        hold the socket (and the buffer) forever. It gets read_timeout to read it.
+        """
         self.flush()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+            if t.get_write_buffer_size() and self._linger is None:
+                self._linger = self._loop.call_later(self.read_timeout or LINGER, t.abort)
 
     def abort(self) -> None:
         self._out.clear()
@@ -225,6 +305,7 @@ class SMTPStream(asyncio.Protocol):
         """Upgrade the connection in place; the protocol (this object) stays."""
         assert self.transport is not None
         self.flush()
+        self._tls = True  # from here on EOF reaches us through the TLS layer
         loop = asyncio.get_running_loop()
         new = await loop.start_tls(
             self.transport,
