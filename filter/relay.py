@@ -9,12 +9,19 @@ client was not told about.
 Why not aiosmtplib: its ``sendmail`` queues the whole transaction at once, and the
 low-level calls would still need our own XCLIENT/XFORWARD handling, reply
 pass-through and timeouts; the wire part is small once ``SMTPStream`` exists.
+
+Lockstep means one reply per command, so anything the upstream says out of turn (a
+reply to nothing, two replies to one command, a reply before the final dot, lines with
+mixed codes, a 250 to DATA) is a protocol error that drops the connection: taken for
+the reply to the next command it would shift every later answer by one, and a client
+could get a 250 for a message the upstream never received.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import select
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,13 +34,23 @@ from filter.smtpstream import LineTooLong, SMTPStream, StreamClosed
 
 MAX_REPLY_LINES = 100
 WRITE_BATCH = 256 * 1024  # flush the body to the upstream in sends of about this size
-MAX_REPLY_LINE = 4096
+MAX_REPLY_LINE = 4096  # what we read; what we pass on is cut to REPLY_LINE_OCTETS
+REPLY_LINE_OCTETS = 512  # RFC 5321 4.5.3.1.5: a reply line, code and CRLF included
+_CODE_CLASSES = b"2345"  # RFC 5321 4.2.1: the first digit of every reply code
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+# Not passed on to the client: C0 (HT is reply text, RFC 5321 4.2), DEL, C1, and the
+# Unicode line separators. Terminal escapes, NUL and a bare CR in an upstream's text
+# would reach the client's terminal and logs.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def parse_reply(lines: list[bytes]) -> Reply:
-    """Build a Reply from raw reply lines, keeping the upstream's text and status."""
+    """Build a Reply from raw reply lines, keeping the upstream's text and status.
+
+    The text is made safe to pass on (``printable``): we relay it to a client that
+    trusts us, not the upstream, to speak valid SMTP.
+    """
     code = int(lines[0][:3])
     texts: list[str] = []
     enhanced = ""
@@ -46,7 +63,23 @@ def parse_reply(lines: list[bytes]) -> Reply:
                 enhanced = first
             text = rest
         texts.append(text)
-    return Reply(code, enhanced, "\n".join(texts))
+    # Reply.to_bytes writes "<code><sep><enhanced> <text>\r\n" for every line.
+    room = REPLY_LINE_OCTETS - len("250 \r\n") - (len(enhanced) + 1 if enhanced else 0)
+    return Reply(code, enhanced, "\n".join(printable(t, room) for t in texts))
+
+
+def printable(text: str, room: int) -> str:
+    """``text`` without control characters, cut to at most ``room`` UTF-8 octets.
+
+    Why: the client gets the upstream's own text, but only as one well-formed reply
+    line each (RFC 5321 4.5.3.1.5), and never with bytes a terminal would act on.
+    """
+    text = _CONTROL.sub("?", text)
+    if len(text) * 4 > room:  # else it fits whatever the characters (fast path)
+        raw = text.encode("utf-8")
+        if len(raw) > room:
+            text = raw[:room].decode("utf-8", "ignore")  # never half a character
+    return text
 
 
 @dataclass
@@ -92,6 +125,7 @@ class Upstream:
         self.capabilities = UpstreamCapabilities()
         self.greeting: Reply | None = None
         self._stream: SMTPStream | None = None
+        self._poller: select.poll | None = None  # the socket, for input before the final dot
         self.in_transaction = False
         self.broken = False
         self.timings: dict[str, float] = {}
@@ -114,6 +148,7 @@ class Upstream:
         _set_nodelay(stream)
         stream.read_timeout = self.timeout
         self._stream = stream
+        self._poller = _input_poller(stream)
         greeting = await self._read_reply("greeting")
         if greeting.code != 220:
             self.abort()
@@ -160,13 +195,19 @@ class Upstream:
         return self._stream is not None and not self._stream.closed and not self.broken
 
     # -- commands ----------------------------------------------------------------
-    async def command(self, stage: str, line: str) -> Reply:
-        """Send one command line and return the reply; refuses control characters."""
+    async def command(self, stage: str, line: str, *, intermediate: bool = False) -> Reply:
+        """Send one command line and return the reply; refuses control characters.
+
+        Input already waiting (a reply nobody asked for) is a protocol error, not the
+        answer to this command. ``intermediate``: a 3xx reply may answer it (DATA only).
+        """
         if _UNSAFE.search(line):
             raise UpstreamError(stage, "refusing to send a command with control characters")
         stream = self._require()
+        if stream.buffered:  # the read buffer, no syscall: free on the normal path
+            await self._unsolicited(stage, stream, f"before {line.split(' ', 1)[0]}")
         stream.write(line.encode("utf-8") + b"\r\n")
-        return await self._read_reply(stage)
+        return await self._read_reply(stage, intermediate)
 
     async def mail(self, address: str, params: Iterable[str]) -> Reply:
         reply = await self.command("mail", _join(f"MAIL FROM:<{address}>", params))
@@ -179,12 +220,18 @@ class Upstream:
     async def data(self, chunks: Iterable[bytes]) -> Reply:
         """DATA, the dot-stuffed message, the final dot; returns the final reply.
 
-        A non-354 answer to DATA is returned as is (e.g. 554 no valid recipients),
+        A 4xx/5xx answer to DATA is returned as is (e.g. 554 no valid recipients),
         except 421, which raises like every failure: stage ``data`` for the DATA
-        command and the body, ``data_end`` for the reply to the final dot.
+        command and the body, ``data_end`` for the reply to the final dot. Any other
+        answer to DATA (RFC 5321 4.3.2 allows only 354) raises too: a 250 there is not
+        the upstream taking a message it never received. So does input from the
+        upstream before the dot: the dot is then never sent, nothing is queued.
         """
-        go = await self.command("data", "DATA")
+        go = await self.command("data", "DATA", intermediate=True)
         if go.code != 354:
+            if go.code < 400:
+                self.abort()
+                raise UpstreamError("data", f"DATA answered {go} instead of 354", go)
             self.in_transaction = False
             return go
         stream = self._require()
@@ -193,6 +240,13 @@ class Upstream:
             stream.write(stuff(chunk))
             if stream.pending_output >= WRITE_BATCH:
                 await self._drain("data")
+                if stream.buffered:  # it spoke while we waited for the send buffer
+                    await self._unsolicited("data", stream, "during the message body")
+        # The last moment an early reply can be told from the answer to the dot. The
+        # socket is asked too (one poll per message): with nothing awaited since the
+        # 354, a reply in flight has not reached our buffer.
+        if stream.buffered or self._input_waiting():
+            await self._unsolicited("data", stream, "before the final dot")
         stream.write(b".\r\n")  # small messages go out in one send with the dot
         reply = await self._read_reply("data_end")
         self.in_transaction = False
@@ -226,6 +280,7 @@ class Upstream:
         if self._stream is not None:
             self._stream.close()
         self._stream = None
+        self._poller = None
 
     def abort(self) -> None:
         """Drop the connection at once: an unfinished transaction is discarded upstream."""
@@ -233,6 +288,7 @@ class Upstream:
         if self._stream is not None:
             self._stream.abort()
         self._stream = None
+        self._poller = None
         self.in_transaction = False
 
     # -- wire ------------------------------------------------------------------------
@@ -253,15 +309,36 @@ class Upstream:
             self.abort()
             raise UpstreamError(stage, "write failed: " + (str(exc) or "timeout")) from exc
 
-    async def _read_reply(self, stage: str) -> Reply:
+    def _input_waiting(self) -> bool:
+        """Bytes (or a close) from the upstream wait in the socket, not yet read."""
+        return self._poller is not None and bool(self._poller.poll(0))
+
+    async def _unsolicited(self, stage: str, stream: SMTPStream, where: str) -> None:
+        """Input no command asked for: drop the connection and raise (never read it as
+        a reply). The bytes go to the log; the caller counts the failure at ``stage``."""
+        got = await stream.read_some() if stream.buffered else b"(waiting in the socket)"
+        self.abort()
+        raise UpstreamError(stage, f"unsolicited input {where}: {got[:80]!r}")
+
+    async def _read_reply(self, stage: str, intermediate: bool = False) -> Reply:
         stream = self._require()
         lines: list[bytes] = []
         try:
             # stream.read_timeout (set at open) bounds every wait for the upstream.
             while True:
                 line = await stream.readline(MAX_REPLY_LINE)
-                if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r"):
+                if (
+                    len(line) < 4
+                    or not line[:3].isdigit()
+                    or line[0] not in _CODE_CLASSES
+                    or line[3:4] not in (b" ", b"-", b"\r")
+                ):
                     raise UpstreamError(stage, f"malformed reply {line[:60]!r}")
+                if lines and line[:3] != lines[0][:3]:
+                    # RFC 5321 4.2.1: one code for every line. Which one would it mean?
+                    raise UpstreamError(
+                        stage, f"malformed reply: mixed codes {lines[0][:60]!r} {line[:60]!r}"
+                    )
                 lines.append(line)
                 if line[3:4] != b"-":
                     break
@@ -281,12 +358,30 @@ class Upstream:
             # connection, raised here where the stage is known (DATA or the final dot).
             self.abort()
             raise UpstreamError(stage, f"closing: {reply}", reply)
+        if reply.code // 100 == 3 and not intermediate:
+            self.abort()  # e.g. 354 to MAIL or to the dot: not an answer we can relay
+            raise UpstreamError(stage, f"unexpected intermediate reply {reply}", reply)
+        if stream.buffered:
+            # More than one reply to one command. After the dot it may be the answer
+            # to the body that came early: which is the message's is unknowable, so
+            # the client retries (a duplicate at worst, never a lost message).
+            await self._unsolicited(stage, stream, f"after the reply {reply}")
         return reply
 
 
 def _join(head: str, params: Iterable[str]) -> str:
     rest = " ".join(params)
     return f"{head} {rest}" if rest else head
+
+
+def _input_poller(stream: SMTPStream) -> select.poll | None:
+    """A poll object on the connection's socket (uvloop's pseudo-socket has fileno)."""
+    sock = stream.transport.get_extra_info("socket") if stream.transport else None
+    if sock is None:
+        return None
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return poller
 
 
 def _set_nodelay(stream: SMTPStream) -> None:

@@ -13,10 +13,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import StartMailgate, message
+from tests.integration.conftest import AUTH_CHECKS_OFF, StartMailgate, message
 from tests.rig.client import RawSMTP, smtp_client
 from tests.rig.mailgate import MailgateProcess
-from tests.rig.upstream import ScriptedUpstream
+from tests.rig.upstream import Raw, ScriptedUpstream
 
 
 def test_message_is_relayed_with_the_upstreams_own_reply(
@@ -207,6 +207,11 @@ def test_rset_aborts_the_upstream_transaction(
     assert "RSET" in verbs and "DATA" not in verbs
 
 
+# RFC 5321 4.2.1: every line of a reply has the same code; which would these mean?
+MIXED_250_550 = Raw("250-2.0.0 first line ok\r\n550 5.7.1 last line rejects\r\n")
+MIXED_550_250 = Raw("550-5.7.1 first line rejects\r\n250 2.0.0 last line ok\r\n")
+
+
 def _upstream_errors(mg: MailgateProcess) -> dict[str, float]:
     """stage -> mailgate_upstream_errors_total, read from the running process."""
     with urllib.request.urlopen(f"{mg.metrics_url}/metrics", timeout=5) as resp:
@@ -232,6 +237,19 @@ def _upstream_errors(mg: MailgateProcess) -> dict[str, float]:
         ({"mail": "421 4.3.2 shutting down"}, "mail"),
         ({"delay": {"rcpt": 2.5}}, "rcpt"),
         ({"data_end": "451 4.3.0 queue file write error"}, None),  # its own answer: passed on
+        # Protocol errors: answers no command may have, more than one reply to a command.
+        ({"data": "250 2.0.0 Ok (DATA answered 250 instead of 354)"}, "data"),
+        ({"data": "334 go on"}, "data"),
+        ({"data": Raw("199 go on\r\n")}, "data"),
+        ({"mail": "354 go ahead"}, "mail"),
+        ({"data_end": "354 send more"}, "data_end"),
+        ({"replies": {"rcpt": MIXED_250_550}}, "rcpt"),
+        ({"data_end": MIXED_250_550}, "data_end"),
+        ({"data_end": MIXED_550_250}, "data_end"),
+        ({"unsolicited": {"mail": "250 2.1.0 Ok"}}, "mail"),
+        ({"unsolicited": {"rcpt": "250 2.1.5 Ok"}}, "rcpt"),
+        ({"unsolicited": {"data": "250 2.0.0 EARLY"}}, "data"),
+        ({"unsolicited": {"data_end": "250 2.0.0 Ok: once more"}}, "data_end"),
     ],
     ids=[
         "421-at-DATA",
@@ -243,6 +261,18 @@ def _upstream_errors(mg: MailgateProcess) -> dict[str, float]:
         "421-at-MAIL",
         "timeout-at-RCPT",
         "451-at-dot",
+        "250-to-DATA",
+        "334-to-DATA",
+        "1xx-to-DATA",
+        "354-to-MAIL",
+        "354-to-dot",
+        "mixed-codes-at-RCPT",
+        "mixed-codes-250-550-at-dot",
+        "mixed-codes-550-250-at-dot",
+        "doubled-MAIL-reply",
+        "doubled-RCPT-reply",
+        "reply-with-the-354",
+        "doubled-dot-reply",
     ],
 )
 def test_each_upstream_failure_is_counted_once_at_its_stage(
@@ -286,3 +316,199 @@ def test_each_upstream_failure_is_counted_once_at_its_stage(
     assert grown == {stage: 1}
     assert failed[0].text.startswith("4.3.0 Service temporarily unavailable")
     assert f"upstream failure stage={stage} " in mg.logs()
+
+
+def _raw_session(mg: MailgateProcess) -> RawSMTP:
+    r = RawSMTP("127.0.0.1", mg.smtp_port, timeout=15).connect()
+    r.banner()
+    r.cmd("EHLO client.example.org")
+    return r
+
+
+def _wait_closed(up: ScriptedUpstream, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not all(s.closed for s in up.sessions):
+        assert time.monotonic() < deadline, "mailgate kept an upstream connection open"
+        time.sleep(0.02)
+
+
+def test_250_to_data_is_an_upstream_error_not_a_relayed_message(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """RFC 5321 4.3.2: DATA gets 354 or an error. A 250 there means the upstream has not
+    taken the body; passing it on told the client its message was queued (lost mail)."""
+    upstream.script(data="250 2.0.0 Ok (DATA answered 250 instead of 354)")
+    mg = mailgate()
+    before = _upstream_errors(mg)
+    r = _raw_session(mg)
+    assert r.cmd("MAIL FROM:<alice@example.org>").code == 250
+    assert r.cmd("RCPT TO:<bob@example.test>").code == 250
+    assert r.cmd("DATA").code == 354
+    r.send(message() + b".\r\n")
+    reply = r.read_reply()
+    assert reply.code == 451 and reply.text.startswith("4.3.0"), reply
+    _wait_closed(upstream)  # the connection that spoke nonsense is not reused
+    assert upstream.transactions == []
+    after = _upstream_errors(mg)
+    assert after["data"] - before["data"] == 1
+    logs = mg.logs()
+    assert "upstream failure stage=data detail=DATA answered 250" in logs
+    assert "outcome=relayed" not in logs
+    # The session goes on: the next message opens a fresh upstream connection.
+    upstream.reset_script()
+    assert r.cmd("MAIL FROM:<alice@example.org>").code == 250
+    assert r.cmd("RCPT TO:<bob@example.test>").code == 250
+    assert r.cmd("DATA").code == 354
+    r.send(message() + b".\r\n")
+    reply = r.read_reply()
+    [txn] = upstream.wait_for_transactions(1)
+    assert reply.code == 250 and txn.queue_id and txn.queue_id in reply.text
+    r.close()
+
+
+def test_doubled_reply_to_the_dot_shifts_no_later_reply(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """An extra reply after the dot, pipelining client: no reply is ever taken for the
+    next command's. The message gets 451 (its reply is ambiguous: a duplicate at worst)."""
+    upstream.script(
+        unsolicited={"data_end": "250 2.0.0 Ok: said twice"},
+        rcpt={"nobody@example.test": "550 5.1.1 <nobody@example.test>: unknown user"},
+    )
+    mg = mailgate()
+    r = _raw_session(mg)
+    r.send(
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
+        + message("one")
+        + b".\r\nMAIL FROM:<b@example.org>\r\nRCPT TO:<nobody@example.test>\r\n"
+        + b"RCPT TO:<carol@example.test>\r\n"
+    )
+    replies = r.read_replies(7)
+    assert [x.code for x in replies] == [250, 250, 354, 451, 250, 550, 250], replies
+    assert replies[3].text.startswith("4.3.0")
+    assert "unknown user" in replies[5].text  # the upstream's own refusal, in its place
+    # The second message, on a well-behaved upstream: its 250 is its own.
+    upstream.reset_script()
+    assert r.cmd("DATA").code == 354
+    r.send(message("two") + b".\r\n")
+    reply = r.read_reply()
+    first, second = upstream.wait_for_transactions(2)
+    assert first.accepted  # kept upstream: the client's retry may duplicate it, not lose it
+    assert second.rcpts == ["carol@example.test"] and b"Subject: two" in second.message
+    assert reply.code == 250 and second.queue_id and second.queue_id in reply.text
+    assert "upstream failure stage=data_end detail=unsolicited input after the reply" in mg.logs()
+    r.close()
+
+
+def test_late_unsolicited_reply_is_refused_before_the_next_command(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """A reply to nothing that arrives between commands is noticed before the next one
+    is sent (in the read buffer, no extra syscall), never read as that command's reply."""
+    upstream.script(
+        unsolicited={"data_end": "250 2.0.0 Ok: said twice"},
+        unsolicited_delay={"data_end": 0.2},
+        rcpt={"nobody@example.test": "550 5.1.1 <nobody@example.test>: unknown user"},
+    )
+    mg = mailgate()
+    before = _upstream_errors(mg)
+    r = _raw_session(mg)
+    r.cmd("MAIL FROM:<a@example.org>")
+    r.cmd("RCPT TO:<bob@example.test>")
+    r.cmd("DATA")
+    r.send(message("one") + b".\r\n")
+    reply = r.read_reply()
+    [first] = upstream.wait_for_transactions(1)
+    assert reply.code == 250 and first.queue_id and first.queue_id in reply.text
+    time.sleep(0.6)  # the stray reply is in by now
+    reply = r.cmd("MAIL FROM:<b@example.org>")
+    assert reply.code == 451 and reply.text.startswith("4.3.0"), reply
+    assert _upstream_errors(mg)["mail"] - before["mail"] == 1
+    assert "upstream failure stage=mail detail=unsolicited input before MAIL" in mg.logs()
+    _wait_closed(upstream)
+    assert r.cmd("MAIL FROM:<b@example.org>").code == 250  # a fresh connection
+    assert r.cmd("RCPT TO:<nobody@example.test>").code == 550
+    assert r.cmd("RCPT TO:<carol@example.test>").code == 250
+    r.cmd("DATA")
+    r.send(message("two") + b".\r\n")
+    reply = r.read_reply()
+    _, second = upstream.wait_for_transactions(2)
+    assert second.rcpts == ["carol@example.test"]
+    assert reply.code == 250 and second.queue_id and second.queue_id in reply.text
+    r.close()
+
+
+def test_early_reply_with_the_354_leaves_nothing_queued(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """A reply that comes before the body is not the message's: the dot is never sent
+    (nothing queued), the client gets 451, and the upstream's later answer cannot land
+    on the client's next command."""
+    upstream.script(unsolicited={"data": "250 2.0.0 EARLY"}, data_end="554 5.7.1 the real answer")
+    mg = mailgate()
+    r = _raw_session(mg)
+    r.cmd("MAIL FROM:<a@example.org>")
+    r.cmd("RCPT TO:<bob@example.test>")
+    r.cmd("DATA")
+    r.send(message("one") + b".\r\n")
+    reply = r.read_reply()
+    assert reply.code == 451 and "EARLY" not in reply.text, reply
+    _wait_closed(upstream)
+    assert upstream.transactions == []
+    upstream.reset_script()
+    assert r.cmd("MAIL FROM:<b@example.org>").code == 250
+    r.close()
+
+
+def test_early_reply_while_a_large_body_streams_stops_before_the_dot(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """The upstream answers after the first body line and stops reading: mailgate sees
+    the reply when its send buffer drains and never sends the dot."""
+    upstream.script(
+        unsolicited={"data_mid": "250 2.0.0 EARLY"},
+        stall={"data_mid": 1.0},
+        rcvbuf=64 * 1024,
+    )
+    mg = mailgate(AUTH_CHECKS_OFF)
+    before = _upstream_errors(mg)
+    body = ("x" * 78 + "\r\n") * (8 * 1024 * 1024 // 80)  # 8 MiB: more than the socket buffers
+    r = _raw_session(mg)
+    r.cmd("MAIL FROM:<a@example.org>")
+    r.cmd("RCPT TO:<bob@example.test>")
+    r.cmd("DATA")
+    r.send(message("big", body) + b".\r\n")
+    reply = r.read_reply(timeout=30)
+    assert reply.code == 451 and "EARLY" not in reply.text, reply
+    _wait_closed(upstream)
+    assert upstream.transactions == []
+    assert _upstream_errors(mg)["data"] - before["data"] == 1
+    assert "upstream failure stage=data detail=unsolicited input" in mg.logs()
+    r.close()
+
+
+def test_upstream_reply_text_is_made_safe_for_the_client(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """The client gets the upstream's own text, without control characters and in
+    lines of at most 512 octets (RFC 5321 4.5.3.1.5)."""
+    upstream.script(
+        mail="250 2.1.0 \x1b[31mred\x07\x00nul\rcr\x7fdel\u009bcsi\ttab",
+        rcpt={
+            "long@example.test": "550 5.1.1 " + "x" * 1000,
+            "multi@example.test": "452-4.2.2 " + "é" * 600 + "\n452 4.2.2 " + "y" * 700,
+        },
+    )
+    mg = mailgate()
+    r = _raw_session(mg)
+    reply = r.cmd("MAIL FROM:<a@example.org>")
+    assert reply.raw == b"250 2.1.0 ?[31mred??nul?cr?del?csi\ttab\r\n"
+    reply = r.cmd("RCPT TO:<long@example.test>")
+    assert reply.raw == b"550 5.1.1 " + b"x" * 500 + b"\r\n"
+    reply = r.cmd("RCPT TO:<multi@example.test>")
+    assert reply.code == 452
+    lines = reply.raw.split(b"\r\n")[:-1]
+    assert len(lines) == 2 and all(len(line) + 2 <= 512 for line in lines), lines
+    assert lines[0] == ("452-4.2.2 " + "é" * 250).encode()  # cut between characters
+    assert lines[1] == b"452 4.2.2 " + b"y" * 500
+    r.close()

@@ -19,6 +19,15 @@ Usage in an async test (same loop)::
 
 From a subprocess-based test: ``up.start_in_thread()`` ... ``up.stop()``.
 A reply starting with ``421`` closes the connection after it is sent, like Postfix.
+
+Misbehaving on purpose (a broken or hostile MTA):
+
+* ``Raw("250-a\\r\\n550 b\\r\\n")`` as a reply is sent byte for byte (mixed codes, bad syntax);
+* ``unsolicited={"data_end": "250 again"}`` sends a reply nobody asked for right after
+  that stage's own one, in the same write; at ``data_mid`` after the first DATA line
+  (before the dot). ``unsolicited_delay={"data_end": 0.2}`` sends it that much later;
+* ``stall={"data_mid": 1.0}`` stops reading for that long after the stage (the client's
+  sends then block once the socket buffers are full; ``rcvbuf`` makes those small).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -110,8 +120,14 @@ class _Dropped(Exception):
     """The script said to close the connection here."""
 
 
+class Raw(str):
+    """A reply sent exactly as written (CRLFs included): for replies no MTA should send."""
+
+
 def _format_reply(reply: str) -> bytes:
     """Multi-line replies may be given with '\\n'; continuation dashes are added here."""
+    if isinstance(reply, Raw):
+        return reply.encode("utf-8")
     lines = reply.split("\n")
     code = lines[0][:3]
     out = []
@@ -158,6 +174,10 @@ class ScriptedUpstream:
         delay: dict[str, float] | None = None,
         drop: Iterable[str] = (),
         bare_lf_ends_data: bool = False,
+        unsolicited: dict[str, str] | None = None,
+        unsolicited_delay: dict[str, float] | None = None,
+        stall: dict[str, float] | None = None,
+        rcvbuf: int | None = None,
         **stage_replies: str,
     ) -> None:
         self.host = host
@@ -175,9 +195,23 @@ class ScriptedUpstream:
         self.rcpt_replies: dict[str, str] = {}
         self.delays: dict[str, float] = {}
         self.drops: set[str] = set()
+        self.unsolicited: dict[str, str] = {}
+        self.unsolicited_delays: dict[str, float] = {}
+        self.stalls: dict[str, float] = {}
+        self.rcvbuf: int | None = None
+        self._late: set[asyncio.Task[None]] = set()
         self.bare_lf_ends_data = bare_lf_ends_data
         self.script(
-            replies=replies, rcpt=rcpt, delay=delay, drop=drop, extensions=None, **stage_replies
+            replies=replies,
+            rcpt=rcpt,
+            delay=delay,
+            drop=drop,
+            extensions=None,
+            unsolicited=unsolicited,
+            unsolicited_delay=unsolicited_delay,
+            stall=stall,
+            rcvbuf=rcvbuf,
+            **stage_replies,
         )
 
     # -- scripting -----------------------------------------------------------------------
@@ -189,11 +223,16 @@ class ScriptedUpstream:
         delay: dict[str, float] | None = None,
         drop: Iterable[str] = (),
         extensions: Iterable[str] | None = None,
+        unsolicited: dict[str, str] | None = None,
+        unsolicited_delay: dict[str, float] | None = None,
+        stall: dict[str, float] | None = None,
+        rcvbuf: int | None = None,
         **stage_replies: str,
     ) -> None:
         """Add to the script; stage keywords are reply overrides (``data_end="451 …"``)."""
         merged = {**(replies or {}), **stage_replies}
-        bad = (set(merged) | set(delay or {}) | set(drop)) - STAGES
+        staged: list[Iterable[str]] = [merged, delay or {}, drop, unsolicited or {}]
+        bad = set().union(*staged, unsolicited_delay or {}, stall or {}) - STAGES
         if bad:
             raise ValueError(f"unknown stage(s): {sorted(bad)}")
         with self._lock:
@@ -201,6 +240,11 @@ class ScriptedUpstream:
             self.rcpt_replies.update({k.lower(): v for k, v in (rcpt or {}).items()})
             self.delays.update(delay or {})
             self.drops.update(drop)
+            self.unsolicited.update(unsolicited or {})
+            self.unsolicited_delays.update(unsolicited_delay or {})
+            self.stalls.update(stall or {})
+            if rcvbuf is not None:
+                self.rcvbuf = rcvbuf
             if extensions is not None:
                 self.extensions = list(extensions)
 
@@ -211,6 +255,10 @@ class ScriptedUpstream:
             self.rcpt_replies.clear()
             self.delays.clear()
             self.drops.clear()
+            self.unsolicited.clear()
+            self.unsolicited_delays.clear()
+            self.stalls.clear()
+            self.rcvbuf = None
             self.extensions = list(DEFAULT_EXTENSIONS)
             self.bare_lf_ends_data = False
 
@@ -362,14 +410,55 @@ class ScriptedUpstream:
             await asyncio.sleep(delay)
         if drop:
             raise _Dropped(stage)
-        w.write(_format_reply(reply))
+        extra, extra_delay, stall = self._misbehaviour(stage)
+        out = _format_reply(reply)
+        if extra is not None and not extra_delay:
+            out += _format_reply(extra)  # one write: it arrives together with the reply
+        w.write(out)
         await w.drain()
         if reply.startswith("421"):
             raise _Dropped(stage)
+        await self._after(w, extra if extra_delay else None, extra_delay, stall)
         return reply
+
+    def _misbehaviour(self, stage: str) -> tuple[str | None, float, float]:
+        """(unsolicited reply, its delay, stall) scripted for a stage."""
+        with self._lock:
+            return (
+                self.unsolicited.get(stage),
+                self.unsolicited_delays.get(stage, 0.0),
+                self.stalls.get(stage, 0.0),
+            )
+
+    async def _after(
+        self, w: asyncio.StreamWriter, late: str | None, late_delay: float, stall: float
+    ) -> None:
+        """Schedule a late unsolicited reply; stop reading for ``stall`` seconds."""
+        if late is not None:
+            task = asyncio.get_running_loop().create_task(self._send_late(w, late, late_delay))
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+        if stall:
+            transport = w.transport
+            assert isinstance(transport, asyncio.Transport)  # a socket's: reads and writes
+            transport.pause_reading()
+            try:
+                await asyncio.sleep(stall)
+            finally:
+                if not transport.is_closing():
+                    transport.resume_reading()
+
+    async def _send_late(self, w: asyncio.StreamWriter, reply: str, after: float) -> None:
+        await asyncio.sleep(after)
+        if not w.is_closing():
+            w.write(_format_reply(reply))
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self._writers.add(w)
+        with self._lock:
+            rcvbuf = self.rcvbuf
+        if rcvbuf:
+            w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         peer = w.get_extra_info("peername") or ("?", 0)
         sess = Session(id=next(_ids), peer=(peer[0], peer[1]))
         with self._lock:
@@ -465,7 +554,7 @@ class ScriptedUpstream:
                 reply = await self._send(w, "data", "354 End data with <CR><LF>.<CR><LF>")
                 if not reply.startswith("3"):
                     continue
-                data = await self._read_data(r)
+                data = await self._read_data(r, w)
                 qid = f"{next(_ids):05X}{time.monotonic_ns() % 0xFFFFF:05X}"
                 reply = self._peek("data_end", f"250 2.0.0 Ok: queued as {qid}")
                 with self._lock:
@@ -506,7 +595,9 @@ class ScriptedUpstream:
         with self._lock:
             return self.replies.get(stage, default)
 
-    async def _read_data(self, r: asyncio.StreamReader) -> bytes:
+    async def _read_data(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter | None = None
+    ) -> bytes:
         """Read DATA up to CRLF.CRLF (or also LF.LF when emulating a lax server)."""
         chunks: list[bytes] = []
         prev_ended_crlf = True  # the DATA command line ended the previous line
@@ -521,6 +612,12 @@ class ScriptedUpstream:
                     drop_mid = "data_mid" in self.drops
                 if drop_mid:
                     raise _Dropped("data_mid")
+                if w is not None:  # an early reply, before the dot
+                    extra, extra_delay, stall = self._misbehaviour("data_mid")
+                    if extra is not None and not extra_delay:
+                        w.write(_format_reply(extra))
+                        await w.drain()
+                    await self._after(w, extra if extra_delay else None, extra_delay, stall)
             if line == b".\r\n" and prev_ended_crlf:
                 break
             if self.bare_lf_ends_data and line in (b".\n", b".\r\n"):

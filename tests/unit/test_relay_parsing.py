@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from filter.relay import UpstreamCapabilities, parse_reply
+from filter.relay import REPLY_LINE_OCTETS, UpstreamCapabilities, parse_reply, printable
 from filter.replies import Reply
 
 
@@ -42,6 +42,56 @@ from filter.replies import Reply
 )
 def test_parse_reply(lines: list[bytes], expected: Reply) -> None:
     assert parse_reply(lines) == expected
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        # Terminal escapes, BEL, NUL, a bare CR: each becomes "?"; the rest is kept.
+        (
+            [b"250 2.1.0 \x1b[31mred\x07\x00nul\rcr\r\n"],
+            Reply(250, "2.1.0", "?[31mred??nul?cr"),
+        ),
+        (
+            [b"550 5.7.1 del\x7f c1\xc2\x9b\xc2\x85 ls\xe2\x80\xa8\r\n"],
+            Reply(550, "5.7.1", "del? c1?? ls?"),
+        ),
+        ([b"250 tab\tkept\r\n"], Reply(250, "", "tab\tkept")),  # HT is reply text (RFC 5321 4.2)
+        ([b"250-\x1b[2Jfirst\r\n", b"250 se\x00cond\r\n"], Reply(250, "", "?[2Jfirst\nse?cond")),
+        ([b"250 2.0.0 caf\xc3\xa9\r\n"], Reply(250, "2.0.0", "café")),
+    ],
+)
+def test_parse_reply_replaces_control_characters(lines: list[bytes], expected: Reply) -> None:
+    assert parse_reply(lines) == expected
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b"550 5.1.1 " + b"x" * 3000 + b"\r\n"],
+        [b"550 " + b"x" * 3000 + b"\r\n"],
+        [b"451-4.3.0 " + "é".encode() * 1000 + b"\r\n", b"451 4.3.0 " + b"y" * 700 + b"\r\n"],
+        [b"250-" + "\U0001f600".encode() * 300 + b"\r\n", b"250 ok\r\n"],
+        [b"250 " + b"\xff" * 400 + b"\r\n"],  # each invalid byte grows to U+FFFD (3 octets)
+    ],
+)
+def test_parsed_reply_lines_fit_512_octets_on_the_wire(lines: list[bytes]) -> None:
+    """RFC 5321 4.5.3.1.5: code, text and CRLF in 512 octets, cut between characters."""
+    reply = parse_reply(lines)
+    wire = reply.to_bytes().split(b"\r\n")[:-1]
+    assert len(wire) == len(lines)
+    for out, original in zip(wire, lines, strict=True):
+        assert len(out) + 2 <= REPLY_LINE_OCTETS
+        out.decode("utf-8")  # never half a character
+        assert out[:4] == original[:4]
+    assert len(wire[0]) + 2 >= REPLY_LINE_OCTETS - 3  # cut, not dropped: as much as fits
+
+
+def test_printable_keeps_short_text_and_cuts_long_text_at_a_character() -> None:
+    assert printable("ok", 10) == "ok"
+    assert printable("é" * 5, 10) == "é" * 5
+    assert printable("é" * 6, 11) == "é" * 5
+    assert printable("a\x1bb", 10) == "a?b"
 
 
 def test_parse_reply_round_trips_our_own_wire_form() -> None:
