@@ -44,6 +44,16 @@ def _connect(port: int) -> socket.socket:
     return sock
 
 
+def _half_close(port: int, sent: bytes) -> list[str]:
+    """Send ``sent``, shut our sending side, read to EOF: the replies' codes."""
+    sock = _connect(port)
+    sock.sendall(sent)
+    sock.shutdown(socket.SHUT_WR)
+    codes = _codes(_read_until_eof(sock))
+    sock.close()
+    return codes
+
+
 # -- half-close: the client shuts down its sending side after its last command ---------------
 def test_half_closed_client_gets_every_reply_and_the_message_once(
     mailgate: StartMailgate, upstream: ScriptedUpstream
@@ -53,14 +63,11 @@ def test_half_closed_client_gets_every_reply_and_the_message_once(
     Without the 250 the sender retries a message that was delivered: a duplicate.
     """
     mg = mailgate()
-    sock = _connect(mg.smtp_port)
-    sock.sendall(
+    codes = _half_close(
+        mg.smtp_port,
         b"EHLO client.example.org\r\nMAIL FROM:<alice@example.org>\r\n"
-        b"RCPT TO:<bob@example.test>\r\nDATA\r\n" + message() + b".\r\nQUIT\r\n"
+        b"RCPT TO:<bob@example.test>\r\nDATA\r\n" + message() + b".\r\nQUIT\r\n",
     )
-    sock.shutdown(socket.SHUT_WR)
-    codes = _codes(_read_until_eof(sock))
-    sock.close()
     assert [c[:3] for c in codes] == ["250", "250", "250", "354", "250", "221"], codes
     assert codes[-1] == "221 2.0.0", codes
     assert len(upstream.wait_for_transactions(1)) == 1
@@ -69,22 +76,14 @@ def test_half_closed_client_gets_every_reply_and_the_message_once(
 def test_half_closed_client_gets_replies_to_simple_commands(mailgate: StartMailgate) -> None:
     """EHLO, NOOP, QUIT, SHUT_WR: 250, 250, 221 (RFC 5321 4.1.1.10), then close."""
     mg = mailgate()
-    sock = _connect(mg.smtp_port)
-    sock.sendall(b"EHLO client.example.org\r\nNOOP\r\nQUIT\r\n")
-    sock.shutdown(socket.SHUT_WR)
-    codes = _codes(_read_until_eof(sock))
-    sock.close()
+    codes = _half_close(mg.smtp_port, b"EHLO client.example.org\r\nNOOP\r\nQUIT\r\n")
     assert [c[:3] for c in codes] == ["250", "250", "221"], codes
 
 
 def test_half_closed_client_without_quit_gets_its_replies(mailgate: StartMailgate) -> None:
     """No QUIT before the EOF: the replies still go out, then mailgate closes."""
     mg = mailgate()
-    sock = _connect(mg.smtp_port)
-    sock.sendall(b"EHLO client.example.org\r\nNOOP\r\n")
-    sock.shutdown(socket.SHUT_WR)
-    codes = _codes(_read_until_eof(sock))
-    sock.close()
+    codes = _half_close(mg.smtp_port, b"EHLO client.example.org\r\nNOOP\r\n")
     assert [c[:3] for c in codes] == ["250", "250"], codes
 
 
@@ -93,14 +92,11 @@ def test_half_close_inside_data_delivers_nothing(
 ) -> None:
     """EOF before the final dot abandons the transaction, as a disconnect does."""
     mg = mailgate()
-    sock = _connect(mg.smtp_port)
-    sock.sendall(
+    codes = _half_close(
+        mg.smtp_port,
         b"EHLO client.example.org\r\nMAIL FROM:<alice@example.org>\r\n"
-        b"RCPT TO:<bob@example.test>\r\nDATA\r\n" + message() + b"QUIT\r\n"
+        b"RCPT TO:<bob@example.test>\r\nDATA\r\n" + message() + b"QUIT\r\n",
     )
-    sock.shutdown(socket.SHUT_WR)
-    codes = _codes(_read_until_eof(sock))
-    sock.close()
     assert [c[:3] for c in codes] == ["250", "250", "250", "354"], codes
     time.sleep(0.5)
     assert upstream.transactions == []
