@@ -367,6 +367,9 @@ class ScriptedUpstream:
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self.aclose())
+            # Conversations still running (a stalled script, a client that never left)
+            # end here, not as "Task was destroyed but it is pending" at interpreter exit.
+            loop.run_until_complete(_cancel_the_rest())
             loop.close()
 
         self._thread = threading.Thread(target=run, name="scripted-upstream", daemon=True)
@@ -625,3 +628,12 @@ class ScriptedUpstream:
             chunks.append(line)
             prev_ended_crlf = line.endswith(b"\r\n")
         return b"".join(chunks)
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel every other task of the running loop and wait until they have ended."""
+    me = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not me]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
