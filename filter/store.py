@@ -40,7 +40,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -53,6 +52,7 @@ from filter.greylist import AllowTarget, Triplet, allow_argument
 from filter.metrics import Metrics
 from filter.policy.schema import GreylistPolicy, RedisPolicy
 from filter.redisscripts import ConnectParams, ScriptRunner
+from filter.storeurl import StoreURL, parse_store_url
 
 __all__ = [
     "KEYS",
@@ -364,93 +364,6 @@ class GreylistOutcome:
 
 
 # --- URLs -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoreURL:
-    """``redis.url`` taken apart: which client to build and with what."""
-
-    mode: str  # "standalone" | "sentinel" | "cluster"
-    url: str  # the URL as given (standalone: handed to redis-py as is)
-    hosts: tuple[tuple[str, int], ...] = ()
-    service: str = ""
-    db: int = 0
-    tls: bool = False
-    username: str | None = None
-    password: str | None = None
-    sentinel_password: str | None = None
-
-
-_SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
-_CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
-
-
-def _hosts(netloc_hosts: str, default_port: int) -> tuple[tuple[str, int], ...]:
-    """``h1:1,[::1]:2,h3`` -> ((h1, 1), (::1, 2), (h3, default_port))."""
-    out: list[tuple[str, int]] = []
-    for item in netloc_hosts.split(","):
-        item = item.strip()
-        if not item:
-            raise ValueError("empty host in the host list")
-        if item.startswith("["):
-            host, _, rest = item[1:].partition("]")
-            port_text = rest.removeprefix(":")
-        elif item.count(":") == 1:
-            host, _, port_text = item.partition(":")
-        else:
-            host, port_text = item, ""
-        port = int(port_text) if port_text else default_port
-        if not host or not 0 < port < 65536:
-            raise ValueError(f"bad host {item!r}")
-        out.append((host, port))
-    return tuple(out)
-
-
-def parse_store_url(url: str) -> StoreURL:
-    """Split ``redis.url`` into a :class:`StoreURL` (ValueError when it makes no sense).
-
-    Standalone URLs are left to redis-py's own parser; Sentinel and Cluster URLs
-    have no standard form in redis-py, so the forms in this module's docstring are
-    parsed here. Host lists are split by hand: ``urlsplit`` cannot take
-    ``h1:1,h2:2`` apart.
-    """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme in ("redis", "rediss", "unix"):
-        return StoreURL("standalone", url)
-    if scheme not in _SENTINEL_SCHEMES and scheme not in _CLUSTER_SCHEMES:
-        raise ValueError(f"unsupported scheme {parts.scheme!r}")
-    userinfo, at, hostlist = parts.netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, pw = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(pw) if colon else None
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    if scheme in _CLUSTER_SCHEMES:
-        return StoreURL(
-            "cluster",
-            url,
-            _hosts(hostlist, 6379),
-            tls=_CLUSTER_SCHEMES[scheme],
-            username=username,
-            password=password,
-        )
-    path = [p for p in parts.path.split("/") if p]
-    if not path:
-        raise ValueError("redis+sentinel:// needs the service name as the path")
-    db = int(path[1]) if len(path) > 1 else int(query.get("db", "0"))
-    return StoreURL(
-        "sentinel",
-        url,
-        _hosts(hostlist, 26379),
-        service=unquote(path[0]),
-        db=db,
-        tls=_SENTINEL_SCHEMES[scheme],
-        username=username,
-        password=password,
-        sentinel_password=query.get("sentinel_password"),
-    )
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):

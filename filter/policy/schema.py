@@ -30,6 +30,7 @@ from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from filter.dnsbl import derived_tag, is_listing_code
+from filter.storeurl import url_problem
 from filter.units import (
     Address,
     Network,
@@ -611,6 +612,13 @@ class RedisPolicy:
         "mailgate:", lambda s: not re.search(r"\s", s), "a prefix without spaces"
     )
     on_error: str = choice("accept", "accept", "tempfail")
+
+    def problems(self) -> Iterable[Problem]:
+        # The shape is the field's own check; this asks what redis-py will make of it.
+        if _is_redis_url(self.url):
+            problem = url_problem(self.url)
+            if problem is not None:
+                yield "url", problem
 
 
 @dataclass(frozen=True)

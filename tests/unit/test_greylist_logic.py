@@ -216,7 +216,15 @@ def test_store_urls(url: str, mode: str, hosts: tuple[Any, ...], extra: dict[str
 
 
 @pytest.mark.parametrize(
-    "url", ["redis+sentinel://s1:26379", "redis+cluster://n1:notaport", "http://x"]
+    "url",
+    [
+        "redis+sentinel://s1:26379",
+        "redis+cluster://n1:notaport",
+        "redis+cluster://n1:70000",
+        "redis+sentinel://s1/svc/1/2",
+        "redis+sentinel://s1/svc?socket_timeout=1",
+        "http://x",
+    ],
 )
 def test_bad_store_urls(url: str) -> None:
     with pytest.raises(ValueError):

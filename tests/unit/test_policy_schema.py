@@ -188,6 +188,13 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"dns": {"timeout": "2m"}}, "dns.timeout", "must be at most 1m"),
     ({"redis": {"url": "http://x"}}, "redis.url", "expected a redis://"),
     ({"redis": {"url": ""}}, "redis.url", "must not be empty"),
+    # Shapes redis-py takes but cannot use: serve crashed at start, or a reload left a
+    # store that failed every call (greylisting silently off).
+    ({"redis": {"url": "redis://127.0.0.1:99999/0"}}, "redis.url", "port out of range"),
+    ({"redis": {"url": "redis://r:6379/0?sockettimeout=5"}}, "redis.url", "'sockettimeout'"),
+    ({"redis": {"url": "redis://r:6379/xx"}}, "redis.url", "'xx' is not a number"),
+    ({"redis": {"url": "redis+cluster://n1:7000?x=1"}}, "redis.url", "unknown option 'x'"),
+    ({"redis": {"url": "redis+sentinel://s1/m/x"}}, "redis.url", "'x' is not a number"),
     ({"redis": {"on_error": "reject"}}, "redis.on_error", 'expected one of "accept", "tempfail"'),
     ({"auth": {"authserv_id": "a; b"}}, "auth.authserv_id", "expected a token"),
     ({"actions": {"reject": "high"}}, "actions.reject", 'expected a number, got "high"'),
