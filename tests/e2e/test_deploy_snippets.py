@@ -142,6 +142,37 @@ def test_front_mode_delivers_with_the_deploy_files(
         mg.stop()
 
 
+def test_front_mode_passes_ipv6_clients_on(
+    tmp_path: Path, front_postfix: PostfixInstance, dns_server: ZoneDNSServer
+) -> None:
+    """An IPv6 client reaches Postfix as XCLIENT ADDR=IPV6:... (which a Postfix with
+    inet_protocols = ipv4 refuses, as front-main.cf warns)."""
+    if not front_postfix.ipv6:
+        pytest.fail("this machine has no IPv6 loopback: the IPv6 path cannot be tested")
+    front_postfix.clear_mail()
+    mg_port = free_port()
+    dropin = substituted(
+        DEPLOY / "mailgate/10-front.toml",
+        [
+            (r'"0\.0\.0\.0:25", "\[::\]:25"', f'"127.0.0.1:{mg_port}", "[::1]:{mg_port}"'),
+            (r"127\.0\.0\.1:10025\b", f"127.0.0.1:{front_postfix.listen_port}"),
+        ],
+    )
+    mg = _mailgate(tmp_path, dropin, mg_port, dns_server).start()
+    try:
+        with smtp_client("::1", mg_port, source_ip="::1") as c:
+            c.ehlo("mail.sender.example")
+            c.mail("alice@example.org")
+            c.rcpt("bob@example.test")
+            code, text = c.data(message("deploy front v6"))
+        assert code == 250 and re.search(rb"queued as [A-Z0-9]+", text), text
+        [msg] = front_postfix.wait_for_messages("bob", 1)
+        assert b"Subject: deploy front v6" in msg
+        assert re.search(r"client=unknown\[::1\]", front_postfix.maillog())
+    finally:
+        mg.stop()
+
+
 # -- filter mode ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def filter_postfix() -> Iterator[PostfixInstance]:
