@@ -159,6 +159,9 @@ def _spf(domain: str, res: dict[str, Any], problems: list[dict[str, str]]) -> di
                 "check the spelling; a domain that sends mail needs to exist",
             )
             return view
+        if _lookup_failed(error):
+            _problem(problems, "error", "spf", f"SPF lookup failed: {error}", _ANSWER_ADVICE)
+            return view
         _problem(
             problems,
             "error",
@@ -233,6 +236,10 @@ def _dmarc(domain: str, res: dict[str, Any], problems: list[dict[str, str]]) -> 
         "warnings": list(res.get("warnings") or []),
     }
     if view["record"] is None:
+        error = str(res.get("error") or "")
+        if _lookup_failed(error):
+            _problem(problems, "error", "dmarc", f"DMARC lookup failed: {error}", _ANSWER_ADVICE)
+            return view
         _problem(
             problems,
             "error",
@@ -289,6 +296,22 @@ def _dmarc(domain: str, res: dict[str, Any], problems: list[dict[str, str]]) -> 
     return view
 
 
+# dnspython's words for "no answer" (LifetimeTimeout, NoNameservers: a timeout, SERVFAIL
+# or REFUSED from every server). checkdmarc passes only the text of the error on, and
+# reports these as "record not found": an audit must not advise publishing a record
+# that may well exist.
+_LOOKUP_FAILURES = ("The resolution lifetime expired", "All nameservers failed to answer")
+_ANSWER_ADVICE = (
+    "check that the domain's name servers answer (and that mailgate's dns.nameservers "
+    "reach them), then run the audit again"
+)
+
+
+def _lookup_failed(error: str) -> bool:
+    """True when checkdmarc's error is a failed lookup rather than an answer."""
+    return any(words in error for words in _LOOKUP_FAILURES)
+
+
 def _has_tag(record: str, tag: str) -> bool:
     return any(part.split("=", 1)[0].strip().lower() == tag for part in record.split(";"))
 
@@ -313,7 +336,7 @@ def _mx(domain: str, res: dict[str, Any], problems: list[dict[str, str]]) -> dic
             "error",
             "mx",
             f"MX lookup failed: {res.get('error')}",
-            "check that the domain's name servers answer",
+            _ANSWER_ADVICE,
         )
     elif null_mx:
         pass  # a deliberate "no mail here" (RFC 7505): not a problem to fix

@@ -374,6 +374,23 @@ def test_domain_missing_records_and_too_many_lookups(config: Path, dns_zone: Zon
     assert any(p["problem"].startswith("too many DNS lookups: 11 > 10") for p in data["problems"])
 
 
+def test_domain_dns_failure_is_not_a_missing_record(config: Path, dns_zone: ZoneDNSServer) -> None:
+    """A SERVFAIL is a failed lookup, not "no SPF record" with advice to publish one."""
+    dns_zone.add("flaky.test", "TXT", txt("v=spf1 mx -all"))
+    dns_zone.add("_dmarc.flaky.test", "TXT", txt("v=DMARC1; p=reject"))
+    dns_zone.set_name_mode("flaky.test", "servfail")
+    dns_zone.set_name_mode("_dmarc.flaky.test", "servfail")
+    r = mailgate("domain", "flaky.test", "--json", "--config", str(config))
+    assert r.returncode == 1, r.stdout + r.stderr
+    data = json.loads(r.stdout)
+    by_area = {p["area"]: p for p in data["problems"]}
+    assert by_area["spf"]["problem"].startswith("SPF lookup failed: ")
+    assert by_area["dmarc"]["problem"].startswith("DMARC lookup failed: ")
+    assert by_area["mx"]["problem"].startswith("MX lookup failed: ")
+    assert not any("publish" in p["advice"] for p in data["problems"]), data["problems"]
+    assert all("name servers answer" in p["advice"] for p in data["problems"])
+
+
 def test_domain_bad_input_and_nonexistent(config: Path) -> None:
     r = mailgate("domain", "not a domain", "--config", str(config))
     assert r.returncode == 2 and "not a domain name" in r.stderr
