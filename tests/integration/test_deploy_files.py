@@ -204,6 +204,13 @@ def test_dashboard_shows_what_an_operator_needs() -> None:
     for p in panels:
         assert p["targets"] and all(t["expr"].strip() for t in p["targets"]), p["title"]
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        # The instance picker filters every query (a panel without it shows the fleet).
+        for t in p["targets"]:
+            for selector in re.findall(r"\bmailgate_\w+(\{[^}]*\})?", t["expr"]):
+                assert 'instance=~"$instance"' in selector, (p["title"], t["expr"])
+    # Inputs nobody refers to make Grafana's import ask for them anyway.
+    for item in dash.get("__inputs", []):
+        assert "${" + item["name"] + "}" in DASHBOARD.read_text(), item["name"]
     used = " ".join(dashboard_exprs())
     for series in (
         "mailgate_messages_total",
