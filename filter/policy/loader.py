@@ -52,12 +52,14 @@ class LoadedPolicy:
 
 
 def default_config_path() -> Path:
-    """``$MAILGATE_CONFIG``, else ``policies/mailgate.toml`` under the CWD, else the checkout's."""
+    """``$MAILGATE_CONFIG``, else ``policies/mailgate.toml`` under the CWD, else the
+    checkout's when mailgate runs from one (an installed package has none beside it:
+    then the relative path, so a missing file is reported as the contract names it)."""
     env = os.environ.get(CONFIG_ENV)
     if env:
         return Path(env)
     local = Path("policies") / "mailgate.toml"
-    if local.is_file():
+    if local.is_file() or not _REPO_POLICY.is_file():
         return local
     return _REPO_POLICY
 
@@ -76,7 +78,10 @@ def _read_toml(path: Path, issues: list[PolicyIssue]) -> dict[str, Any] | None:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except OSError as exc:
-        issues.append(PolicyIssue(str(path), "-", f"cannot read: {exc.strerror or exc}"))
+        message = f"cannot read: {exc.strerror or exc}"
+        if isinstance(exc, FileNotFoundError):
+            message += f" (give --config FILE or set ${CONFIG_ENV})"
+        issues.append(PolicyIssue(str(path), "-", message))
     except tomllib.TOMLDecodeError as exc:
         issues.append(PolicyIssue(str(path), "-", f"TOML syntax error: {exc}"))
     except UnicodeDecodeError as exc:

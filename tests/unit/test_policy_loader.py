@@ -16,6 +16,7 @@ from filter.policy import (
     build_policy,
     default_config_path,
     load_policy,
+    loader,
     render_toml,
 )
 from filter.policy.loader import merge_into, origin_of
@@ -223,6 +224,21 @@ def test_default_config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert default_config_path() == SHIPPED
     _write(tmp_path / "policies" / "mailgate.toml", "")
     assert default_config_path() == Path("policies/mailgate.toml")
+
+
+def test_default_config_path_of_an_installed_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No checkout beside the package (a wheel in site-packages): the contract's
+    relative path, and a missing file says how to name one."""
+    monkeypatch.delenv("MAILGATE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loader, "_REPO_POLICY", tmp_path / "site-packages/policies/x.toml")
+    assert default_config_path() == Path("policies/mailgate.toml")
+    with pytest.raises(PolicyError) as info:
+        load_policy(default_config_path())
+    assert str(info.value).startswith("policies/mailgate.toml: -: cannot read: No such file")
+    assert "--config FILE or set $MAILGATE_CONFIG" in str(info.value)
 
 
 # --- rendering ----------------------------------------------------------------------
