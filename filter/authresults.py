@@ -57,8 +57,15 @@ def build(results: Mapping[str, CheckResult], authserv_id: str) -> bytes:
                 for tag in ("d", "s", "b")
                 if sig.get(tag)
             ]
+            # A key in testing mode (t=y) keeps its clause for the signer's tracking, but
+            # the check scored it as unsigned (RFC 6376 3.6.1); the comment says why.
+            comment = "key in testing mode" if sig.get("testing") is True else None
             out.append(
-                DKIMAuthenticationResult(result=sig.get("result", dkim.result), properties=props)
+                DKIMAuthenticationResult(
+                    result=sig.get("result", dkim.result),
+                    result_comment=comment,
+                    properties=props,
+                )
             )
     dmarc = results.get("dmarc")
     if dmarc is not None:
@@ -66,8 +73,12 @@ def build(results: Mapping[str, CheckResult], authserv_id: str) -> bytes:
         props = []  # header.from first, as the contract shows it
         if d.get("from_domain"):
             props.append(AuthenticationResultProperty("header", "from", _p(d, "from_domain")))
-        if d.get("policy"):
-            props.append(AuthenticationResultProperty("policy", "dmarc", pvalue(str(d["policy"]))))
+        # policy.dmarc is the policy applied after sp/np and t=y or pct (RFC 7489 11.2:
+        # "after policy options including pct: and sp: have been processed"): the
+        # check's "requested", not the published "policy".
+        applied = d.get("requested")
+        if applied:
+            props.append(AuthenticationResultProperty("policy", "dmarc", pvalue(str(applied))))
         out.append(DMARCAuthenticationResult(result=dmarc.result, properties=props))
     arc = results.get("arc")
     if arc is not None:

@@ -9,7 +9,9 @@ the set they sign does not validate. Results:
 - ``none``: no ARC header fields at all.
 - ``pass``: dkimpy validated every set and the chain's cv= values.
 - ``fail``: anything else, including a chain an earlier sealer already marked
-  cv=fail (dkimpy returns "no result" for that; RFC 8617 5.2 makes it fail).
+  cv=fail (dkimpy returns "no result" for that; RFC 8617 5.2 makes it fail) and
+  any ARC field whose instance is missing or outside 1..50 (RFC 8617 4.2.1; dkimpy
+  enforces the limit only when sealing, and skips fields without a usable i=).
 - ``temperror``: a key lookup timed out or failed temporarily. ``data["cv"]`` is
   then "fail" (the chain could not be validated) but the word says it may validate
   later; do not seal such a message (see ``seal``).
@@ -68,6 +70,14 @@ __all__ = [
 OFFLOAD_BYTES = 256 * 1024
 
 _ARC_FIELDS = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
+_ARC_NAMES = {
+    b"arc-seal": "ARC-Seal",
+    b"arc-message-signature": "ARC-Message-Signature",
+    b"arc-authentication-results": "ARC-Authentication-Results",
+}
+
+#: RFC 8617 4.2.1: instance tags run from 1 to 50.
+MAX_INSTANCE = 50
 
 
 class ARCSealError(Exception):
@@ -76,10 +86,17 @@ class ARCSealError(Exception):
 
 # -- verification ------------------------------------------------------------------------
 _ARC_LINE = re.compile(rb"(?:^|\n)arc-", re.IGNORECASE)
+# RFC 8617 4.1.1: an ARC-Authentication-Results value starts "i=<instance>;", then an
+# A-R payload that is no tag-list. The value runs to the ";" or a comment.
+_AAR_INSTANCE = re.compile(rb"\s*i\s*=([^;(]*)")
 
 
 def arc_headers(header_block: bytes) -> list[tuple[bytes, dict[str, bytes]]]:
-    """(lower-case name, tags) of every ARC field; unparsable ones get empty tags."""
+    """(lower-case name, tags) of every ARC field; unparsable ones get empty tags.
+
+    An ARC-Authentication-Results field gets only its ``i`` tag: the rest of it is an
+    Authentication-Results payload, not a tag-list.
+    """
     if _ARC_LINE.search(header_block) is None:
         return []  # most mail has no ARC set: no line starts with "ARC-", nothing to parse
     headers, _ = dkim.rfc822_parse(header_block + b"\r\n")
@@ -88,17 +105,44 @@ def arc_headers(header_block: bytes) -> list[tuple[bytes, dict[str, bytes]]]:
         lname = bytes(name).lower()
         if lname not in _ARC_FIELDS:
             continue
-        try:
-            tags = parse_tags(bytes(value))
-        except TagListError:
-            tags = {}
+        tags: dict[str, bytes]
+        if lname == b"arc-authentication-results":
+            m = _AAR_INSTANCE.match(bytes(value))
+            tags = {"i": m.group(1).strip()} if m else {}
+        else:
+            try:
+                tags = parse_tags(bytes(value))
+            except TagListError:
+                tags = {}
         out.append((lname, tags))
     return out
 
 
-def _instance(tags: Mapping[str, bytes]) -> int:
+def _instance(tags: Mapping[str, bytes]) -> int | None:
+    """The field's i= if it is a valid instance (RFC 8617 4.2.1: 1 to 50), else None."""
     value = tags.get("i", b"").strip()
-    return int(value) if value.isdigit() else 0
+    digits = value.lstrip(b"0")
+    if not value.isdigit() or len(digits) > 2:  # also keeps int() off huge numbers
+        return None
+    i = int(digits or b"0")
+    return i if 1 <= i <= MAX_INSTANCE else None
+
+
+def _bad_instance(fields: list[tuple[bytes, dict[str, bytes]]]) -> str | None:
+    """Why the chain fails before any crypto: a field without a valid instance.
+
+    RFC 8617 4.2.1 limits i= to 1..50 and 5.2 makes an invalid ARC set a failed
+    chain. dkimpy checks the limit only when sealing, and silently skips fields
+    whose i= it cannot read (so i=0 everywhere read as "not ARC signed", none).
+    """
+    for name, tags in fields:
+        if _instance(tags) is None:
+            shown = tags.get("i", b"").strip()[:12].decode("ascii", "replace")
+            what = f"i={shown}" if "i" in tags else "no i= tag"
+            return (
+                f"{_ARC_NAMES[name]} has {what}; instances are 1 to {MAX_INSTANCE} (RFC 8617 4.2.1)"
+            )
+    return None
 
 
 def _key_veto(min_bits: int, refused: list[str]) -> Callable[[bytes, bytes], str | None]:
@@ -182,10 +226,13 @@ class ARCCheck:
             return self._result(ctx, "fail", "", 0, f"header does not parse: {e!s:.100}", start)
         if not fields:
             return self._result(ctx, "none", "", 0, "no ARC header fields", start)
+        bad = _bad_instance(fields)
+        if bad is not None:  # RFC 8617 5.2: the chain fails; no DNS, no crypto needed
+            return self._result(ctx, "fail", "", 0, bad, start)
         seals = [tags for name, tags in fields if name == b"arc-seal"]
         instance, sealer = 0, ""
         for tags in seals:
-            i = _instance(tags)
+            i = _instance(tags) or 0
             if i > instance:
                 instance = i
                 sealer = tags.get("d", b"").decode("utf-8", "replace").strip().lower()

@@ -12,7 +12,9 @@ open is decided here, before it runs, from the parsed signature and key record:
 - ``x=`` in the past: permerror "signature expired" (RFC 6376 6.1.1 lists it with the
   other PERMFAIL reasons found before any crypto; a signature the signer declared
   dead is not a *bad* signature, so not "fail"). Checked against ``ctx.clock``
-  without dkimpy's 10 hour grace.
+  without dkimpy's 10 hour grace. ``x=`` not later than ``t=``: permerror (3.5).
+- ``l=`` larger than the canonicalised body: permerror (RFC 6376 3.5 "MUST NOT be
+  larger"; dkimpy hashes the whole body then). Measured only for signatures with l=.
 - no key (NXDOMAIN/NODATA) or a revoked key (empty p=): permerror (RFC 6376 6.1.2).
 - a DNS timeout or SERVFAIL on the key: temperror, never "fail".
 - bad signature or body hash mismatch: fail.
@@ -23,8 +25,12 @@ worker thread above ``OFFLOAD_BYTES`` (body canonicalisation is pure Python and 
 1 MB body costs tens of milliseconds per signature).
 
 The overall word: pass if any signature passes, else temperror if any, else fail if
-any, else permerror; none without signatures. ``data["signatures"]`` lists every
-verified signature for the Authentication-Results header and for DMARC alignment.
+any, else permerror; none without signatures. Signatures whose key is in testing
+mode (``t=y``) do not count: RFC 6376 3.6.1 says to treat such mail like unsigned
+mail, "even should the signature fail to verify", so they leave the word and the
+symbol alone (``none`` when they are all there is). ``data["signatures"]`` lists every
+verified signature, testing ones marked ``testing``, for the Authentication-Results
+header and for DMARC alignment (which skips testing ones too).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import dkim
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
 from filter.checks import Context
 from filter.dkimkeys import (
@@ -167,9 +174,19 @@ def _describe(index: int, value: bytes) -> SignatureResult:
         tags=tags,
         index=index,
     )
-    if tags.get("l", b"").strip().isdigit():  # a bad l= is reported by check_signature_tags
+    if _decimal(tags.get("l", b""), _MAX_DIGITS["l"]):  # a bad l= is check_signature_tags'
         res.l = int(tags["l"])
     return res
+
+
+# RFC 6376 3.5: l= is 1*76DIGIT, t= and x= 1*12DIGIT. Longer values are malformed, and
+# int() refuses over 4,300 digits (a ValueError that made the whole check a temperror).
+_MAX_DIGITS = {"l": 76, "t": 12, "x": 12}
+
+
+def _decimal(value: bytes, max_digits: int) -> bool:
+    digits = value.strip()
+    return digits.isdigit() and len(digits) <= max_digits
 
 
 def check_signature_tags(tags: Mapping[str, bytes], now: float) -> str | None:
@@ -194,15 +211,13 @@ def check_signature_tags(tags: Mapping[str, bytes], now: float) -> str | None:
         idom = _identity_domain(tags["i"])
         if not (idom == d or idom.endswith(b"." + d)):
             return "i= domain is not d= or a subdomain of it"
-    if "l" in tags and not tags["l"].strip().isdigit():
-        return "l= is not a decimal number"
-    for tag in ("t", "x"):
-        if tag in tags and not tags[tag].strip().isdigit():
-            return f"{tag}= is not a decimal number"
+    for tag in ("l", "t", "x"):
+        if tag in tags and not _decimal(tags[tag], _MAX_DIGITS[tag]):
+            return f"{tag}= is not a decimal number of at most {_MAX_DIGITS[tag]} digits"
     if "x" in tags:
         expires = int(tags["x"])
-        if "t" in tags and expires < int(tags["t"]):
-            return "x= is earlier than t="
+        if "t" in tags and expires <= int(tags["t"]):  # RFC 6376 3.5: x= MUST be greater
+            return "x= is not later than t="
         if expires < now:
             return "signature expired (x= is past)"
     return None
@@ -229,12 +244,38 @@ def check_key(tags: Mapping[str, bytes], key: KeyRecord, min_bits: int) -> str |
 
 
 def overall_result(results: Sequence[SignatureResult]) -> str:
-    """pass > temperror > fail > permerror; none without signatures (see module doc)."""
-    words = {r.result for r in results}
+    """pass > temperror > fail > permerror; none without signatures (see module doc).
+
+    Testing-mode signatures are left out: RFC 6376 3.6.1 forbids treating their mail
+    differently from unsigned mail, whether they verify or not.
+    """
+    words = {r.result for r in results if not r.testing}
     for word in ("pass", "temperror", "fail", "permerror"):
         if word in words:
             return word
     return "none"
+
+
+def _length_beyond_body(body: bytes, sig: SignatureResult, lengths: dict[str, int]) -> str | None:
+    """Why the signature's l= makes it a permerror, or None.
+
+    RFC 6376 3.5: l= "MUST NOT be larger than the actual number of octets in the
+    canonicalized message body"; dkimpy then simply hashes the whole body. Called only
+    for signatures with l=, so other mail pays nothing; the canonicalised length is
+    measured once per body algorithm (``lengths``) for all signatures of a message.
+    """
+    assert sig.tags is not None and sig.l is not None
+    try:
+        canon = CanonicalizationPolicy.from_c_value(sig.tags.get("c", b"simple/simple"))
+    except InvalidCanonicalizationPolicyError:
+        return None  # dkimpy reports the bad c= itself
+    algorithm = canon.body_algorithm
+    size = lengths.get(algorithm.name)
+    if size is None:
+        size = lengths[algorithm.name] = len(canon.canonicalize_body(body))
+    if sig.l > size:
+        return f"l={sig.l} is larger than the canonicalized body ({size} octets)"
+    return None
 
 
 def _verify_all(
@@ -264,7 +305,13 @@ def _verify_all(
             sig.result, sig.reason, sig.tags = "permerror", f"message does not parse: {e}", None
         return
     dnsfunc = make_dnsfunc(keys)
+    body_lengths: dict[str, int] = {}
     for sig in pending:
+        if sig.l is not None:
+            why = _length_beyond_body(verifier.body, sig, body_lengths)
+            if why is not None:
+                sig.result, sig.reason, sig.tags = "permerror", why, None
+                continue
         try:
             ok = verifier.verify(idx=sig.index, dnsfunc=dnsfunc)
         except KeyTempError as e:
@@ -386,13 +433,16 @@ class DKIMCheck:
         reason: str = "",
     ) -> CheckResult:
         word = overall_result(sigs)
+        counted = [s for s in sigs if not s.testing]  # RFC 6376 3.6.1, see overall_result
         if word == "pass":
-            domains = sorted({s.d for s in sigs if s.result == "pass"})
+            domains = sorted({s.d for s in counted if s.result == "pass"})
             detail = "d=" + ",".join(domains)
+        elif word == "none" and sigs and not reason:
+            detail = "only signatures by keys in testing mode (t=y): treated as unsigned"
         elif word == "none":
             detail = reason or "no DKIM-Signature"
         else:
-            detail = "; ".join(f"d={s.d or '?'} s={s.s or '?'}: {s.reason}" for s in sigs)
+            detail = "; ".join(f"d={s.d or '?'} s={s.s or '?'}: {s.reason}" for s in counted)
         symbol = f"DKIM_{word.upper()}"
         return CheckResult(
             self.name,

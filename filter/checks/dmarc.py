@@ -338,7 +338,10 @@ class DMARCCheck:
         data: dict[str, object] = {
             "from_domain": ev.from_domain,
             "org_domain": ev.org_domain,
-            "policy": choice.policy if choice else "",
+            "policy": choice.policy if choice else "",  # published: p=, sp= or np=
+            # Applied after t=y or pct: Authentication-Results' policy.dmarc (RFC 7489
+            # 11.2), and what the disposition follows unless local policy overrides.
+            "requested": requested,
             "record_domain": ev.record_domain,
             "disposition": outcome.disposition,
             "aligned_spf": ev.aligned_spf,
@@ -347,7 +350,6 @@ class DMARCCheck:
             "reason": reason,
             # Extras for logs and aggregate reports.
             "mode": mode,
-            "requested": requested,
             "policy_source": choice.source if choice else "",
             "testing": bool(choice and choice.testing),
             "record": ev.record.raw if ev.record else "",

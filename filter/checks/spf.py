@@ -61,6 +61,7 @@ __all__ = [
     "select_identity",
     "symbol_name",
     "time_budget",
+    "truncate_name",
 ]
 
 # RFC 7208 2.6 results, spelled as RFC 8601 spells them in Authentication-Results.
@@ -242,9 +243,28 @@ class BlockingLookup(Protocol):
     def resolve(self, name: str, rtype: str) -> DNSResult: ...
 
 
+#: RFC 7208 7.3 / RFC 1035: the longest domain name, in text form without the final dot.
+MAX_NAME_LENGTH = 253
+
+
 def _is_valid_query_name(name: str) -> bool:
     """RFC 1035 shape: what a DNS query can carry at all."""
-    return bool(name) and len(name) <= 253 and all(0 < len(x) < 64 for x in name.split("."))
+    return (
+        bool(name)
+        and len(name) <= MAX_NAME_LENGTH
+        and all(0 < len(x) < 64 for x in name.split("."))
+    )
+
+
+def truncate_name(name: str) -> str:
+    """RFC 7208 7.3: a too-long expansion loses labels from the left until it fits.
+
+    "the left side is truncated to fit, by removing successive labels (and their
+    following dots) until the total length does not exceed 253 characters."
+    """
+    while len(name) > MAX_NAME_LENGTH and "." in name:
+        name = name.partition(".")[2]
+    return name
 
 
 class _ResolverQuery(spf.query):  # type: ignore[misc]  # pyspf ships no types
@@ -259,6 +279,16 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]  # pyspf ships no types
         self._lookup = lookup
         self._deadline = deadline
         self._answers: dict[tuple[str, str], list[Any]] = {}
+
+    def expand(self, s: str, stripdot: bool = True) -> str:
+        """pyspf's macro expansion, truncated as RFC 7208 7.3 says.
+
+        pyspf removes a single label from an expansion over 253 characters, so a
+        longer one was never queried (``dns`` answers nothing for it). ``stripdot``
+        False means explanation text (exp=), which is no domain name: left as is.
+        """
+        expanded = str(super().expand(s, stripdot))
+        return truncate_name(expanded) if stripdot else expanded
 
     def dns(
         self,

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import inspect
 import os
+import re
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -75,6 +78,43 @@ def hop(msg: bytes, ar: bytes, selector: bytes, domain: bytes, pem: bytes) -> by
     arc_set = dkim.arc_sign(ar + msg, selector, domain, pem, srv_id)
     assert arc_set, "dkimpy declined to seal"
     return b"".join(arc_set) + ar + msg
+
+
+def _arc_sign_past_the_limit() -> Callable[..., list[bytes]]:
+    """dkimpy's ``ARC.sign`` with its i=50 ceiling raised, for chains no sealer may make.
+
+    dkimpy enforces RFC 8617 4.2.1 only when sealing; to see what the verifier does with
+    a 51st set that is valid in every other respect, the test needs one. A copy of
+    dkimpy's own method is compiled with the limit changed (dkimpy itself is untouched).
+    """
+    src = textwrap.dedent(inspect.getsource(dkim.ARC.sign))
+    assert "INSTANCE_LIMIT = 50" in src, "dkimpy changed: rebuild this helper"
+    namespace: dict[str, Any] = {}
+    code = compile(src.replace("INSTANCE_LIMIT = 50", "INSTANCE_LIMIT = 99"), "arc_sign", "exec")
+    exec(code, vars(dkim), namespace)
+    return namespace["sign"]  # type: ignore[no-any-return]
+
+
+def hops(msg: bytes, count: int, pem: bytes) -> bytes:
+    """``count`` more valid ARC sets by lists.example.org, past i=50 if asked.
+
+    Each hop's own A-R goes into its ARC set only: kept in the message, the next
+    hop (same authserv-id) would find several arc= results and seal cv=fail.
+    """
+    sign = _arc_sign_past_the_limit()
+    for _ in range(count):
+        chained = b"\nARC-Seal:" in msg or msg.startswith(b"ARC-Seal:")
+        ar = b"Authentication-Results: lists.example.org; arc=pass\r\n" if chained else HOP1_AR
+        arc_set = sign(dkim.ARC(ar + msg), b"arc", b"lists.example.org", pem, b"lists.example.org")
+        assert arc_set, "dkimpy declined to seal"
+        msg = b"".join(arc_set) + msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def fifty_sets(list_key: RSAKey) -> bytes:
+    """MESSAGE after 50 hops: the longest chain RFC 8617 allows."""
+    return hops(MESSAGE, 50, list_key.pem)
 
 
 @pytest.fixture
@@ -213,6 +253,54 @@ async def test_dns_timeout_on_a_key_is_temperror(
     assert res.result == "temperror"
     assert res.data["cv"] == "fail" and res.data["trusted"] is False
     assert [s.name for s in res.symbols] == ["ARC_TEMPERROR"]
+
+
+async def test_fifty_sets_pass_a_fifty_first_fails_even_for_a_trusted_sealer(
+    dns_zone: ZoneDNSServer, fifty_sets: bytes, list_key: RSAKey, run: Run
+) -> None:
+    """RFC 8617 4.2.1: i= is 1 to 50; 5.2: an invalid set fails the chain. dkimpy
+    validated a 51st set, and a trusted sealer's 51-set chain overrode DMARC p=reject."""
+    dns_zone.add("arc._domainkey.lists.example.org", "TXT", list_key.record)
+    trusted = ("lists.example.org",)
+    res = await run(fifty_sets, trusted=trusted)
+    assert (res.result, res.data["instance"], res.data["trusted"]) == ("pass", 50, True)
+    fifty_one = hops(fifty_sets, 1, list_key.pem)
+    assert b"ARC-Seal: i=51;" in fifty_one
+    res = await run(fifty_one, trusted=trusted)
+    assert res.result == "fail" and res.data["cv"] == "fail"
+    assert res.data["trusted"] is False  # so DMARC's trusted-sealer override cannot apply
+    assert "i=51" in res.data["reason"] and "RFC 8617 4.2.1" in res.data["reason"]
+    assert [s.name for s in res.symbols] == ["ARC_FAIL"]
+
+
+def _renumber(msg: bytes, field: bytes, new: bytes) -> bytes:
+    """``field``'s (or every ARC field's, for b"ARC-") ``i=1;`` replaced by ``new``."""
+    pattern = re.escape(field) + rb"[A-Za-z-]*: )i=1;"
+    return re.sub(b"(" + pattern, rb"\g<1>" + new, msg)
+
+
+@pytest.mark.parametrize(
+    ("field", "new", "shown"),
+    [
+        (b"ARC-", b"i=0;", "i=0"),  # was "none": dkimpy skips fields it cannot number
+        (b"ARC-Seal", b"i=x;", "i=x"),
+        (b"ARC-Message-Signature", b"", "no i= tag"),
+        (b"ARC-Authentication-Results", b"i=51;", "i=51"),
+        (b"ARC-", b"i=99999;", "i=99999"),
+    ],
+)
+async def test_a_field_without_an_instance_from_1_to_50_fails(
+    chain: bytes, run: Run, field: bytes, new: bytes, shown: str
+) -> None:
+    """RFC 8617 4.2.1 / 5.2: ARC fields are present, so the result is never "none"; a
+    field whose i= is missing, not a number or outside 1..50 makes the chain fail,
+    decided before any key is looked up."""
+    bad = _renumber(chain, field, new)
+    assert bad != chain
+    res = await run(bad, trusted=("lists.example.org",))
+    assert res.result == "fail" and res.data["cv"] == "fail" and res.data["trusted"] is False
+    assert shown in res.data["reason"] and "RFC 8617 4.2.1" in res.data["reason"]
+    assert [s.name for s in res.symbols] == ["ARC_FAIL"]
 
 
 # -- sealing -------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import parse_pem_private_key
 
+from filter.authresults import build
 from filter.checks import Context
 from filter.checks.dkim import DKIMCheck
 from filter.dkimkeys import key_names
@@ -314,6 +315,28 @@ async def test_expired_signature_is_permerror(
     assert (await run(dead)).result == "permerror"
 
 
+async def test_x_not_later_than_t_is_permerror(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey
+) -> None:
+    """RFC 6376 3.5: x= MUST be greater than t=; equal was accepted."""
+    publish(dns_zone, "sel", rsa_key.record)
+    now = int(time.time())
+    headers = [b"from", b"to", b"subject"]
+
+    def with_t_x(t: int, x: int) -> bytes:
+        extra = [(b"t", str(t).encode()), (b"x", str(x).encode())]
+        return sign_custom(MESSAGE, b"sel", rsa_key.pem, headers, extra)
+
+    def clock() -> float:  # "now" stays put however slow the run is
+        return float(now)
+
+    assert (await run(with_t_x(now + 60, now + 61), clock=clock)).result == "pass"
+    res = await run(with_t_x(now + 60, now + 60), clock=clock)
+    assert res.result == "permerror"
+    assert sigs(res)[0]["reason"] == "x= is not later than t="
+    assert symbol_names(res) == ["DKIM_PERMERROR"]
+
+
 async def test_from_not_signed_is_permerror(
     dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey
 ) -> None:
@@ -434,6 +457,45 @@ async def test_no_signature_is_none(run: Run) -> None:
     assert res.result == "none" and sigs(res) == [] and symbol_names(res) == ["DKIM_NONE"]
 
 
+# -- keys in testing mode ------------------------------------------------------------------
+async def test_testing_mode_key_is_scored_like_an_unsigned_message(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey
+) -> None:
+    """RFC 6376 3.6.1 (key t=y): verifiers "MUST NOT treat messages from Signers in
+    testing mode differently from unsigned email, even should the signature fail to
+    verify". A broken one scored DKIM_FAIL, a good one DKIM_PASS."""
+    publish(dns_zone, "trial", f"{rsa_key.record}; t=y")
+    good = sign(MESSAGE, b"trial", rsa_key.pem)
+    broken = good.replace(b"numbers are in", b"numbers are up")
+    for msg, verified in ((good, "pass"), (broken, "fail")):
+        res = await run(msg)
+        assert res.result == "none"
+        assert symbol_names(res) == ["DKIM_NONE"] and res.symbols[0].score == 0
+        assert "testing mode" in res.symbols[0].detail
+        (sig,) = sigs(res)  # still listed, for Authentication-Results and tracking
+        assert (sig["result"], sig["testing"]) == (verified, True)
+        header = build({"dkim": res}, "mx.example.net").decode()
+        assert f"dkim={verified} (key in testing mode) header.d=example.test" in header
+
+
+async def test_testing_mode_signature_beside_others_does_not_count(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey, rsa_key_b: RSAKey
+) -> None:
+    publish(dns_zone, "trial", f"{rsa_key.record}; t=y")
+    publish(dns_zone, "prod", rsa_key_b.record)
+    # A verified testing signature does not lift a broken production one to pass...
+    msg = sign(sign(MESSAGE, b"prod", rsa_key.pem), b"trial", rsa_key.pem)
+    res = await run(msg)
+    assert [(s["s"], s["result"]) for s in sigs(res)] == [("trial", "pass"), ("prod", "fail")]
+    assert res.result == "fail" and symbol_names(res) == ["DKIM_FAIL"]
+    assert "trial" not in res.symbols[0].detail
+    # ...and a broken testing signature does not spoil a good production one.
+    msg = sign(sign(MESSAGE, b"trial", rsa_key_b.pem), b"prod", rsa_key_b.pem)
+    res = await run(msg)
+    assert [(s["s"], s["result"]) for s in sigs(res)] == [("prod", "pass"), ("trial", "fail")]
+    assert res.result == "pass" and res.symbols[0].detail == "d=example.test"
+
+
 # -- DNS trouble ---------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["timeout", "servfail"])
 async def test_dns_failure_on_key_is_temperror_not_fail(
@@ -467,6 +529,33 @@ async def test_body_length_is_noted(dns_zone: ZoneDNSServer, run: Run, rsa_key: 
     assert res.result == "pass"  # l= covers only the first bytes: RFC 6376 8.2 risk, noted
     body = MESSAGE.split(b"\r\n\r\n", 1)[1]
     assert sigs(res)[0]["l"] == len(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "extra"),
+    [
+        (b"The numbers are in.\r\n", 50),
+        # Trailing empty lines are not part of the canonicalized body (RFC 6376 3.4.3/
+        # 3.4.4): an l= of the raw length is already too large.
+        (b"The numbers are in.\r\n\r\n\r\n", 0),
+    ],
+    ids=["50-octets-over", "raw-length-over-trailing-empty-lines"],
+)
+async def test_body_length_beyond_the_body_is_permerror(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey, body: bytes, extra: int
+) -> None:
+    """RFC 6376 3.5: l= MUST NOT be larger than the canonicalized body. dkimpy hashed
+    the whole body then and the signature passed."""
+    publish(dns_zone, "sel", rsa_key.record)
+    msg = MESSAGE.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" + body
+    exact = sign(msg, b"sel", rsa_key.pem, length=True)  # dkimpy's l=: the canonical length
+    assert (await run(exact)).result == "pass"
+    length = str(len(body) + extra).encode()
+    signed = sign_custom(msg, b"sel", rsa_key.pem, [b"from", b"to"], [(b"l", length)])
+    res = await run(signed)
+    assert res.result == "permerror" and symbol_names(res) == ["DKIM_PERMERROR"]
+    assert "larger than the canonicalized body" in sigs(res)[0]["reason"]
+    assert sigs(res)[0]["l"] == len(body) + extra
 
 
 # -- big messages --------------------------------------------------------------------------

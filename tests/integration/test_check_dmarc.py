@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from filter import replies
+from filter.authresults import build
 from filter.checks import Context
 from filter.checks.dmarc import DMARCCheck
 from filter.message import MessageBuffer
@@ -356,6 +357,30 @@ async def test_psd_n_makes_a_department_its_own_org(dns_zone: ZoneDNSServer) -> 
     assert res.data["org_domain"] == "dept.example.test"
     assert res.data["record_domain"] == "dept.example.test"
     assert res.data["policy"] == "quarantine"
+
+
+@pytest.mark.parametrize(
+    ("record", "standard", "applied"),
+    [
+        ("v=DMARC1; p=reject", "rfc9989", "reject"),
+        ("v=DMARC1; p=reject; t=y", "rfc9989", "quarantine"),
+        ("v=DMARC1; p=quarantine; t=y", "rfc9989", "none"),
+        ("v=DMARC1; p=reject; pct=0", "rfc7489", "quarantine"),
+        ("v=DMARC1; p=reject; pct=100", "rfc7489", "reject"),
+    ],
+)
+async def test_authentication_results_name_the_policy_applied(
+    dns_zone: ZoneDNSServer, record: str, standard: str, applied: str
+) -> None:
+    """RFC 7489 11.2 registers policy.dmarc as the policy "applied/to be applied after
+    policy options including pct: and sp: have been processed"; RFC 9989's t=y is such
+    an option. The header showed the published p=reject while quarantine was applied."""
+    publish(dns_zone, "example.test", record)
+    res = await run(dns_zone, "a@example.test", standard=standard)
+    assert res.result == "fail" and res.data["policy"] == record.split("p=")[1].split(";")[0]
+    assert res.data["requested"] == applied
+    header = build({"dmarc": res}, "mx.example.net").decode()
+    assert f"dmarc=fail header.from=example.test policy.dmarc={applied}\r\n" in header
 
 
 async def test_invalid_policy_without_rua_is_permerror(dns_zone: ZoneDNSServer) -> None:

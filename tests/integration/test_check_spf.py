@@ -230,6 +230,26 @@ async def test_exp_explanation_reaches_the_symbol_detail(dns_zone: ZoneDNSServer
     assert r.data["reason"] == expected
 
 
+async def test_macro_expansion_over_253_characters_loses_labels_from_the_left(
+    dns_zone: ZoneDNSServer,
+) -> None:
+    """RFC 7208 7.3: an expanded name over 253 characters is truncated from the left,
+    label by label, until it fits. pyspf removed one label only, so this 323-character
+    name (two labels too long) was never queried and the check failed."""
+    local = "a" * 61
+    publish(
+        dns_zone,
+        [
+            ("long.spf.test", "TXT", "v=spf1 exists:%{l}.%{l}.%{l}.%{l}.%{l}.long.spf.test -all"),
+            (f"{local}.{local}.{local}.long.spf.test", "A", "127.0.0.2"),
+        ],
+    )
+    r = await check(dns_zone, "192.0.2.7", f"{local}@long.spf.test")
+    assert r.result == "pass", r.data["reason"]
+    asked = [n for n, rtype, _ in dns_zone.query_log() if n.endswith("long.spf.test")]
+    assert asked == ["long.spf.test", f"{local}.{local}.{local}.long.spf.test"]
+
+
 # -- errors -------------------------------------------------------------------------------
 
 

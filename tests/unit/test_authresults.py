@@ -32,7 +32,9 @@ def test_full_header_parses_back_with_every_method() -> None:
             },
         ),
         "dmarc": CheckResult(
-            "dmarc", "pass", data={"from_domain": "example.org", "policy": "reject"}
+            "dmarc",
+            "pass",
+            data={"from_domain": "example.org", "policy": "reject", "requested": "reject"},
         ),
         "arc": CheckResult("arc", "none"),
     }
@@ -55,6 +57,32 @@ def test_full_header_parses_back_with_every_method() -> None:
     # the contract's order: header.d and header.s first, header.from first
     assert "dkim=pass header.d=example.org header.s=sel header.b=" in text
     assert "dmarc=pass header.from=example.org policy.dmarc=reject" in text
+
+
+def test_policy_dmarc_is_the_policy_applied_not_the_one_published() -> None:
+    """RFC 7489 11.2: policy.dmarc is evaluated "after policy options including pct:
+    and sp: have been processed" (t=y in RFC 9989); the check's ``requested``."""
+    data = {"from_domain": "example.org", "policy": "reject", "requested": "quarantine"}
+    field = build({"dmarc": CheckResult("dmarc", "fail", data=data)}, "mx")
+    assert b"dmarc=fail header.from=example.org policy.dmarc=quarantine\r\n" in field
+    no_record = {"from_domain": "example.org", "policy": "", "requested": ""}
+    field = build({"dmarc": CheckResult("dmarc", "none", data=no_record)}, "mx")
+    assert b"policy.dmarc" not in field
+
+
+def test_dkim_signature_from_a_testing_key_is_marked() -> None:
+    """RFC 6376 3.6.1: the check scores a t=y signature as unsigned; its clause stays
+    (the signer is testing) with a comment saying why it did not count."""
+    sigs = [
+        {"result": "fail", "d": "example.org", "s": "trial", "testing": True},
+        {"result": "pass", "d": "example.org", "s": "prod", "testing": False},
+    ]
+    field = build({"dkim": CheckResult("dkim", "pass", data={"signatures": sigs})}, "mx")
+    text = field.decode()
+    assert "dkim=fail (key in testing mode) header.d=example.org header.s=trial;" in text
+    assert "dkim=pass header.d=example.org header.s=prod\r\n" in text
+    parsed = _parse(field)
+    assert [(r.method, r.result) for r in parsed.results] == [("dkim", "fail"), ("dkim", "pass")]
 
 
 def test_helo_identity_and_missing_methods() -> None:

@@ -18,6 +18,7 @@ from filter.checks.arc import ARCSealError, authserv_id, seal
 from filter.checks.dkim import (
     SignatureResult,
     _body_if_crlf,
+    _describe,
     check_key,
     check_signature_tags,
     overall_result,
@@ -168,9 +169,15 @@ def test_acceptable_signature_has_no_problem() -> None:
         ({"i": b"user@example.org"}, "i= domain"),
         ({"i": b"user@badexample.test"}, "i= domain"),
         ({"x": str(NOW - 1).encode()}, "expired"),
-        ({"t": str(NOW).encode(), "x": str(NOW - 5).encode()}, "earlier than t="),
+        ({"t": str(NOW).encode(), "x": str(NOW - 5).encode()}, "not later than t="),
+        ({"t": str(NOW + 9).encode(), "x": str(NOW + 9).encode()}, "not later than t="),
         ({"x": b"soon"}, "decimal"),
         ({"l": b"-1"}, "l="),
+        # RFC 6376 3.5's digit limits; 5,000 digits made int() raise (a temperror).
+        ({"l": b"9" * 77}, "at most 76 digits"),
+        ({"l": b"9" * 5000}, "at most 76 digits"),
+        ({"x": b"9" * 13}, "at most 12 digits"),
+        ({"t": b"1" * 5000}, "at most 12 digits"),
     ],
 )
 def test_signature_problems(over: dict[str, bytes], needle: str) -> None:
@@ -221,6 +228,18 @@ def test_check_key_strict_identity(p1024: bytes) -> None:
 )
 def test_overall_result(words: list[str], expected: str) -> None:
     assert overall_result([SignatureResult(w) for w in words]) == expected
+
+
+def test_overall_result_leaves_testing_mode_signatures_out() -> None:
+    """RFC 6376 3.6.1: a key with t=y counts as no signature, verified or not."""
+    trial_pass, trial_fail = (
+        SignatureResult("pass", testing=True),
+        SignatureResult("fail", testing=True),
+    )
+    assert overall_result([trial_pass]) == "none"
+    assert overall_result([trial_fail]) == "none"
+    assert overall_result([trial_pass, SignatureResult("fail")]) == "fail"
+    assert overall_result([trial_fail, SignatureResult("pass")]) == "pass"
 
 
 def test_signature_fields_are_in_dkimpy_index_order() -> None:
@@ -398,3 +417,12 @@ def test_seal_refuses_a_transient_arc_result() -> None:
         seal(b"From: a@example.org\r\n\r\nhi\r\n", ar, policy, b"unused")
     with pytest.raises(ARCSealError, match="required"):
         seal(b"From: a@example.org\r\n\r\nhi\r\n", ar, ARCPolicy(), b"unused")
+
+
+def test_huge_length_is_described_not_raised() -> None:
+    """A 5,000-digit l= raised ValueError in int(), turning DKIM into a temperror."""
+    value = b"v=1; a=rsa-sha256; d=example.test; s=sel; h=from; bh=AA; b=AA; l=" + b"9" * 5000
+    described = _describe(0, value)
+    assert described.l is None
+    why = check_signature_tags(described.tags, NOW)
+    assert why is not None and "l=" in why

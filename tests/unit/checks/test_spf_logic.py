@@ -31,6 +31,7 @@ from filter.checks.spf import (
     select_identity,
     symbol_name,
     time_budget,
+    truncate_name,
 )
 from filter.model import ClientInfo, Envelope, Stage
 from filter.policy.schema import DEFAULT_POLICY, DEFAULT_SCORES, Policy, SPFPolicy
@@ -318,3 +319,13 @@ async def test_run_disabled_by_policy_asks_nothing() -> None:
     rec = Recorder({})
     r = await run_check(rec, "u@example.com", "mx.example.net", policy(enabled=False))
     assert (r.result, r.symbols, rec.calls) == ("none", (), [])
+
+
+def test_truncate_name_removes_whole_labels_from_the_left_until_253_fit() -> None:
+    """RFC 7208 7.3, with the boundary: 253 characters stay, 254 lose a label."""
+    label = "b" * 63
+    fits = ".".join([label] * 3 + ["c" * 61])
+    assert len(fits) == 253 and truncate_name(fits) == fits
+    assert truncate_name("x." + fits) == fits
+    assert truncate_name(".".join([label] * 5 + ["test"])) == ".".join([label] * 3 + ["test"])
+    assert truncate_name("z" * 300) == "z" * 300  # one label: nothing to remove
