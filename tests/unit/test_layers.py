@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "dmarc": 1,
     "greylist": 1,
     "dnsbl": 1,
+    "storeurl": 1,  # judges a redis.url with redis-py's parser; opens no socket
     # L2 adapters
     "metrics": 2,
     "logs": 2,
