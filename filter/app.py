@@ -19,7 +19,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -145,14 +145,14 @@ class CapabilityCache:
     """The extensions the upstream offered last time we talked to it (shared by sessions)."""
 
     def __init__(self) -> None:
-        self.extensions: set[str] = set()
+        self.extensions: Mapping[str, str] = {}  # keyword -> parameters ("SIZE": "10240000")
         self.checked_at = 0.0
 
-    def get(self) -> set[str]:
+    def get(self) -> Mapping[str, str]:
         return self.extensions
 
     def update(self, up: Upstream) -> None:
-        self.extensions = set(up.capabilities.extensions)
+        self.extensions = dict(up.capabilities.extensions)
         self.checked_at = time.monotonic()
 
 

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from filter import replies
@@ -74,7 +74,7 @@ class Frontend:
         metrics: Metrics,
         limiter: ConnectionLimiter,
         upstream_factory: Callable[[Policy], UpstreamPort],
-        upstream_extensions: Callable[[], set[str]],
+        upstream_extensions: Callable[[], Mapping[str, str]],
     ) -> None:
         self._runtime = runtime
         self.metrics = metrics

@@ -100,6 +100,7 @@ UPSTREAM_STAGES = (
     "rcpt",
     "data",
     "data_end",
+    "keepalive",  # the NOOP that keeps a transaction's connection alive (filter.session)
 )
 REPLY_STAGES = ("connect", "helo", "mail", "rcpt", "data", "other")
 CODE_CLASSES = ("2xx", "3xx", "4xx", "5xx")

@@ -217,6 +217,10 @@ class Upstream:
     async def rcpt(self, address: str, params: Iterable[str]) -> Reply:
         return await self.command("rcpt", _join(f"RCPT TO:<{address}>", params))
 
+    async def noop(self) -> Reply:
+        """NOOP: resets the upstream's idle timer while a transaction waits on the client."""
+        return await self.command("noop", "NOOP")
+
     async def data(self, chunks: Iterable[bytes]) -> Reply:
         """DATA, the dot-stuffed message, the final dot; returns the final reply.
 

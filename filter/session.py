@@ -50,6 +50,10 @@ log = logging.getLogger("mailgate.session")
 _QUEUE_ID = re.compile(r"queued as ([A-Za-z0-9]+)")
 # Headers mailgate owns on accepted mail; copies arriving from outside are dropped.
 OWN_HEADERS = (b"x-spam-flag", b"x-spam-score", b"x-spam-status", b"x-mailgate-id")
+# RCPTs past server.max_recipients get 452 (RFC 5321 4.5.3.1.10: the client delivers to
+# those accepted, then sends the rest in a new transaction). Like Postfix's
+# smtpd_recipient_overshoot_limit, only this many of them go free of the error count.
+RECIPIENT_OVERSHOOT = 1000
 
 
 class UpstreamPort(Protocol):
@@ -64,6 +68,7 @@ class UpstreamPort(Protocol):
     ) -> None: ...
     async def mail(self, address: str, params: Iterable[str]) -> Reply: ...
     async def rcpt(self, address: str, params: Iterable[str]) -> Reply: ...
+    async def noop(self) -> Reply: ...
     async def data(self, chunks: Iterable[bytes]) -> Reply: ...
     async def rset(self) -> None: ...
     async def quit(self) -> None: ...
@@ -76,6 +81,7 @@ class Transaction:
     results: list[CheckResult] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     upstream_failed: bool = False
+    overshoot: int = 0  # RCPTs answered 452 past server.max_recipients
 
 
 def new_session_id() -> str:
@@ -93,7 +99,7 @@ class Session:
         pipeline: Pipeline,
         upstream_factory: Callable[[], UpstreamPort],
         metrics: Metrics,
-        extensions: Callable[[], set[str]],
+        extensions: Callable[[], Mapping[str, str]],
         resolver: Resolver | None = None,
         store: Store | None = None,
     ) -> None:
@@ -118,6 +124,11 @@ class Session:
         self._peer_allowed_xforward = False  # set by allow_xforward() for xforward_hosts
         self._name_for_upstream = "[UNAVAILABLE]"  # XCLIENT NAME: verified name or a [..] word
         self._connect_task: asyncio.Task[None] | None = None
+        # Upstream keep-alive while a transaction waits on the client (see _keepalive_due).
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._upstream_busy = False
+        self._upstream_last = 0.0
         self.client.trusted = ip_in(client.ip, policy.server.trusted_networks)
         self.hostname = policy.server.effective_hostname
 
@@ -198,7 +209,7 @@ class Session:
     def ehlo_extensions(self, tls_available: bool) -> list[str]:
         """What we advertise: only what we handle and the upstream honours."""
         upstream = self._upstream_extensions()
-        ext = ["PIPELINING", f"SIZE {self.policy.server.max_message_size}"]
+        ext = ["PIPELINING", f"SIZE {self.size_limit(upstream)}"]
         if tls_available and not self.client.tls:
             ext.append("STARTTLS")
         ext += ["ENHANCEDSTATUSCODES", "8BITMIME"]
@@ -209,6 +220,19 @@ class Session:
         if self._peer_allowed_xforward:
             ext.append("XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE")
         return ext
+
+    def size_limit(self, upstream: Mapping[str, str]) -> int:
+        """The message size we can take: ours, or the upstream's if that is smaller.
+
+        RFC 1870: SIZE advertises what the server will accept. Promising
+        ``server.max_message_size`` in front of a Postfix with a smaller
+        ``message_size_limit`` makes a client upload a message only to have it refused.
+        """
+        ours = self.policy.server.max_message_size
+        theirs = upstream.get("SIZE", "").strip()
+        if theirs.isdigit() and 0 < int(theirs) < ours:
+            return int(theirs)  # "SIZE 0" or a bare "SIZE": the upstream names no limit
+        return ours
 
     async def helo(self, verb: str, name: str, tls_available: bool) -> Reply:
         if not name or " " in name.strip():
@@ -317,7 +341,7 @@ class Session:
             if key == "SIZE":
                 if value is None or not value.isdigit():
                     return replies.syntax("SIZE=<number>")
-                if int(value) > self.policy.server.max_message_size:
+                if int(value) > self.size_limit(upstream):
                     return replies.MESSAGE_TOO_BIG
             elif key == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
@@ -341,7 +365,10 @@ class Session:
         if txn.upstream_failed:
             return self._error(replies.UPSTREAM_UNAVAILABLE)
         if len(txn.envelope.recipients) >= self.policy.server.max_recipients:
-            return self._error(replies.TOO_MANY_RECIPIENTS)
+            txn.overshoot += 1
+            if txn.overshoot > RECIPIENT_OVERSHOOT:
+                return self._error(replies.TOO_MANY_RECIPIENTS)
+            return replies.TOO_MANY_RECIPIENTS  # not the client's error (RFC 5321 4.5.3.1.10)
         try:
             path = parse_path(arg, "TO")
         except SyntaxProblem as exc:
@@ -436,6 +463,13 @@ class Session:
             refusal = _content_problem(problems)
             if refusal is None and message.header_overflow:
                 refusal = replies.HEADER_TOO_BIG  # fields past the limit would go unseen
+            if refusal is None and txn.upstream_failed:
+                # The connection carrying MAIL and RCPT went while the body came in
+                # (counted where it failed): nothing to judge, nowhere to relay.
+                self.errors += 1
+                reply = replies.UPSTREAM_UNAVAILABLE
+                self._log_message(txn, message, None, reply, "upstream_refused", t_checks)
+                return reply
             if refusal is not None:
                 await self._abort_upstream_txn()
                 self._log_message(txn, message, None, refusal, "refused", t_checks)
@@ -481,12 +515,17 @@ class Session:
             outcome = "relayed" if reply.code == 250 else "upstream_refused"
             if reply.code == 250:
                 self.metrics.count_message(verdict.action.value)
+                # As Postfix's smtpd_hard_error_limit: errors count "without delivering
+                # mail", so a client that delivers starts afresh (a list message with
+                # stale addresses must not end the session for the next one).
+                self.errors = 0
             self._log_message(txn, message, verdict, reply, outcome, t_checks)
             return reply
         finally:
             # The transaction ends here whatever happened; until now checks and the
             # verdict needed its results (SPF at MAIL, per-recipient ones).
             self.txn = None
+            self._stop_keepalive()
             message.close()
 
     async def _arc_seal(
@@ -517,6 +556,7 @@ class Session:
 
     async def close(self) -> None:
         """End of session: nothing unfinished may complete upstream."""
+        await self._upstream_quiet()
         if self.upstream is not None:
             if self.upstream.in_transaction:
                 self.upstream.abort()
@@ -526,6 +566,10 @@ class Session:
 
     def abort(self) -> None:
         """Client gone or timed out: drop the upstream connection without a word."""
+        self._stop_keepalive()
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()  # the connection is dropped below anyway
+            self._keepalive_task = None
         if self._connect_task is not None:
             self._connect_task.cancel()
             self._connect_task = None
@@ -540,11 +584,13 @@ class Session:
         return reply
 
     async def _end_transaction(self) -> None:
+        self._stop_keepalive()
         if self.txn is not None:
             self.txn = None
             await self._abort_upstream_txn()
 
     async def _abort_upstream_txn(self) -> None:
+        await self._upstream_quiet()
         up = self.upstream
         if up is not None and up.is_open and up.in_transaction:
             await up.rset()
@@ -559,9 +605,16 @@ class Session:
         c = self.client
         return (c.ip, c.port, c.hostname, c.helo, c.proto)
 
-    async def _ensure_upstream(self) -> UpstreamPort:
+    async def _ensure_upstream(self, stage: str) -> UpstreamPort:
         identity = self._identity()
         up = self.upstream
+        if stage in ("rcpt", "data") and (
+            up is None or not up.is_open or identity != self._upstream_identity
+        ):
+            # The MAIL (and RCPTs) this command belongs to went over a connection that
+            # is gone. A new one would hold no transaction: its "503 need MAIL" would
+            # reach the client as a permanent failure for mail that was never refused.
+            raise UpstreamError(stage, "connection lost in the middle of the transaction")
         if up is not None and (not up.is_open or identity != self._upstream_identity):
             await up.quit()
             up = None
@@ -586,8 +639,21 @@ class Session:
         return xclient, xforward
 
     async def _upstream_call(self, stage: str, call: Callable[[UpstreamPort], object]) -> Reply:
+        await self._upstream_quiet()
+        self._upstream_busy = True
         try:
-            up = await self._ensure_upstream()
+            reply = await self._upstream_exchange(stage, call)
+        finally:
+            self._upstream_busy = False
+            self._upstream_last = time.monotonic()
+        up = self.upstream
+        if self._keepalive is None and up is not None and up.in_transaction:
+            self._arm_keepalive(self.policy.upstream.keepalive)
+        return reply
+
+    async def _upstream_exchange(self, stage: str, call: Callable[[UpstreamPort], object]) -> Reply:
+        try:
+            up = await self._ensure_upstream(stage)
             reply = await call(up)  # type: ignore[misc]
         except UpstreamError as exc:
             self.metrics.count_upstream_error(exc.stage)
@@ -618,6 +684,69 @@ class Session:
             log.warning("session=%s upstream closing: %s", self.client.session_id, reply)
             return replies.UPSTREAM_UNAVAILABLE
         return reply
+
+    # -- upstream keep-alive -----------------------------------------------------------------
+    # A transaction's upstream connection is idle while the client sends the body and
+    # the checks run; Postfix drops a client silent for smtpd_timeout (300 s, 10 s under
+    # stress), and the RCPTs it accepted would be lost (``upstream.keepalive``).
+    # One timer per transaction, armed after the MAIL the upstream accepted; when it
+    # fires it looks at how long the connection has been idle and either sends a NOOP
+    # or sleeps for the rest. Commands never wait on the timer, only on a NOOP already
+    # in flight (_upstream_quiet), so the lockstep order on the wire is kept.
+    def _arm_keepalive(self, delay: float) -> None:
+        if self.policy.upstream.keepalive > 0:
+            loop = asyncio.get_running_loop()
+            self._keepalive = loop.call_later(max(delay, 0.05), self._keepalive_due)
+
+    def _keepalive_due(self) -> None:
+        self._keepalive = None
+        up = self.upstream
+        if up is None or not up.is_open or not up.in_transaction:
+            return  # the transaction ended or the connection went; nothing to keep
+        every = self.policy.upstream.keepalive
+        idle = time.monotonic() - self._upstream_last
+        if self._upstream_busy or idle < every:
+            self._arm_keepalive(every if self._upstream_busy else every - idle)
+            return
+        self._keepalive_task = asyncio.get_running_loop().create_task(self._send_keepalive(up))
+
+    async def _send_keepalive(self, up: UpstreamPort) -> None:
+        """NOOP; a failure drops the connection, and the transaction's next command
+        answers the client 451 (``_ensure_upstream``) instead of losing its place."""
+        self._upstream_busy = True
+        try:
+            reply = await up.noop()
+            problem = None if reply.code == 250 else f"NOOP answered {reply}"
+        except UpstreamError as exc:
+            problem = exc.detail
+        finally:
+            self._upstream_busy = False
+            self._upstream_last = time.monotonic()
+            self._keepalive_task = None
+        if problem is not None:
+            log.warning(
+                "session=%s upstream failure stage=keepalive detail=%s",
+                self.client.session_id,
+                problem,
+            )
+            self.metrics.count_upstream_error("keepalive")
+            up.abort()
+            if self.txn is not None:
+                self.txn.upstream_failed = True  # RCPT, DATA and the dot answer 451
+            return
+        if self._keepalive is None:
+            self._arm_keepalive(self.policy.upstream.keepalive)
+
+    async def _upstream_quiet(self) -> None:
+        """Let a keep-alive NOOP in flight finish before the next command is written."""
+        task = self._keepalive_task
+        if task is not None:
+            await asyncio.shield(task)
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
 
     def _count_would(self, verdict: Verdict) -> None:
         if verdict.would is not None:

@@ -553,7 +553,7 @@ class ServerPolicy:
     max_connections_per_ip: int = integer(20, minimum=1)
     command_timeout: float = duration("5m", minimum="1s")
     session_timeout: float = duration("30m", minimum="1s")
-    max_errors: int = integer(10, minimum=1)
+    max_errors: int = integer(20, minimum=1)
     greet_pause: float = duration(0, maximum="1m")
     check_timeout: float = duration("20s", minimum="100ms")
     shutdown_grace: float = duration("30s")
@@ -588,6 +588,10 @@ class UpstreamPolicy:
     xclient: bool = boolean(True)
     timeout: float = duration("2m", minimum="1s")
     connect_timeout: float = duration("10s", minimum="100ms")
+    # NOOP after this long without a command while a transaction waits on the client
+    # (body upload, checks): Postfix drops a silent client after smtpd_timeout, 10 s
+    # under stress. 0 turns it off.
+    keepalive: float = duration("5s", minimum=0.0)
 
 
 @dataclass(frozen=True)

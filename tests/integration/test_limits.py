@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from tests.integration.conftest import StartMailgate, message
 from tests.rig.client import RawSMTP, smtp_client
 from tests.rig.upstream import ScriptedUpstream
@@ -213,3 +215,73 @@ def test_ipv6_listener_and_xclient_address(
     [txn] = upstream.wait_for_transactions(1)
     assert txn.xclient["ADDR"] == "IPV6:::1"
     assert mg.smtp_port == port
+
+
+def _with_size(upstream: ScriptedUpstream, size: str) -> None:
+    upstream.extensions = [e for e in upstream.extensions if not e.startswith("SIZE")]
+    upstream.extensions.append(f"SIZE {size}".strip())
+
+
+def test_size_advertised_is_the_upstreams_when_smaller(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """RFC 1870: SIZE is what the server will accept. In front of a Postfix with a
+    smaller message_size_limit, offering ours made clients upload what Postfix refuses."""
+    _with_size(upstream, "1000000")
+    mg = mailgate()  # max_message_size 25MiB
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    assert r.banner().code == 220
+    ehlo = r.cmd("EHLO client.example.org")
+    assert "SIZE 1000000" in ehlo.lines, ehlo.lines
+    reply = r.cmd("MAIL FROM:<a@example.org> SIZE=2000000")
+    assert (reply.code, reply.text.split()[0]) == (552, "5.3.4")
+    assert r.cmd("MAIL FROM:<a@example.org> SIZE=900000").code == 250
+
+
+@pytest.mark.parametrize(("theirs", "advertised"), [("0", 26214400), ("", 26214400)])
+def test_size_advertised_is_ours_when_the_upstream_names_no_limit(
+    mailgate: StartMailgate, upstream: ScriptedUpstream, theirs: str, advertised: int
+) -> None:
+    _with_size(upstream, theirs)
+    mg = mailgate()
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    assert r.banner().code == 220
+    assert f"SIZE {advertised}" in r.cmd("EHLO client.example.org").lines
+
+
+def test_recipients_past_the_limit_are_not_errors(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """RFC 5321 4.5.3.1.10: after 452 the client delivers to the recipients accepted and
+    sends the rest later. Counting each 452 as an error ended the session first."""
+    mg = mailgate({"server": {"max_recipients": 2, "max_errors": 3}})
+    r = _session(mg.smtp_port)
+    assert r.cmd("MAIL FROM:<a@example.org>").code == 250
+    codes = [r.cmd(f"RCPT TO:<u{n}@example.test>").code for n in range(8)]
+    assert codes == [250, 250] + [452] * 6
+    assert r.cmd("DATA").code == 354
+    r.send(message() + b"\r\n.\r\n")
+    assert r.read_reply().code == 250
+    assert upstream.transactions[-1].rcpts == ["u0@example.test", "u1@example.test"]
+
+
+def test_delivered_message_resets_the_error_count(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """As Postfix's smtpd_hard_error_limit: errors made "without delivering mail". A list
+    message with stale addresses must not cost the next message its session."""
+    upstream.script(rcpt={"gone@example.test": "550 5.1.1 no such user"})
+    mg = mailgate({"server": {"max_errors": 3}})
+    r = _session(mg.smtp_port)
+    for n in range(3):
+        assert r.cmd("MAIL FROM:<a@example.org>").code == 250, n
+        assert r.cmd("RCPT TO:<gone@example.test>").code == 550
+        assert r.cmd("RCPT TO:<gone@example.test>").code == 550
+        assert r.cmd("RCPT TO:<bob@example.test>").code == 250
+        assert r.cmd("DATA").code == 354
+        r.send(message() + b"\r\n.\r\n")
+        assert r.read_reply().code == 250
+    # Without deliveries the limit still holds.
+    codes = [r.cmd("BOGUS").code for _ in range(3)]
+    assert codes == [500, 500, 500]
+    assert r.read_reply(timeout=3).code == 421

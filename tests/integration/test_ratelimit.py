@@ -537,6 +537,9 @@ class OkUpstream:
     async def rcpt(self, address: str, params: Iterable[str]) -> Reply:
         return replies.RECIPIENT_OK
 
+    async def noop(self) -> Reply:
+        return replies.OK
+
     async def data(self, chunks: Iterable[bytes]) -> Reply:
         return replies.OK
 
@@ -556,7 +559,7 @@ async def open_session(
     pipeline = Pipeline([RateLimitConnectCheck(), RateLimitCheck()], 5.0, metrics)
     assert pipeline.has_stage(Stage.CONNECT) and pipeline.has_stage(Stage.RCPT)
     client = ClientInfo(ip=ip, port=4000, session_id=sid)
-    session = Session(client, policy, pipeline, OkUpstream, metrics, lambda: set(), store=store)
+    session = Session(client, policy, pipeline, OkUpstream, metrics, lambda: {}, store=store)
     # HELO runs the connect stage too when the front end has not started it.
     assert (await session.helo("EHLO", "client.example.org", False)).code == 250
     return session

@@ -293,6 +293,7 @@ def test_each_upstream_failure_is_counted_once_at_its_stage(
         "rcpt",
         "data",
         "data_end",
+        "keepalive",
     }
     upstream.script(**script)
     r = RawSMTP("127.0.0.1", mg.smtp_port, timeout=15).connect()
@@ -512,3 +513,27 @@ def test_upstream_reply_text_is_made_safe_for_the_client(
     assert lines[0] == ("452-4.2.2 " + "é" * 250).encode()  # cut between characters
     assert lines[1] == b"452 4.2.2 " + b"y" * 500
     r.close()
+
+
+def test_long_and_quoted_local_parts_reach_the_upstream_verbatim(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """A quoted local part holding ">" (RFC 5321 4.1.2 qtextSMTP) and an 80-octet VERP
+    local part (4.5.3.1: 64 is a minimum) pass the checks and reach the upstream byte
+    for byte, parameters included: both were refused with 501 before."""
+    verp = "bounces+" + "a1b2c3d4" * 9 + "@example.test"
+    mg = mailgate()
+    r = _raw_session(mg)
+    assert r.cmd('MAIL FROM:<"a>b"@example.org> SIZE=100').code == 250
+    assert r.cmd(f"RCPT TO:<{verp}>").code == 250
+    assert r.cmd('RCPT TO:<"x\\">y"@example.test> NOTIFY=NEVER').code == 250
+    assert r.cmd("DATA").code == 354
+    r.send(message() + b".\r\n")
+    assert r.read_reply().code == 250
+    r.cmd("QUIT")
+    upstream.wait_for_transactions(1)
+    # The raw lines, not the rig's parsed fields: its helper ends a path at the first ">".
+    sent = upstream.commands()
+    assert b'MAIL FROM:<"a>b"@example.org> SIZE=100\r\n' in sent
+    assert f"RCPT TO:<{verp}>\r\n".encode() in sent
+    assert b'RCPT TO:<"x\\">y"@example.test> NOTIFY=NEVER\r\n' in sent
