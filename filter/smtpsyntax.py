@@ -12,10 +12,18 @@ import re
 from dataclasses import dataclass, field
 
 MAX_PATH = 256  # RFC 5321 4.5.3.1.3, including the angle brackets
-MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
+# No local-part limit: RFC 5321 4.5.3.1's 64 octets is a minimum to accept, and VERP,
+# SRS and BATV return paths exceed it every day (Postfix has none either).
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 5321 4.1.2: Quoted-string = DQUOTE *QcontentSMTP DQUOTE; a backslash escapes the
+# next character (quoted-pairSMTP), and qtextSMTP includes ">".
+_QUOTED = r'"(?:[^"\\]|\\.)*+"'
+_QUOTED_STRING = re.compile(_QUOTED, re.DOTALL)
+# What may come before the ">" that ends a path: runs without '"' or ">", and whole quoted
+# strings. Possessive throughout, so it never backtracks: one linear pass in C.
+_PATH_BODY = re.compile(r'(?:[^">]++|' + _QUOTED + r")*+", re.DOTALL)
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+$")  # no SP, no "=", no controls
 _LETDIG = r"[A-Za-z0-9\u0080-\U0010ffff]"
@@ -77,7 +85,7 @@ def parse_path(arg: str, keyword: str) -> PathArg:
             raise SyntaxProblem("address must be enclosed in <>")
         address = token
     else:
-        close = rest.find(">")
+        close = _path_end(rest)
         if close < 0:
             raise SyntaxProblem("missing > after the address")
         address = rest[1:close]
@@ -92,6 +100,27 @@ def parse_path(arg: str, keyword: str) -> PathArg:
     return PathArg(address, params, raw)
 
 
+def _path_end(rest: str) -> int:
+    """Index of the ``>`` closing the path that opens at ``rest[0]``, or -1 if none.
+
+    Only a ">" outside quoted strings ends the path, so ``<"a>b"@example.org>`` is one
+    path (RFC 5321 4.1.2) and mailgate splits it where the upstream does.
+    """
+    body = _PATH_BODY.match(rest, 1)
+    end = body.end() if body else 1
+    if end == len(rest):
+        return -1
+    if rest[end] == '"':  # a quoted string that never closes stopped the match
+        raise SyntaxProblem("unterminated quoted string in the address")
+    return end
+
+
+def _quoted_end(text: str, start: int) -> int:
+    """End (exclusive) of the quoted string opening at ``text[start]``; -1 if unterminated."""
+    match = _QUOTED_STRING.match(text, start)
+    return match.end() if match else -1
+
+
 def _strip_source_route(address: str) -> str:
     # "<@relay1,@relay2:user@example.org>": RFC 5321 4.1.1.3 says to ignore the route.
     if address.startswith("@") and ":" in address:
@@ -102,25 +131,39 @@ def _strip_source_route(address: str) -> str:
 def _check_address(address: str) -> None:
     if not address:
         return  # the null path <>
-    if _CONTROL.search(address):
+    if _CONTROL.search(address) or _has_stray_gt(address):
         raise SyntaxProblem("invalid characters in address")
     # Spaces only inside a quoted local part ("john doe"@example.org, RFC 5321 4.1.2).
     unquoted = address[address.rfind('"') + 1 :] if address.startswith('"') else address
     if " " in unquoted:
         raise SyntaxProblem("invalid characters in address")
+    domain = _domain_part(address)
+    if domain and (len(domain.encode()) > MAX_DOMAIN or not _DOMAIN.match(domain)):
+        raise SyntaxProblem("invalid domain")
+
+
+def _has_stray_gt(address: str) -> bool:
+    """Whether a ">" sits anywhere but inside a quoted string opening the local part.
+
+    That is the only place RFC 5321 4.1.2 allows one. Anywhere else the upstream may
+    take it for the end of the path and read the rest as parameters, so it would judge
+    a different envelope than mailgate's checks did.
+    """
+    if ">" not in address:
+        return False
+    end = _quoted_end(address, 0) if address.startswith('"') else -1
+    return end < 0 or ">" in address[end:]
+
+
+def _domain_part(address: str) -> str:
+    """The domain of ``local@domain`` ("" for a bare local part such as postmaster)."""
     if address.startswith('"'):
         end = address.rfind('"')
         if end <= 0 or (not address[end + 1 :].startswith("@") and address[end + 1 :]):
             raise SyntaxProblem("malformed quoted local part")
-        local, domain = address[: end + 1], address[end + 2 :]
-    else:
-        local, sep, domain = address.rpartition("@")
-        if not sep:
-            local, domain = address, ""
-    if len(local.encode()) > MAX_LOCAL_PART + 2 * local.startswith('"'):
-        raise SyntaxProblem("local part too long")
-    if domain and (len(domain.encode()) > MAX_DOMAIN or not _DOMAIN.match(domain)):
-        raise SyntaxProblem("invalid domain")
+        return address[end + 2 :]
+    _, sep, domain = address.rpartition("@")
+    return domain if sep else ""
 
 
 def _parse_params(text: str) -> tuple[dict[str, str | None], tuple[str, ...]]:
