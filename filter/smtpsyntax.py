@@ -137,9 +137,17 @@ def _check_address(address: str) -> None:
     unquoted = address[address.rfind('"') + 1 :] if address.startswith('"') else address
     if " " in unquoted:
         raise SyntaxProblem("invalid characters in address")
+    if not address.startswith('"') and _SPECIALS.search(address.rpartition("@")[0] or address):
+        # Not atext (RFC 5321 4.1.2), and Postfix reads them the RFC 822 way: in
+        # <a(b@x> ENVID=)> it sees a comment and queues a@<its own domain>, while
+        # the checks would have judged a sender at x.
+        raise SyntaxProblem("invalid characters in the local part (quote it)")
     domain = _domain_part(address)
     if domain and (len(domain.encode()) > MAX_DOMAIN or not _DOMAIN.match(domain)):
         raise SyntaxProblem("invalid domain")
+
+
+_SPECIALS = re.compile(r'[()"\\<>,;:\[\]]')
 
 
 def _has_stray_gt(address: str) -> bool:

@@ -380,3 +380,32 @@ def test_domain_regex_is_linear(name: str) -> None:
     with pytest.raises(SyntaxProblem):
         parse_path(f"FROM:a@{name}", "FROM")
     assert time.perf_counter() - t0 < 0.05
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "FROM:<a(b@x.example> ENVID=)>",  # Postfix: a comment, queued as a@<its domain>
+        'FROM:<a"b"c@example.org>',
+        "FROM:<a\\b@example.org>",
+        "FROM:<a,b@example.org>",
+        "FROM:<a;b@example.org>",
+        "FROM:<a[b]@example.org>",
+    ],
+)
+def test_rfc822_specials_in_an_unquoted_local_part_are_refused(arg: str) -> None:
+    """Not atext (RFC 5321 4.1.2); Postfix would read another envelope than the checks."""
+    with pytest.raises(SyntaxProblem, match="local part"):
+        parse_path(arg, "FROM")
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        'FROM:<"a(b),c;d"@example.org>',
+        "FROM:<o'brien+x=y@example.org>",
+        "FROM:<a{b}|~!#$%&*=?^`@x.org>",
+    ],
+)
+def test_atext_and_quoted_specials_still_pass(arg: str) -> None:
+    assert parse_path(arg, "FROM").address == arg[6:-1]
