@@ -636,6 +636,11 @@ class Session:
         common = {"ADDR": addr, "NAME": name, "HELO": helo, "PROTO": c.proto}
         xclient = {**common, "PORT": str(c.port)} if self.policy.upstream.xclient else None
         xforward = {**common, "PORT": str(c.port), "IDENT": c.session_id, "SOURCE": "REMOTE"}
+        if name == "[TEMPUNAVAIL]":
+            # XCLIENT knows "the lookup failed, try later"; XFORWARD knows only
+            # [UNAVAILABLE], and Postfix answers anything else "501 Bad NAME syntax":
+            # every MAIL of a client with a broken reverse zone got 451.
+            xforward["NAME"] = "[UNAVAILABLE]"
         return xclient, xforward
 
     async def _upstream_call(self, stage: str, call: Callable[[UpstreamPort], object]) -> Reply:

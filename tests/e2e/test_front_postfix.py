@@ -158,3 +158,21 @@ def test_postfix_sees_the_forward_confirmed_client_name(
     assert b"(relay.sender.example [127.0.0.6])" in named
     assert b"(unknown [127.0.0.7])" in unnamed
     assert "client=relay.sender.example[127.0.0.6]" in mailbox_reset.maillog()
+
+
+def test_a_failed_ptr_lookup_is_not_a_failed_session(
+    front: StartMailgate, mailbox_reset: PostfixInstance, dns_zone: ZoneDNSServer
+) -> None:
+    """A SERVFAIL for the client's PTR: XCLIENT says NAME=[TEMPUNAVAIL], XFORWARD (which
+    knows no such word; Postfix refused it with 501) says [UNAVAILABLE]. Before, every
+    MAIL of such a client got 451 4.3.0."""
+    dns_zone.set_name_mode("20.0.0.127.in-addr.arpa", "servfail")
+    mg = front({"rdns": {"enabled": True}})
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.20") as c:
+        c.ehlo("lame.sender.example")
+        assert c.mail("alice@example.org")[0] == 250
+        c.rcpt("bob@example.test")
+        assert c.data(message("lame reverse zone"))[0] == 250
+    [msg] = mailbox_reset.wait_for_messages("bob", 1)
+    assert b"Subject: lame reverse zone" in msg and b"RDNS_TEMPERROR" in msg
+    assert "upstream failure" not in mg.logs()
