@@ -147,6 +147,26 @@ async def test_timeout_is_temp_error_quickly_and_not_cached(dns_zone: ZoneDNSSer
     assert (await r.resolve("slow.example.test", "A")).data == ("192.0.2.3",)
 
 
+async def test_a_resolver_slower_than_a_try_but_inside_the_budget_answers(
+    dns_zone: ZoneDNSServer,
+) -> None:
+    """Every try has its own socket: with a third of the budget per try, a resolver
+    answering in 0.4 s of a 1 s budget never got through (nor 1.1 s of 3 s)."""
+    dns_zone.add("sluggish.example.test", "A", "192.0.2.4")
+    dns_zone.set_delay(0.4)
+    r = make(dns_zone, timeout=1.0)
+    assert (await r.resolve("sluggish.example.test", "A")).data == ("192.0.2.4",)
+
+
+async def test_the_budget_bounds_the_whole_lookup(dns_zone: ZoneDNSServer) -> None:
+    dns_zone.set_mode("timeout")
+    r = make(dns_zone, timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(DNSTempError):
+        await r.resolve("never.example.test", "A")
+    assert time.monotonic() - t0 < 1.1  # was up to 1.4 s
+
+
 @pytest.mark.parametrize("mode", ["servfail", "refused"])
 async def test_servfail_and_refused_are_temp_errors(dns_zone: ZoneDNSServer, mode: str) -> None:
     dns_zone.set_name_mode("broken.example.test", mode)  # type: ignore[arg-type]
