@@ -113,10 +113,14 @@ def bind_socket(addr: Address, reuse_port: bool) -> socket.socket:
 
 
 def worker_limits(policy: Policy) -> tuple[int, int]:
-    """This process's share of the connection limits (see filter.limits)."""
+    """This process's connection limits: the whole of each (see filter.limits).
+
+    Not a 1/N share: SO_REUSEPORT spreads one client's connections over the workers
+    unevenly, so a share refused clients well below ``max_connections_per_ip`` (4
+    connections against 2 workers with a share of 2 each: refused 5 times in 8).
+    """
     srv = policy.server
-    n = srv.workers
-    return -(-srv.max_connections // n), -(-srv.max_connections_per_ip // n)
+    return srv.max_connections, srv.max_connections_per_ip
 
 
 def open_listeners(listen: Iterable[Address], reuse_port: bool) -> list[socket.socket]:

@@ -1,8 +1,9 @@
 """Connection limits: total and per client address (L1, pure bookkeeping).
 
-Counts what is open in this process. With ``server.workers = N`` each worker is given
-1/N of both limits (rounded up) and the kernel spreads connections across the
-workers' SO_REUSEPORT listeners, so the per-address limit is approximate there.
+Counts what is open in this process. With ``server.workers = N`` each worker applies
+both limits on its own (there is no shared counter): the kernel spreads connections
+across the workers' SO_REUSEPORT listeners unevenly, so a 1/N share would refuse
+clients below their limit; up to N times each limit can be open instead.
 """
 
 from __future__ import annotations

@@ -117,6 +117,21 @@ def test_connection_limit_per_ip(mailgate: StartMailgate) -> None:
         s.close()
 
 
+def test_per_ip_limit_with_two_workers_admits_up_to_the_limit(mailgate: StartMailgate) -> None:
+    """Each worker applies the whole limit: the kernel spreads one client's connections
+    over the workers unevenly, and a 1/N share refused clients below their limit."""
+    mg = mailgate({"server": {"workers": 2, "max_connections_per_ip": 4}})
+    for trial in range(6):
+        sessions = [
+            RawSMTP("127.0.0.1", mg.smtp_port, source_ip="127.0.0.13").connect() for _ in range(4)
+        ]
+        codes = [s.banner().code for s in sessions]
+        for s in sessions:
+            s.close()
+        assert codes == [220] * 4, (trial, codes)
+        time.sleep(0.2)  # the workers see the closes before the next round
+
+
 def test_connection_limit_total(mailgate: StartMailgate) -> None:
     mg = mailgate({"server": {"max_connections": 2}})
     a = _session(mg.smtp_port, "127.0.0.21")
