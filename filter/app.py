@@ -14,6 +14,7 @@ import errno
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -399,6 +400,38 @@ def _quiet_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+# Descriptors one session may hold at once: the client, the upstream, a DNS socket.
+FDS_PER_SESSION = 3
+FDS_SPARE = 64  # listeners, Redis pool, metrics, logs
+
+
+def raise_open_files_limit(max_connections: int) -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard one; warn when it cannot cover the sessions.
+
+    Debian's default soft limit is 1024, below what ``max_connections`` (1000) needs;
+    out of descriptors, the event loop accepts and at once closes connections, with no
+    reply and no log line. Returns the soft limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d: %s", soft, exc)
+    need = max_connections * FDS_PER_SESSION + FDS_SPARE
+    if soft < need:
+        log.warning(
+            "open files limit %d is below the %d that server.max_connections = %d needs: "
+            "connections past it are dropped without a reply (raise LimitNOFILE / ulimit -n)",
+            soft,
+            need,
+            max_connections,
+        )
+    return soft
+
+
 def _run(coro_factory: Callable[[], object]) -> None:
     _quiet_gc()
     with asyncio.Runner(loop_factory=_new_loop) as runner:
@@ -415,6 +448,7 @@ def serve(loaded: LoadedPolicy, config: Path) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     policy = loaded.policy
     setup_logging(policy.logging.format, policy.logging.level)
+    raise_open_files_limit(policy.server.max_connections)
     workers = policy.server.workers
     try:
         sockets = open_listeners(policy.server.listen, reuse_port=workers > 1)

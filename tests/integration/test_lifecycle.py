@@ -7,6 +7,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -423,3 +424,38 @@ def test_connect_checks_run_once_per_session(
         )
 
     assert (runs("rdns"), runs("dnsbl"), runs("helo")) == (2, 2, 2)
+
+
+def _nofile_after_raise(soft: int, hard: int, max_connections: int) -> tuple[str, str]:
+    """Run raise_open_files_limit in a child whose limits are (soft, hard)."""
+    code = (
+        "import logging, resource, sys\n"
+        "logging.basicConfig(stream=sys.stderr, format='%(message)s')\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+        "from filter.app import raise_open_files_limit\n"
+        f"print(raise_open_files_limit({max_connections}))\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr
+
+
+def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    """Debian's soft limit (1024) is below what 1000 sessions need; out of descriptors,
+    connections were accepted and dropped with no reply and no log line."""
+    out, err = _nofile_after_raise(256, 8192, 1000)
+    assert out.split() == ["8192", "8192"]
+    assert "open files limit" not in err
+
+
+def test_too_low_a_hard_limit_is_a_warning() -> None:
+    out, err = _nofile_after_raise(300, 300, 1000)
+    assert out.split() == ["300", "300"]
+    assert "open files limit 300 is below the 3064 that server.max_connections = 1000" in err
