@@ -20,8 +20,10 @@ could get a 250 for a message the upstream never received.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import select
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -320,7 +322,14 @@ class Upstream:
     async def _unsolicited(self, stage: str, stream: SMTPStream, where: str) -> None:
         """Input no command asked for: drop the connection and raise (never read it as
         a reply). The bytes go to the log; the caller counts the failure at ``stage``."""
-        got = await stream.read_some() if stream.buffered else b"(waiting in the socket)"
+        if stream.buffered:
+            got = await stream.read_some()
+        else:
+            closed = _peer_gone(stream)
+            if closed is not None:
+                self.abort()
+                raise UpstreamError(stage, f"connection {closed} by the upstream {where}")
+            got = b"(waiting in the socket)"
         self.abort()
         raise UpstreamError(stage, f"unsolicited input {where}: {got[:80]!r}")
 
@@ -386,6 +395,24 @@ def _input_poller(stream: SMTPStream) -> select.poll | None:
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     return poller
+
+
+def _peer_gone(stream: SMTPStream) -> str | None:
+    """ "closed" or "reset" when what waits in the socket is the end of the connection,
+    not bytes (a peek on a duplicate of the descriptor; the failure path only)."""
+    sock = stream.transport.get_extra_info("socket") if stream.transport else None
+    if sock is None:
+        return None
+    try:
+        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+            data = dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except ConnectionResetError:
+        return "reset"
+    except OSError:
+        return None
+    return "closed" if data == b"" else None
 
 
 def _set_nodelay(stream: SMTPStream) -> None:
