@@ -112,14 +112,14 @@ def test_quoted_and_dotted_forgeries_of_our_id_are_removed(
     dot claim our id as much as the bare name does."""
     mg = mailgate(AUTH_CHECKS_OFF)
     forged = (
-        b'Authentication-Results: "mx.mailgate.test"; spf=pass smtp.mailfrom=F1\r\n'
-        b"Authentication-Results: mx.mailgate.test.; dkim=pass header.d=F2\r\n"
-        b"Authentication-Results: (a (b) c) MX.mailgate.test; dmarc=pass header.from=F3\r\n"
+        b'Authentication-Results: "mx.mailgate.test"; spf=pass smtp.mailfrom=forged-1\r\n'
+        b"Authentication-Results: mx.mailgate.test.; dkim=pass header.d=forged-2\r\n"
+        b"Authentication-Results: (a (b) c) MX.mailgate.test; dmarc=pass header.from=forged-3\r\n"
     )
     _send(mg.smtp_port, forged)
     [txn] = upstream.wait_for_transactions(1)
     head = txn.message.split(b"\r\n\r\n", 1)[0]
-    assert b"F1" not in head and b"F2" not in head and b"F3" not in head
+    assert b"forged-1" not in head and b"forged-2" not in head and b"forged-3" not in head
     assert head.count(b"Authentication-Results:") == 1
 
 
