@@ -644,7 +644,8 @@ class Session:
         return xclient, xforward
 
     async def _upstream_call(self, stage: str, call: Callable[[UpstreamPort], object]) -> Reply:
-        await self._upstream_quiet()
+        if self._keepalive_task is not None:  # rare: a NOOP is on the wire
+            await self._upstream_quiet()
         self._upstream_busy = True
         try:
             reply = await self._upstream_exchange(stage, call)
