@@ -63,43 +63,44 @@ def _start_transaction(mg: MailgateProcess) -> RawSMTP:
     return c
 
 
-def test_slow_body_upload_is_delivered(
+@pytest.fixture
+def kept_alive(
     tmp_path: Path, impatient_postfix: PostfixInstance, dns_server: ZoneDNSServer
-) -> None:
+) -> Iterator[MailgateProcess]:
+    """mailgate with a keep-alive well inside Postfix's 2 s timeout; Maildirs emptied."""
     impatient_postfix.clear_mail()
     mg = _mailgate(tmp_path, impatient_postfix, dns_server, "500ms")
-    try:
-        with _start_transaction(mg) as c:
-            assert c.cmd("DATA").code == 354
-            body = message("slow upload").split(b"\r\n")
-            deadline = time.monotonic() + 2.5 * SMTPD_TIMEOUT
-            for line in body:  # the body, a line at a time, over five seconds
-                c.send(line + b"\r\n")
-                time.sleep(max(0.0, (deadline - time.monotonic()) / len(body)))
-            c.send(b".\r\n")
-            reply = c.read_reply(timeout=10)
-            assert reply.code == 250 and re.search(r"queued as [A-Z0-9]+", reply.text), reply
-        [msg] = impatient_postfix.wait_for_messages("bob", 1)
-        assert b"Subject: slow upload" in msg
-    finally:
-        mg.stop()
+    yield mg
+    mg.stop()
+
+
+def test_slow_body_upload_is_delivered(
+    kept_alive: MailgateProcess, impatient_postfix: PostfixInstance
+) -> None:
+    with _start_transaction(kept_alive) as c:
+        assert c.cmd("DATA").code == 354
+        body = message("slow upload").split(b"\r\n")
+        deadline = time.monotonic() + 2.5 * SMTPD_TIMEOUT
+        for line in body:  # the body, a line at a time, over five seconds
+            c.send(line + b"\r\n")
+            time.sleep(max(0.0, (deadline - time.monotonic()) / len(body)))
+        c.send(b".\r\n")
+        reply = c.read_reply(timeout=10)
+        assert reply.code == 250 and re.search(r"queued as [A-Z0-9]+", reply.text), reply
+    [msg] = impatient_postfix.wait_for_messages("bob", 1)
+    assert b"Subject: slow upload" in msg
 
 
 def test_pause_between_commands_keeps_the_transaction(
-    tmp_path: Path, impatient_postfix: PostfixInstance, dns_server: ZoneDNSServer
+    kept_alive: MailgateProcess, impatient_postfix: PostfixInstance
 ) -> None:
-    impatient_postfix.clear_mail()
-    mg = _mailgate(tmp_path, impatient_postfix, dns_server, "500ms")
-    try:
-        with _start_transaction(mg) as c:
-            time.sleep(2 * SMTPD_TIMEOUT)
-            assert c.cmd("RCPT TO:<carol@example.test>").code == 250
-            assert c.cmd("DATA").code == 354
-            c.send(message("after a pause") + b"\r\n.\r\n")
-            assert c.read_reply(timeout=10).code == 250
-        assert len(impatient_postfix.wait_for_messages("carol", 1)) == 1
-    finally:
-        mg.stop()
+    with _start_transaction(kept_alive) as c:
+        time.sleep(2 * SMTPD_TIMEOUT)
+        assert c.cmd("RCPT TO:<carol@example.test>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(message("after a pause") + b"\r\n.\r\n")
+        assert c.read_reply(timeout=10).code == 250
+    assert len(impatient_postfix.wait_for_messages("carol", 1)) == 1
 
 
 def test_lost_connection_is_a_temporary_failure(
