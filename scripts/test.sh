@@ -25,7 +25,18 @@ run() {
 
 run ruff .venv/bin/ruff check
 run mypy .venv/bin/mypy
-run pytest .venv/bin/python -m pytest tests -q -p no:cacheprovider
+# pytest-xdist: one worker per core, at most 4 (each worker has a Redis database and a
+# slice of the port range of its own: tests/rig/workers.py). More workers than cores
+# starve the tests that time clients and servers. MAILGATE_TEST_WORKERS=0 runs serially.
+workers="${MAILGATE_TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
+if ! [[ "$workers" =~ ^[0-9]+$ ]]; then
+    echo "test.sh: MAILGATE_TEST_WORKERS must be a number, not '$workers'" >&2
+    exit 2
+fi
+[ "$workers" -gt 4 ] && workers=4
+parallel=()
+[ "$workers" -gt 1 ] && parallel=(-n "$workers")
+run pytest .venv/bin/python -m pytest tests -q -p no:cacheprovider "${parallel[@]}"
 
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "test.sh: FAILED: ${failed[*]}" >&2

@@ -25,8 +25,9 @@ from tests.rig.dnsserver import ZoneDNSServer, base_records  # noqa: E402
 from tests.rig.ports import free_port as _free_port  # noqa: E402
 from tests.rig.postfix import PostfixInstance  # noqa: E402
 from tests.rig.upstream import ScriptedUpstream  # noqa: E402
+from tests.rig.workers import TEST_REDIS_URL  # noqa: E402
 
-REDIS_URL = "redis://127.0.0.1:6379/9"
+REDIS_URL = TEST_REDIS_URL
 
 
 # -- event loops ---------------------------------------------------------------------------

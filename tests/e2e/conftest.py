@@ -11,6 +11,7 @@ import pytest
 from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.mailgate import MailgateProcess, deep_merge
 from tests.rig.postfix import PostfixInstance
+from tests.rig.workers import TEST_REDIS_URL
 
 StartMailgate = Callable[..., MailgateProcess]
 
@@ -28,7 +29,7 @@ def front(
                 "upstream": {"address": f"127.0.0.1:{mailbox_reset.listen_port}", "xclient": True},
                 "dns": {"nameservers": [dns_server.nameserver], "timeout": "1s"},
                 "greylist": {"enabled": False},
-                "redis": {"url": "redis://127.0.0.1:6379/9"},
+                "redis": {"url": TEST_REDIS_URL},
             },
             overrides or {},
         )
@@ -57,7 +58,7 @@ def filter_mode(
         "upstream": {"address": f"127.0.0.1:{postfix_filter.after_filter_port}", "xclient": True},
         "dns": {"nameservers": [dns_server.nameserver], "timeout": "1s"},
         "greylist": {"enabled": False},
-        "redis": {"url": "redis://127.0.0.1:6379/9"},
+        "redis": {"url": TEST_REDIS_URL},
     }
     mg = MailgateProcess(tmp_path / "mg-filter", policy, smtp_port=postfix_filter.proxy_filter_port)
     mg.start()

@@ -25,6 +25,7 @@ from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.mailgate import MailgateProcess
 from tests.rig.ports import free_port
 from tests.rig.postfix import PostfixInstance
+from tests.rig.workers import TEST_REDIS_URL
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -77,7 +78,7 @@ def _mailgate(tmp_path: Path, dropin: str, smtp_port: int, dns: ZoneDNSServer) -
         {
             "dns": {"nameservers": [dns.nameserver], "timeout": "1s"},
             "greylist": {"enabled": False},
-            "redis": {"url": "redis://127.0.0.1:6379/9"},
+            "redis": {"url": TEST_REDIS_URL},
         },
         smtp_port=smtp_port,
     )

@@ -25,6 +25,7 @@ from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.mailgate import MailgateProcess
 from tests.rig.ports import free_port
 from tests.rig.postfix import PostfixInstance
+from tests.rig.workers import TEST_REDIS_URL
 
 SMTPD_TIMEOUT = 2.0
 
@@ -49,7 +50,7 @@ def _mailgate(
             "upstream": {"address": f"127.0.0.1:{postfix.listen_port}", "keepalive": keepalive},
             "dns": {"nameservers": [dns.nameserver], "timeout": "1s"},
             "greylist": {"enabled": False},
-            "redis": {"url": "redis://127.0.0.1:6379/9"},
+            "redis": {"url": TEST_REDIS_URL},
         },
     ).start()
 

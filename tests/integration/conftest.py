@@ -17,14 +17,15 @@ from filter.units import Address
 from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.mailgate import MailgateProcess, deep_merge
 from tests.rig.upstream import ScriptedUpstream
+from tests.rig.workers import TEST_REDIS_URL
 
 BASE_POLICY: dict[str, Any] = {
     "upstream": {"timeout": "3s", "connect_timeout": "2s"},
     "server": {"command_timeout": "10s"},
     # Greylisting (on by default) would answer every first attempt with 451; tests that
-    # are about it switch it on. The test Redis database is 9.
+    # are about it switch it on. The test Redis database is the worker's own (tests/rig/workers.py).
     "greylist": {"enabled": False},
-    "redis": {"url": "redis://127.0.0.1:6379/9"},
+    "redis": {"url": TEST_REDIS_URL},
 }
 
 StartMailgate = Callable[..., MailgateProcess]
@@ -86,7 +87,7 @@ def message(
     ).encode()
 
 
-# -- the real Redis (db 9 through the redis_url fixture) ------------------------------------
+# -- the real Redis (the test database, through the redis_url fixture) ---------------------
 @pytest.fixture
 def metrics() -> Metrics:
     """A fresh registry per test, so counts start at zero."""

@@ -1,7 +1,8 @@
 """``mailgate check FILE.eml`` as an admin runs it, and the CLI plumbing every command shares.
 
-Every command runs as a real ``python -m filter`` subprocess against real Redis (db 9,
-``redis_url``) and the loopback DNS server (``dns_zone``); no test reaches real DNS.
+Every command runs as a real ``python -m filter`` subprocess against real Redis (the
+test database, ``redis_url``) and the loopback DNS server (``dns_zone``); no test
+reaches real DNS.
 The parity tests also drive a live mailgate (``mailgate`` fixture) over SMTP and hold
 the dry run's stage and reply against the live session's.
 """
@@ -35,7 +36,7 @@ CLIENT = "192.0.2.10"  # SPF-permitted for example.test below
 SENDER = "alice@example.test"
 RCPT = "bob@example.org"
 ZONE = "zen.bl.test"
-PREFIX = f"mailgate-check-{os.getpid()}:"  # our keys alone, whatever else uses db 9
+PREFIX = f"mailgate-check-{os.getpid()}:"  # our keys alone, whatever else uses the test database
 
 MESSAGE = (
     b"From: Alice <alice@example.test>\r\n"

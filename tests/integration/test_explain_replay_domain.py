@@ -1,6 +1,6 @@
 """``mailgate explain``, ``check --replay`` and ``domain`` as an admin runs them.
 
-Real Redis (db 9, ``redis_url``), the loopback DNS server (``dns_zone``) and every
+Real Redis (the test database, ``redis_url``), the loopback DNS server (``dns_zone``) and every
 command as a real ``python -m filter`` subprocess. No test reaches real DNS: each
 policy points ``dns.nameservers`` at the test server.
 """

@@ -1,4 +1,4 @@
-"""The greylist check against the real Redis (db 9, flushed per test), no mocks.
+"""The greylist check against the real Redis (the worker's test db, flushed per test), no mocks.
 
 Time is the check's injectable ``Context.clock`` except in one test that waits a
 real second: the store keeps the caller's times, so minutes of greylisting can be

@@ -1,8 +1,8 @@
 """``mailgate greylist stats|show|allow|forget`` as an admin runs them, against real Redis.
 
 Each command is a real ``python -m filter`` subprocess with a policy whose
-``redis.url`` points at the tests' db 9; state is seeded and checked through the
-same Store and check the mail path uses.
+``redis.url`` points at the tests' database (``tests.rig.workers``); state is seeded
+and checked through the same Store and check the mail path uses.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import AUTH_CHECKS_OFF, StartMailgate, message
 from tests.rig.client import RawSMTP, smtp_client
 from tests.rig.mailgate import MailgateProcess
+from tests.rig.redisserver import wait_until
 from tests.rig.upstream import ScriptedUpstream
+from tests.rig.workers import TEST_REDIS_URL
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -94,7 +96,7 @@ def test_metrics_move_with_traffic(mailgate: StartMailgate, upstream: ScriptedUp
 
 
 def test_health_and_readiness(mailgate: StartMailgate, upstream: ScriptedUpstream) -> None:
-    mg = mailgate({"redis": {"url": "redis://127.0.0.1:6379/9"}})
+    mg = mailgate({"redis": {"url": TEST_REDIS_URL}})
     assert _get(f"http://127.0.0.1:{mg.metrics_port}/healthz")[0] == 200
     assert _get(f"http://127.0.0.1:{mg.metrics_port}/readyz")[0] == 200
     upstream.refuse()
@@ -253,8 +255,8 @@ def test_health_api_stays_up_while_a_session_drains(
     assert r.cmd("DATA").code == 354
     r.send(b"Subject: draining\r\n\r\nfirst half\r\n")  # mid-DATA: the session is busy
     mg.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert _refused(mg.smtp_port)  # no new SMTP sessions
+    # no new SMTP sessions (polled: with two workers the signal passes the supervisor)
+    wait_until(lambda: _refused(mg.smtp_port), "the SMTP listener to close", timeout=5)
     assert _get(f"{mg.metrics_url}/healthz") == (200, "ok\n")
     status, body = _get(f"{mg.metrics_url}/readyz")
     assert status == 503 and "shutting down" in body

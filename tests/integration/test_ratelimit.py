@@ -1,4 +1,4 @@
-"""Rate limits against the real Redis (db 9, flushed per test), no mocks.
+"""Rate limits against the real Redis (the worker's test db, flushed per test), no mocks.
 
 Time is the checks' injectable ``Context.clock`` where a window has to slide by
 minutes; one test waits a real second with the default clock. Redis TTLs (real time)

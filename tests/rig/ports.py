@@ -5,7 +5,9 @@ ephemeral port, and between releasing it and the server binding it again any
 outgoing connection of the suite (SMTP clients, Postfix, redis-py) may take it as
 its local port: CI once lost a run to exactly that (EADDRINUSE on the metrics
 port).  Below the ephemeral range only listeners compete, and each port is handed
-out once per test process.
+out once per test process. Under pytest-xdist every worker picks from a slice of the
+range of its own (``tests.rig.workers.worker_slice``), so two workers never race for one
+port.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import random
 import socket
 from pathlib import Path
+
+from tests.rig.workers import worker_slice
 
 _handed_out: set[int] = set()
 _rng = random.Random(os.getpid())
@@ -45,7 +49,9 @@ def _kernel_port(host: str) -> int:
 
 
 def _pick(host: str, low: int, high: int, also: int = 0) -> int | None:
-    """A port in [low, high) free on host (and port+also when also is set)."""
+    """A port in this worker's slice of [low, high) free on host (and port+also when
+    also is set)."""
+    low, high = worker_slice(low, high)
     if high - low < 100:
         return None
     for _ in range(500):

@@ -22,6 +22,7 @@ from filter.greylist import (
 )
 from filter.policy.schema import policy_from_dict
 from filter.store import KEYS, Store, parse_store_url
+from tests.rig.workers import TEST_REDIS_URL
 
 
 @pytest.mark.parametrize(
@@ -169,7 +170,7 @@ def test_forget_accepts_any_width() -> None:
 
 
 def test_key_names_come_from_the_keys_table() -> None:
-    store = Store("redis://127.0.0.1:6379/9", "mg:")  # builds a client, connects to nothing
+    store = Store(TEST_REDIS_URL, "mg:")  # builds a client, connects to nothing
     assert store.key("triplet", "ab12") == "mg:gl:t:ab12"
     assert store.key("awl", "192.0.2.0/24") == "mg:gl:awl:192.0.2.0/24"
     assert store.key("allow") == "mg:gl:allow"
