@@ -4,6 +4,7 @@ One process runs one event loop (uvloop when installed). ``server.workers = N`` 
 N worker processes that share the listening ports (SO_REUSEPORT); the parent keeps
 the metrics/health listener, aggregates metrics across workers (prometheus-client
 multiprocess mode), forwards SIGHUP/SIGTERM and restarts a worker that dies.
+Workers watch the parent through a pipe and drain and exit when it is gone.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ from filter.units import Address
 log = logging.getLogger("mailgate.app")
 
 LISTEN_BACKLOG = 1024
+
+#: Signals mailgate handles, blocked from the start of ``serve`` until the process has
+#: its handlers: their default actions would kill a process that is still starting (a
+#: supervisor killed that way leaves its workers running with nobody to stop them). A
+#: blocked signal stays pending and reaches the handler once it is installed.
+HANDLED_SIGNALS = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
 
 
 def tls_context(policy: Policy) -> ssl.SSLContext | None:
@@ -208,11 +215,18 @@ class Server:
     """The serving process: listeners, sessions, reload and graceful shutdown."""
 
     def __init__(
-        self, loaded: LoadedPolicy, config: Path, metrics: Metrics, worker: int | None = None
+        self,
+        loaded: LoadedPolicy,
+        config: Path,
+        metrics: Metrics,
+        worker: int | None = None,
+        parent_watch: int | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.worker = worker
+        # A worker's end of the supervisor's pipe: end of file means the supervisor died.
+        self.parent_watch = parent_watch
         self.runtime = build_runtime(loaded.policy, metrics)
         self.limiter = ConnectionLimiter(*worker_limits(loaded.policy))
         self.caps = CapabilityCache()
@@ -314,14 +328,39 @@ class Server:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
 
+    def _supervisor_gone(self) -> None:
+        """The supervisor's pipe became readable: end of file means it died (even by
+        SIGKILL, which it cannot forward). A worker left alone would serve on forever
+        with nobody to reload, stop or restart it, so it drains and exits."""
+        assert self.parent_watch is not None
+        try:
+            data = os.read(self.parent_watch, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            return  # nothing is ever written; ignore rather than spin
+        asyncio.get_running_loop().remove_reader(self.parent_watch)
+        event(
+            log,
+            "supervisor_gone",
+            level=logging.ERROR,
+            worker=self.worker if self.worker is not None else "",
+            pid=os.getpid(),
+        )
+        self.stopping.set()
+
     async def serve(self, sockets: list[socket.socket], http: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        # A worker is forked with SIGHUP blocked (see _supervise): one that came while
-        # it started is delivered now, to the handler.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        if self.parent_watch is not None:
+            loop.add_reader(self.parent_watch, self._supervisor_gone)
+        # serve() and _supervise() start a process with HANDLED_SIGNALS blocked: one that
+        # came while it started is delivered now, to its handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         await self.start(sockets, http)
         addrs = ", ".join(str(a) for a in self.policy.server.listen)
         event(
@@ -336,6 +375,9 @@ class Server:
         )
         await self.stopping.wait()
         await self.drain()
+        # Closing the loop puts the default actions back; a late SIGTERM must not turn
+        # a clean exit into death by signal.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
 
 
 SHUTTING_DOWN = "shutting down"
@@ -441,11 +483,12 @@ def _run(coro_factory: Callable[[], object]) -> None:
 def serve(loaded: LoadedPolicy, config: Path) -> int:
     """``mailgate serve``: bind, then run one process or a parent with workers.
 
-    SIGHUP is blocked until the process has its reload handler (``Server.serve``,
-    or the supervisor's loop): a SIGHUP sent while mailgate starts is then a reload
-    once it runs, instead of its default action, which is to kill the process.
+    ``HANDLED_SIGNALS`` are blocked until the process has its handlers (``Server.serve``,
+    or the supervisor's loop): a SIGHUP sent while mailgate starts is then a reload once
+    it runs, and a SIGTERM a graceful stop, instead of their default action, which is to
+    kill the process (a supervisor killed while forking would orphan its workers).
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     policy = loaded.policy
     setup_logging(policy.logging.format, policy.logging.level)
     raise_open_files_limit(policy.server.max_connections)
@@ -480,28 +523,36 @@ def serve(loaded: LoadedPolicy, config: Path) -> int:
 def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socket.socket) -> int:
     """Parent of ``server.workers`` processes: fork, forward signals, restart, aggregate.
 
-    SIGHUP stays blocked (see ``serve``) until a process has its handler: its default
-    action would kill a supervisor or worker that is still starting. A blocked SIGHUP
-    is kept pending and delivered (a reload) once the handler is in place. A worker restarted
-    after a crash starts with the policy of the last good reload, not the first one.
+    ``HANDLED_SIGNALS`` stay blocked (see ``serve``) until a process has its handlers:
+    their default action would kill a supervisor or worker that is still starting. A
+    blocked signal is kept pending and delivered (a reload, a stop) once the handler is
+    in place. A worker restarted after a crash starts with the policy of the last good
+    reload, not the first one.
+
+    Every worker holds the read end of a pipe whose write end only the supervisor
+    keeps: when the supervisor dies, however it dies, the workers read end of file and
+    drain and exit instead of serving on as orphans (``Server._supervisor_gone``).
     """
     children: dict[int, int] = {}
     current = {"loaded": loaded}
+    watch_read, watch_write = os.pipe()
+    os.set_blocking(watch_read, False)
 
     def spawn(index: int) -> None:
         flush_logs()  # a child must not inherit (and repeat) buffered lines
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         pid = os.fork()
         if pid != 0:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        else:  # child: its own loop, no HTTP listener; SIGHUP blocked until it serves
+        else:  # child: its own loop, no HTTP listener; signals blocked until it serves
             code = 0
             http.close()  # the parent's: metrics and health are served there
+            os.close(watch_write)  # only the supervisor may keep the pipe open
             try:
                 policy = current["loaded"]
                 sockets = open_listeners(policy.policy.server.listen, reuse_port=True)
-                server = Server(policy, config, metrics, worker=index)
-                _run(lambda: server.serve(sockets, http=None))  # unblocks SIGHUP
+                server = Server(policy, config, metrics, worker=index, parent_watch=watch_read)
+                _run(lambda: server.serve(sockets, http=None))  # unblocks the signals
             except BaseException:
                 log.exception("worker %d crashed", index)
                 code = 1
@@ -532,7 +583,6 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
             forward(signal.SIGHUP)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
         def on_stop(sig: signal.Signals) -> None:
             stopping.set()
@@ -540,6 +590,7 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop, sig)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
         async def readiness() -> list[str]:
             if stopping.is_set():  # as Server.readiness: known without probing
@@ -565,6 +616,7 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
                     log.error("worker %d (pid %d) died; restarting it", index, pid)
                     spawn(index)
         api.close()
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)  # as in Server.serve
 
     _run(parent)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -17,9 +18,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import AUTH_CHECKS_OFF, StartMailgate, message
+from tests.integration.conftest import AUTH_CHECKS_OFF, BASE_POLICY, StartMailgate, message
 from tests.rig.client import RawSMTP, smtp_client
-from tests.rig.mailgate import MailgateProcess
+from tests.rig.mailgate import REPO, MailgateProcess, deep_merge
 from tests.rig.redisserver import wait_until
 from tests.rig.upstream import ScriptedUpstream
 from tests.rig.workers import TEST_REDIS_URL
@@ -396,6 +397,95 @@ def test_sighups_while_a_worker_restarts_are_reloads_not_its_death(
     assert mg.logs().count("died; restarting it") == 1, mg.logs()
     assert len(_children(mg.proc.pid)) == 2
     assert _send_one(mg)[0] == 250
+
+
+def _gone(pids: list[int]) -> bool:
+    """True when none of pids is alive (a zombie of a dead parent is reaped by init)."""
+    return not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+def _kill_leftovers(mg: MailgateProcess, pids: list[int]) -> None:
+    """SIGKILL those of pids that still run mg's mailgate (a failed test leaves no
+    orphans behind; the cmdline check guards against a reused pid)."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if str(mg.dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """A supervisor killed outright (OOM killer, SIGKILL) cannot forward anything. Its
+    workers must not serve on as orphans that nobody reloads, stops or restarts, and
+    that keep the port from a new mailgate: they finish what is in flight and exit."""
+    mg = mailgate({"server": {"workers": 2, "shutdown_grace": "10s"}})
+    _wait_for_events(mg, "started", 2)
+    assert mg.proc is not None
+    workers = _children(mg.proc.pid)
+    assert len(workers) == 2
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    r.banner()
+    r.cmd("EHLO client.example.org")
+    assert r.cmd("MAIL FROM:<alice@example.org>").code == 250
+    assert r.cmd("RCPT TO:<bob@example.test>").code == 250
+    assert r.cmd("DATA").code == 354
+    r.send(b"Subject: orphaned\r\n\r\nfirst half\r\n")
+    mg.proc.kill()
+    mg.proc.wait(5)
+    try:
+        wait_until(lambda: _refused(mg.smtp_port), "the workers to close the SMTP listener", 5)
+        r.send(b"second half\r\n.\r\n")
+        assert r.read_reply().code == 250  # drained, not cut off
+        r.close()
+        wait_until(lambda: _gone(workers), "the orphaned workers to exit", 10)
+    finally:
+        _kill_leftovers(mg, workers)
+    assert mg.logs().count("event=supervisor_gone") == 2, mg.logs()
+    [txn] = upstream.wait_for_transactions(1)
+    assert txn.message.endswith(b"first half\r\nsecond half\r\n")
+
+
+def test_sigterm_while_the_supervisor_starts_stops_every_process(
+    tmp_path: Path, upstream: ScriptedUpstream
+) -> None:
+    """SIGTERM as soon as the first worker is forked, while the supervisor is still
+    starting: it must not die of the signal's default action and orphan its workers.
+    The signals start as soon as a child exists, three times over."""
+    for attempt in range(3):
+        mg = MailgateProcess(
+            tmp_path / f"mg{attempt}",
+            deep_merge(
+                BASE_POLICY, {"upstream": {"address": upstream.address}, "server": {"workers": 2}}
+            ),
+        )
+        mg.write_policy()
+        with open(mg.stderr_path, "wb") as err:  # a file: orphans would hold a pipe open
+            proc = subprocess.Popen(mg.command(), cwd=REPO, stderr=err)
+        children: list[int] = []
+        try:
+            # /proc/PID/task/PID/children is one small read: the poll spins fast enough
+            # to signal within the milliseconds between the fork and the handlers.
+            listing = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            deadline = time.monotonic() + 15
+            while not children and time.monotonic() < deadline and proc.poll() is None:
+                children = [int(c) for c in listing.read_text().split()]
+            assert children, "no worker was forked"
+            # SIGTERM again and again through the supervisor's start: a dozen signals
+            # are one stop, and none may land before the handler and kill it.
+            until = time.monotonic() + 0.3
+            while time.monotonic() < until and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.001)
+            proc.wait(15)
+            assert proc.returncode == 0, mg.stderr()
+            time.sleep(0.3)
+            assert _gone(children), f"attempt {attempt}: workers {children} outlived the supervisor"
+            assert _refused(mg.smtp_port)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            _kill_leftovers(mg, children)
 
 
 def test_connect_checks_run_once_per_session(
