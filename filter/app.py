@@ -316,14 +316,27 @@ class Server:
         self.frontend.interrupt_idle()
         tasks = set(self.frontend.tasks)
         event(log, "shutdown", sessions=len(tasks), grace=self.policy.server.shutdown_grace)
+        began = time.monotonic()
+        cut = 0
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.policy.server.shutdown_grace)
+            cut = len(pending)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
         if self.http is not None:
             self.http.close()
+        # The last line of a clean stop: its absence in the log means a crash or a kill.
+        # sessions_cut counts sessions still open when shutdown_grace ran out.
+        level = logging.WARNING if cut else logging.INFO
+        event(
+            log,
+            "stopped",
+            level=level,
+            sessions_cut=cut,
+            seconds=round(time.monotonic() - began, 3),
+        )
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)

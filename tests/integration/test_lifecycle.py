@@ -177,6 +177,30 @@ def test_sigterm_drains_a_transaction_in_flight(
     assert result["quit"][0] == 221  # type: ignore[index]
     assert mg.wait(timeout=10) == 0
     assert len(upstream.transactions) == 1
+    assert "event=stopped sessions_cut=0 " in mg.logs()
+
+
+def test_a_session_still_open_when_the_grace_runs_out_gets_421(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """Past shutdown_grace a session is ended with 421 (the client retries later), its
+    half-received message is never relayed, and the last log line says so."""
+    mg = mailgate({"server": {"shutdown_grace": "1s"}})
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    r.banner()
+    r.cmd("EHLO client.example.org")
+    assert r.cmd("MAIL FROM:<alice@example.org>").code == 250
+    assert r.cmd("RCPT TO:<bob@example.test>").code == 250
+    assert r.cmd("DATA").code == 354
+    r.send(b"Subject: cut\r\n\r\nhalf a message\r\n")
+    mg.send_signal(signal.SIGTERM)
+    reply = r.read_reply(timeout=5)
+    assert (reply.code, reply.text.split()[0]) == (421, "4.3.2")
+    r.close()
+    assert mg.wait(timeout=10) == 0
+    assert upstream.transactions == []
+    stopped = _events(mg, "stopped")
+    assert [(e["level"], e["sessions_cut"]) for e in stopped] == [("warning", "1")]
 
 
 def test_two_workers_share_the_port_and_the_metrics(
