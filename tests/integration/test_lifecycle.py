@@ -148,6 +148,18 @@ def test_sighup_applies_a_valid_policy_and_refuses_a_broken_one(
     assert r.cmd("RCPT TO:<carol@example.test>").code == 250
 
 
+def _inside_data(mg: MailgateProcess, first_part: bytes) -> RawSMTP:
+    """A session whose message is half sent: after DATA's 354 and ``first_part``."""
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    r.banner()
+    r.cmd("EHLO client.example.org")
+    assert r.cmd("MAIL FROM:<alice@example.org>").code == 250
+    assert r.cmd("RCPT TO:<bob@example.test>").code == 250
+    assert r.cmd("DATA").code == 354
+    r.send(first_part)
+    return r
+
+
 def test_sigterm_drains_a_transaction_in_flight(
     mailgate: StartMailgate, upstream: ScriptedUpstream
 ) -> None:
@@ -186,13 +198,7 @@ def test_a_session_still_open_when_the_grace_runs_out_gets_421(
     """Past shutdown_grace a session is ended with 421 (the client retries later), its
     half-received message is never relayed, and the last log line says so."""
     mg = mailgate({"server": {"shutdown_grace": "1s"}})
-    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
-    r.banner()
-    r.cmd("EHLO client.example.org")
-    assert r.cmd("MAIL FROM:<alice@example.org>").code == 250
-    assert r.cmd("RCPT TO:<bob@example.test>").code == 250
-    assert r.cmd("DATA").code == 354
-    r.send(b"Subject: cut\r\n\r\nhalf a message\r\n")
+    r = _inside_data(mg, b"Subject: cut\r\n\r\nhalf a message\r\n")
     mg.send_signal(signal.SIGTERM)
     reply = r.read_reply(timeout=5)
     assert (reply.code, reply.text.split()[0]) == (421, "4.3.2")
@@ -272,13 +278,7 @@ def test_health_api_stays_up_while_a_session_drains(
     answer until the last session is done: the process still serves, and a balancer
     must read "shutting down" rather than a refused connection."""
     mg = mailgate({"server": {"shutdown_grace": "10s", "workers": workers}})
-    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
-    r.banner()
-    r.cmd("EHLO client.example.org")
-    assert r.cmd("MAIL FROM:<alice@example.org>").code == 250
-    assert r.cmd("RCPT TO:<bob@example.test>").code == 250
-    assert r.cmd("DATA").code == 354
-    r.send(b"Subject: draining\r\n\r\nfirst half\r\n")  # mid-DATA: the session is busy
+    r = _inside_data(mg, b"Subject: draining\r\n\r\nfirst half\r\n")  # the session is busy
     mg.send_signal(signal.SIGTERM)
     # no new SMTP sessions (polled: with two workers the signal passes the supervisor)
     wait_until(lambda: _refused(mg.smtp_port), "the SMTP listener to close", timeout=5)
@@ -448,13 +448,7 @@ def test_workers_drain_and_exit_when_the_supervisor_is_killed(
     assert mg.proc is not None
     workers = _children(mg.proc.pid)
     assert len(workers) == 2
-    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
-    r.banner()
-    r.cmd("EHLO client.example.org")
-    assert r.cmd("MAIL FROM:<alice@example.org>").code == 250
-    assert r.cmd("RCPT TO:<bob@example.test>").code == 250
-    assert r.cmd("DATA").code == 354
-    r.send(b"Subject: orphaned\r\n\r\nfirst half\r\n")
+    r = _inside_data(mg, b"Subject: orphaned\r\n\r\nfirst half\r\n")
     mg.proc.kill()
     mg.proc.wait(5)
     try:
