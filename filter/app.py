@@ -533,6 +533,37 @@ def serve(loaded: LoadedPolicy, config: Path) -> int:
     return _supervise(loaded, config, metrics, http)
 
 
+class RestartBackoff:
+    """When to restart a worker that died: at once, unless it keeps dying young.
+
+    A worker that cannot start (a certificate file deleted after the reload that named
+    it, a full disk) would otherwise be forked again five times a second, forever,
+    burning a core and flooding the log, as Postfix's master avoids with its
+    ``service_throttle_time``. A death within ``FAST`` seconds of the start doubles
+    the delay (1, 2, 4 … ``LONGEST`` s); a worker that lived longer resets it.
+    """
+
+    FAST = 10.0
+    LONGEST = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.born: dict[int, float] = {}
+        self.fast_deaths: dict[int, int] = {}
+
+    def started(self, index: int) -> None:
+        self.born[index] = self.clock()
+
+    def delay(self, index: int) -> float:
+        """Seconds to wait before restarting worker ``index``, which just died."""
+        lived = self.clock() - self.born.get(index, float("-inf"))
+        if lived >= self.FAST:
+            self.fast_deaths[index] = 0
+            return 0.0
+        deaths = self.fast_deaths[index] = self.fast_deaths.get(index, 0) + 1
+        return min(self.LONGEST, 2.0 ** (deaths - 1))
+
+
 def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socket.socket) -> int:
     """Parent of ``server.workers`` processes: fork, forward signals, restart, aggregate.
 
@@ -548,6 +579,7 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
     """
     children: dict[int, int] = {}
     current = {"loaded": loaded}
+    restarts = RestartBackoff()
     watch_read, watch_write = os.pipe()
     os.set_blocking(watch_read, False)
 
@@ -573,6 +605,7 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
                 flush_logs()  # os._exit skips atexit
                 os._exit(code)
         children[pid] = index
+        restarts.started(index)
 
     for i in range(loaded.policy.server.workers):
         spawn(i)
@@ -608,13 +641,22 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
         async def readiness() -> list[str]:
             if stopping.is_set():  # as Server.readiness: known without probing
                 return [SHUTTING_DOWN]
+            if not children:  # every worker is waiting out a restart delay
+                return ["no worker running"]
             policy = current["loaded"].policy
             found = await asyncio.gather(probe_upstream(policy), probe_store(policy))
             return [p for p in found if p]
 
+        waiting: dict[int, asyncio.TimerHandle] = {}
+
+        def restart_later(index: int) -> None:
+            del waiting[index]
+            if not stopping.is_set():
+                spawn(index)
+
         api = await start_http_api(http, metrics, readiness)
         event(log, "supervisor_started", workers=len(children), pid=os.getpid())
-        while children:
+        while children or (waiting and not stopping.is_set()):
             await asyncio.sleep(0.2)
             while True:
                 try:
@@ -626,8 +668,23 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
                 index = children.pop(pid, None)
                 mark_process_dead(pid)
                 if index is not None and not stopping.is_set():
-                    log.error("worker %d (pid %d) died; restarting it", index, pid)
-                    spawn(index)
+                    delay = restarts.delay(index)
+                    if delay == 0:
+                        log.error("worker %d (pid %d) died; restarting it", index, pid)
+                        spawn(index)
+                    else:
+                        log.error(
+                            "worker %d (pid %d) died; restarting it in %.0fs (%d death(s) in "
+                            "a row within %.0fs of a start)",
+                            index,
+                            pid,
+                            delay,
+                            restarts.fast_deaths[index],
+                            RestartBackoff.FAST,
+                        )
+                        waiting[index] = loop.call_later(delay, restart_later, index)
+        for handle in waiting.values():
+            handle.cancel()
         api.close()
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)  # as in Server.serve
 

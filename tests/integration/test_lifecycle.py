@@ -22,6 +22,7 @@ from tests.integration.conftest import AUTH_CHECKS_OFF, BASE_POLICY, StartMailga
 from tests.rig.client import RawSMTP, smtp_client
 from tests.rig.mailgate import REPO, MailgateProcess, deep_merge
 from tests.rig.redisserver import wait_until
+from tests.rig.tlscerts import issue_certificate
 from tests.rig.upstream import ScriptedUpstream
 from tests.rig.workers import TEST_REDIS_URL
 
@@ -421,6 +422,41 @@ def test_sighups_while_a_worker_restarts_are_reloads_not_its_death(
     assert mg.logs().count("died; restarting it") == 1, mg.logs()
     assert len(_children(mg.proc.pid)) == 2
     assert _send_one(mg)[0] == 250
+
+
+def test_a_worker_that_cannot_start_is_restarted_less_and_less_often(
+    tmp_path: Path, mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """A worker that dies young again and again (here: its TLS certificate was moved
+    away after the policy naming it loaded) is restarted after 1, 2, 4 … s, not five
+    times a second; the other worker serves meanwhile, /readyz says when none runs, and
+    both are back once the file is."""
+    _, cert, key = issue_certificate(tmp_path, "mx.mailgate.test")
+    tls = {"cert_file": str(cert), "key_file": str(key)}
+    mg = mailgate({"server": {"workers": 2, "tls": tls}})
+    _wait_for_events(mg, "started", 2)
+    assert mg.proc is not None
+    first, second = _children(mg.proc.pid)
+    hidden = cert.with_name("moved-away.pem")
+    cert.rename(hidden)
+    os.kill(first, signal.SIGKILL)
+    time.sleep(4.5)
+    crashes = mg.logs().count("crashed")
+    assert 1 <= crashes <= 3, mg.logs()  # unthrottled: a crash every ~0.5 s
+    assert "died; restarting it in 2s (2 death(s) in a row" in mg.logs()
+    assert _send_one(mg)[0] == 250  # the other worker
+    assert _get(f"{mg.metrics_url}/readyz")[0] == 200
+    os.kill(second, signal.SIGKILL)
+    wait_until(
+        lambda: _get(f"{mg.metrics_url}/readyz") == (503, "no worker running\n"),
+        "/readyz to report that no worker runs",
+        timeout=8,
+    )
+    hidden.rename(cert)
+    wait_until(lambda: len(_children(mg.proc.pid)) == 2, "both workers back", timeout=20)  # type: ignore[union-attr]
+    _wait_for_events(mg, "started", 4, within=10)
+    assert _send_one(mg)[0] == 250
+    assert mg.returncode is None
 
 
 def _gone(pids: list[int]) -> bool:
