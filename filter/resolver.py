@@ -38,13 +38,21 @@ Behaviours decided here:
   dot), also when the answer came through a CNAME chain.
 - Outcomes: NOERROR with data -> "ok"; NOERROR without -> "nodata"; NXDOMAIN ->
   "nxdomain". ``DNSTempError.reason`` is "timeout", "servfail", "refused",
-  "yxdomain", "no nameservers" or "network: <detail>". YXDOMAIN (a DNAME rewrite
-  too long) is permanent in theory but so rare that it is reported as a temporary
-  error rather than invented into an NXDOMAIN; it is not cached either.
+  "yxdomain", "no nameservers", "network: <detail>" or "malformed answer: <detail>".
+  YXDOMAIN (a DNAME rewrite too long) is permanent in theory but so rare that it is
+  reported as a temporary error rather than invented into an NXDOMAIN; it is not
+  cached either.
+- Malformed replies are temporary errors, never an answer: over UDP dnspython drops
+  what it cannot parse or what does not match the query (ID, QR, opcode, question)
+  and waits for the real reply until the timeout; over TCP such a reply, or a
+  connection closed early, fails the lookup at once. A NODATA or NXDOMAIN reply
+  whose answer section holds records the CNAME chain does not explain (another
+  owner, another type) is malformed too, not "no such record".
 - Cache: positive TTL is the smallest TTL of the answer (CNAME chain included), capped
   at one day. Negative TTL (NXDOMAIN, NODATA) is min(SOA TTL, SOA minimum) from the
   authority section (RFC 2308), 60 s without a SOA, capped at one hour. TTL 0 is not
-  cached. Temporary errors are never cached. LRU eviction past ``cache_size``
+  cached, nor is a TTL of 2^31 or more (RFC 2181 8: dnspython reads it as 0).
+  Temporary errors are never cached. LRU eviction past ``cache_size``
   entries; ``cache_size=0`` disables the cache. A cached result's ``ttl`` is the time
   it has left.
 - Concurrent misses for the same (name, rtype) share one network query; its error
@@ -74,6 +82,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
@@ -101,6 +110,7 @@ POSITIVE_TTL_CAP = 86_400
 NEGATIVE_TTL_CAP = 3_600
 NEGATIVE_TTL_DEFAULT = 60
 EDNS_PAYLOAD = 1232
+MAX_TTL = 2**31 - 1  # RFC 2181 8: a TTL with the top bit set is treated as zero
 
 _T = TypeVar("_T")
 _Key = tuple[str, str]
@@ -214,12 +224,65 @@ def _rdata_value(rd: dns.rdata.Rdata) -> object:
     return rd.to_text()
 
 
+def _stray_record(response: dns.message.Message | None) -> str:
+    """The first answer-section RRset that is not part of the answer, as text; "" if none.
+
+    dnspython reads a NOERROR or NXDOMAIN reply by following the CNAME chain from the
+    question and ignores everything else in the answer section. So an A query answered
+    with an AAAA record, or with an A record for another owner, came out as NODATA: a
+    false "no such record" (SPF none, DNSBL "not listed", no DKIM key), cached for a
+    minute. No resolver sends that for a sound answer, so the reply is malformed and
+    the lookup a temporary error. Only the records the chain explains may be there:
+    its CNAMEs, plus DNAMEs above a chain name and signatures on one.
+    """
+    if not isinstance(response, dns.message.QueryMessage) or not response.answer:
+        return ""
+    try:
+        chain = response.resolve_chaining()
+    except dns.exception.DNSException as e:  # dnspython followed it already; never mind
+        return f"unusable CNAME chain ({e})"
+    names = {response.question[0].name, chain.canonical_name}
+    names.update(rrset.name for rrset in chain.cnames)
+    for rrset in response.answer:
+        if rrset.rdtype == dns.rdatatype.CNAME and rrset.name in names:
+            continue
+        if rrset.rdtype == dns.rdatatype.RRSIG and rrset.name in names:
+            continue
+        if rrset.rdtype == dns.rdatatype.DNAME and any(n.is_subdomain(rrset.name) for n in names):
+            continue
+        rtype = dns.rdatatype.to_text(rrset.rdtype)
+        return f"{rtype} record for {_host(rrset.name)} outside the answer"
+    return ""
+
+
+def _malformed(response: dns.message.Message | None, *, negative: bool) -> str:
+    """Why a reply dnspython accepted is still no answer to rely on; "" when it is one.
+
+    - TC still set: dnspython retries a truncated UDP reply over TCP but takes a TCP
+      reply as it comes, TC or not, so an empty truncated one read as NODATA. A reply
+      that says it is incomplete is no proof that nothing more exists.
+    - A negative reply (NODATA, NXDOMAIN) with records the CNAME chain does not
+      explain: see ``_stray_record``.
+    """
+    if response is None:
+        return ""
+    if response.flags & dns.flags.TC:
+        return "truncated reply over TCP"
+    return _stray_record(response) if negative else ""
+
+
 def _negative_ttl(response: dns.message.Message | None) -> int:
-    """RFC 2308 §5: min(SOA TTL, SOA minimum) from the authority section."""
+    """RFC 2308 §5: min(SOA TTL, SOA minimum) from the authority section.
+
+    A MINIMUM of 2^31 or more counts as 0, as RFC 2181 8 says of TTLs (dnspython
+    already does so for the record's own TTL): the field is used as one here.
+    """
     if response is not None:
         for rrset in response.authority:
             if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
                 minimum = int(rrset[0].minimum)
+                if minimum > MAX_TTL:
+                    minimum = 0
                 return max(0, min(int(rrset.ttl), minimum, NEGATIVE_TTL_CAP))
     return NEGATIVE_TTL_DEFAULT
 
@@ -285,17 +348,38 @@ class _Failure(Exception):
         self.metric = metric
 
 
+def _error_text(what: object) -> str:
+    """One nameserver's failure as the reason text logs show.
+
+    Not everything that is neither a timeout nor an rcode is the network's fault, and
+    some exceptions have no text (an unparsable TCP answer once logged "network: ", a
+    CNAME loop "network: The CNAME chain is too long."). The log line must say what
+    happened: a reply dnspython could not use is "malformed answer: <detail>", a TCP
+    connection closed early says so.
+    """
+    if isinstance(what, dns.exception.Timeout):
+        return "timeout"
+    if isinstance(what, str):  # the rcode of an answer dnspython did not accept
+        return what.lower()
+    detail = str(what) or type(what).__name__
+    if isinstance(what, EOFError):
+        return "network: connection closed before a whole answer"
+    if isinstance(what, OSError):
+        return f"network: {detail}"
+    if isinstance(what, dns.exception.DNSException):  # FormError, BadResponse, ChainTooLong
+        return f"malformed answer: {detail}"
+    return f"error: {detail}"
+
+
 def _temp_reason(exc: dns.resolver.NoNameservers) -> tuple[str, str]:
     """(reason, metric outcome) from what each nameserver said."""
-    said: list[str] = []
-    for err in exc.kwargs.get("errors", []):
-        what = err[3]
-        if isinstance(what, dns.exception.Timeout):
-            said.append("timeout")
-        elif isinstance(what, str):
-            said.append(what.lower())
-        else:
-            said.append(f"network: {what}")
+    # A truncated UDP reply is no failure of its own, only the cue for TCP: the reason
+    # is what went wrong over TCP.
+    said = [
+        _error_text(err[3])  # (nameserver, tcp, port, exception or rcode, response)
+        for err in exc.kwargs.get("errors", [])
+        if err[1] or not isinstance(err[3], dns.message.Truncated)
+    ]
     if "servfail" in said:
         return "servfail", "servfail"
     if "refused" in said:
@@ -447,6 +531,9 @@ class Resolver:
         except dns.resolver.NXDOMAIN as e:
             responses = e.kwargs.get("responses") or {}
             response = responses.get(dns.name.from_text(name))
+            flaw = _malformed(response, negative=True)
+            if flaw:
+                raise temp(f"malformed answer: {flaw}", "error") from None
             return DNSResult(name, rtype, "nxdomain", (), _negative_ttl(response))
         except (dns.exception.Timeout, TimeoutError):  # LifetimeTimeout included
             raise temp("timeout", "timeout") from None
@@ -459,10 +546,15 @@ class Resolver:
             raise temp(f"error: {e}", "error") from None
         except OSError as e:
             raise temp(f"network: {e}", "error") from None
-        if answer.rrset is None or len(answer.rrset) == 0:
+        rrset = answer.rrset
+        negative = rrset is None or len(rrset) == 0
+        flaw = _malformed(answer.response, negative=negative)
+        if flaw:
+            raise temp(f"malformed answer: {flaw}", "error")
+        if rrset is None or negative:
             return DNSResult(name, rtype, "nodata", (), _negative_ttl(answer.response))
         ttl = min(int(answer.chaining_result.minimum_ttl), POSITIVE_TTL_CAP)
-        data = tuple(_rdata_value(rd) for rd in answer.rrset)
+        data = tuple(_rdata_value(rd) for rd in rrset)
         return DNSResult(name, rtype, "ok", data, max(0, ttl))
 
     # -- convenience -----------------------------------------------------------------------
