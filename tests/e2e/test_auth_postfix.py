@@ -5,32 +5,17 @@ A real loopback DNS server publishes the sender domains; keys are made at test t
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.e2e.conftest import StartMailgate
 from tests.rig.client import smtp_client
+from tests.rig.dkimkeys import rsa_dkim_key
 from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.mailgate import MailgateProcess, deep_merge
 from tests.rig.postfix import PostfixInstance
-
-
-def _rsa_key() -> tuple[bytes, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +44,7 @@ def zone(dns_zone: ZoneDNSServer, keys: dict[str, bytes]) -> Iterator[ZoneDNSSer
     z.set_name_mode("_dmarc.slow.test", "timeout")
     for name in ("good", "strict", "forwarder"):
         if name not in keys:
-            pem, record = _rsa_key()
+            pem, record = rsa_dkim_key()
             keys[name], keys[name + ".dns"] = pem, record.encode()
     z.add("sel._domainkey.good.test", "TXT", keys["good.dns"].decode())
     z.add("sel._domainkey.strict.test", "TXT", keys["strict.dns"].decode())

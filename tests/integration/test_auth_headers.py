@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import authres
 import dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from filter.headers import MAX_HEADER_BLOCK
 from tests.integration.conftest import AUTH_CHECKS_OFF, StartMailgate
 from tests.rig.client import smtp_client
+from tests.rig.dkimkeys import rsa_dkim_key
 from tests.rig.upstream import ScriptedUpstream
 
 FORGED = (
@@ -66,18 +64,10 @@ def test_arc_seal_added_and_verifiable(
     mailgate: StartMailgate, upstream: ScriptedUpstream, tmp_path: Path
 ) -> None:
     """[arc] seal = true: the upstream gets our ARC set, and it verifies (RFC 8617)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
+    pem, text = rsa_dkim_key()
     key_file = tmp_path / "seal.pem"
     key_file.write_bytes(pem)
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    record = text.encode()
     mg = mailgate(
         {
             "spf": {"enabled": False},

@@ -9,7 +9,6 @@ the dry run's stage and reply against the live session's.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -21,14 +20,13 @@ from typing import Any
 import dkim
 import pytest
 import redis
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from filter import replies
 from filter.dnsbl import ip_query_name
 from tests.integration.conftest import StartMailgate
 from tests.rig.cli import run_cli as cli
 from tests.rig.client import smtp_client
+from tests.rig.dkimkeys import rsa_dkim_key
 from tests.rig.dnsserver import ZoneDNSServer, txt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,22 +65,11 @@ def write_policy(
 
 def publish_sender(dns: ZoneDNSServer) -> bytes:
     """SPF, DMARC p=reject and a DKIM key for example.test; returns the private key (PEM)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    dns.add(
-        "sel._domainkey.example.test",
-        "TXT",
-        txt(f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"),
-    )
+    pem, record = rsa_dkim_key()
+    dns.add("sel._domainkey.example.test", "TXT", txt(record))
     dns.add("example.test", "TXT", txt("v=spf1 ip4:192.0.2.0/24 -all"))
     dns.add("_dmarc.example.test", "TXT", txt("v=DMARC1; p=reject"))
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
+    return pem
 
 
 def signed_message(tmp_path: Path, pem: bytes) -> Path:
