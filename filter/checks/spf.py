@@ -388,7 +388,11 @@ def evaluate(
         querytime=0,  # the deadline above replaces pyspf's own budget
     )
     result, _code, explanation = query.check()
-    return Verdict(result_word(result), str(explanation or ""))
+    word = result_word(result)
+    if not explanation and word == "none":
+        # pyspf gives no text for "none"; `mailgate check`/`explain` showed a blank.
+        explanation = f"no SPF record for {identity.domain}"
+    return Verdict(word, str(explanation or f"SPF {word}"))
 
 
 # --- a short memory of verdicts -----------------------------------------------------------

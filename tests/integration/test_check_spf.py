@@ -115,8 +115,10 @@ async def test_none_without_record_and_for_a_nonexistent_domain(dns_zone: ZoneDN
     )
     r = await check(dns_zone, "192.0.2.7", "a@norec.spf.test")
     assert (r.result, symbols(r)) == ("none", {"SPF_NONE": 0.0})
+    assert r.symbols[0].detail == "no SPF record for norec.spf.test"
     r = await check(dns_zone, "192.0.2.7", "a@nothing-here.spf.test")
     assert r.result == "none"
+    assert r.symbols[0].detail == "no SPF record for nothing-here.spf.test"
 
 
 async def test_reject_on_fail_decides_only_for_fail(dns_zone: ZoneDNSServer) -> None:
