@@ -536,6 +536,10 @@ class TLSPolicy:
             yield missing, "cert_file and key_file must be set together (or both left empty)"
 
 
+# Raised to command_timeout when left here (see ServerPolicy.__post_init__).
+DEFAULT_SESSION_TIMEOUT = parse_duration("30m")
+
+
 @dataclass(frozen=True)
 class ServerPolicy:
     """``[server]``: the listener clients (or Postfix, in filter mode) connect to."""
@@ -552,7 +556,7 @@ class ServerPolicy:
     max_connections: int = integer(1000, minimum=1)
     max_connections_per_ip: int = integer(20, minimum=1)
     command_timeout: float = duration("5m", minimum="1s")
-    session_timeout: float = duration("30m", minimum="1s")
+    session_timeout: float = duration(DEFAULT_SESSION_TIMEOUT, minimum="1s")
     max_errors: int = integer(20, minimum=1)
     greet_pause: float = duration(0, maximum="1m")
     check_timeout: float = duration("20s", minimum="100ms")
@@ -561,6 +565,13 @@ class ServerPolicy:
     xforward_hosts: tuple[Network, ...] = networks()
     workers: int = integer(1, minimum=1, maximum=256)
     tls: TLSPolicy = field(default_factory=TLSPolicy, metadata=table(TLSPolicy))
+
+    def __post_init__(self) -> None:
+        # A session_timeout left at its default follows a longer command_timeout:
+        # "command_timeout = 2h" alone is a valid duration for a key the contract names,
+        # and must not be refused for a key the admin never set.
+        if self.session_timeout == DEFAULT_SESSION_TIMEOUT < self.command_timeout:
+            object.__setattr__(self, "session_timeout", self.command_timeout)
 
     @property
     def effective_hostname(self) -> str:
