@@ -27,8 +27,10 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
+from prometheus_client.registry import Collector
 
 from filter import __version__
 
@@ -431,12 +433,38 @@ def exposition(registry: CollectorRegistry | None = None) -> tuple[bytes, str]:
     worker's files instead. The 0.0.4 text format is chosen because all our
     names are legacy-valid and every Prometheus version understands it.
     """
+    reg = REGISTRY if registry is None else registry
     if multiprocess_enabled():
         merged = CollectorRegistry()
-        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        merged.register(_Families(_multiprocess_families(reg)))
         return generate_latest(merged), CONTENT_TYPE_PLAIN_0_0_4
-    reg = REGISTRY if registry is None else registry
     return generate_latest(reg), CONTENT_TYPE_PLAIN_0_0_4
+
+
+class _Families(Collector):
+    """A fixed list of metric families, as one collector."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def _multiprocess_families(declared: CollectorRegistry) -> list[Metric]:
+    """Every worker's samples, plus an empty family for each metric without any yet.
+
+    The workers' files hold only series that have a sample, so a labelled metric no
+    worker has touched (``mailgate_check_results_total`` before the first check ran)
+    would be missing from /metrics altogether; with one worker it is listed (HELP and
+    TYPE, no samples). Both modes list the same metrics.
+    """
+    families = list(MultiProcessCollector(None).collect())  # type: ignore[no-untyped-call]
+    seen = {f.name for f in families}
+    for family in declared.collect():
+        if family.name.startswith("mailgate_") and family.name not in seen:
+            families.append(Metric(family.name, family.documentation, family.type))
+    return families
 
 
 def mark_process_dead(pid: int) -> None:
