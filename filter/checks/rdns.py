@@ -52,11 +52,13 @@ __all__ = [
 # RFC 7208 5.5 validates at most ten PTR names; the same bound suits iprev.
 MAX_PTR_NAMES = 10
 
-# RFC 8601 iprev result word -> symbol. "fail" has two symbols (see below).
+# RFC 8601 iprev result word -> symbol. RFC 8601 3: no PTR data at all is
+# "permerror" (the evaluation cannot be completed); PTR names of which none leads back
+# to the client is "fail".
 SYMBOLS = {
     "pass": "RDNS_PASS",
-    "none": "RDNS_NONE",  # fail: no PTR record at all
-    "mismatch": "RDNS_MISMATCH",  # fail: PTR names, none leading back
+    "permerror": "RDNS_NONE",  # no PTR record at all
+    "fail": "RDNS_MISMATCH",  # PTR names, none leading back
     "temperror": "RDNS_TEMPERROR",
 }
 
@@ -117,10 +119,7 @@ def build_result(
     error: str = "",
 ) -> CheckResult:
     """The check's report: one symbol for every outcome (pass and temperror score 0)."""
-    if word == "fail":
-        symbol = SYMBOLS["mismatch"] if ptr_names else SYMBOLS["none"]
-    else:
-        symbol = SYMBOLS[word]
+    symbol = SYMBOLS[word]
     data: dict[str, object] = {
         "verified_name": verified_name,
         "ptr_names": list(ptr_names),
@@ -181,7 +180,7 @@ async def evaluate(resolver: Resolver, ip: str, policy: Policy) -> CheckResult:
         return build_result("temperror", policy, reason=reason, error=exc.reason)
     seen = tuple(sorted({n.lower().rstrip(".") for n in ptr_names} - {""}))
     if not seen:
-        return build_result("fail", policy, reason=f"no PTR record for {ip}")
+        return build_result("permerror", policy, reason=f"no PTR record for {ip}")
     candidates = _candidates(ptr_names)
     rtype = "AAAA" if ":" in ip else "A"
     if len(candidates) == 1:  # the usual case: no Task for gather to make

@@ -98,7 +98,7 @@ async def test_ptr_not_leading_back_is_a_mismatch(dns_zone: ZoneDNSServer) -> No
 
 async def test_no_ptr_record_at_all(dns_zone: ZoneDNSServer) -> None:
     r = await rdns(dns_zone, "192.0.2.77")
-    assert (r.result, symbols(r)) == ("fail", {"RDNS_NONE": 1.5})
+    assert (r.result, symbols(r)) == ("permerror", {"RDNS_NONE": 1.5})  # RFC 8601 3
     assert r.data["ptr_names"] == []
     assert "no PTR" in str(r.data["reason"])
     assert xclient_name(r) == "[UNAVAILABLE]"
