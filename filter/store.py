@@ -14,8 +14,10 @@ Deployments (``redis.url``):
   pool does under load (LIBRARY-NOTES §9).
 * ``redis+sentinel://[[user]:pass@]host[:port][,host[:port]…]/service[/db][?sentinel_password=…]``
   (``rediss+sentinel://`` for TLS; sentinel port defaults to 26379) — the master
-  of ``service`` as the sentinels name it, rediscovered on failover. The pool is
-  blocking as above.
+  of ``service`` as the sentinels name it, rediscovered on failover (and confirmed
+  before a pooled connection is reused: ``_BlockingSentinelPool``). The pool is
+  blocking as above; a sentinel that does not answer is passed over after one
+  socket timeout.
 * ``redis+cluster://[[user]:pass@]host[:port][,host[:port]…]`` (``rediss+cluster://``)
   — Redis Cluster from a few seed nodes. redis-py's cluster client has no blocking
   pool (it raises when a node's connections run out), so a semaphore of
@@ -23,6 +25,10 @@ Deployments (``redis.url``):
   a hash tag (``{mailgate:}gl:…``): the greylist script reads and writes several
   keys atomically, which Cluster allows only within one hash slot. Greylist state
   is small (a few hundred bytes per triplet), so one slot holds millions.
+
+Every operation (but the bulk delete of ``greylist forget``) fails, as a counted
+StoreError, after ``pool_timeout + socket_timeout`` whatever stopped answering
+(``Store._call``): far below ``server.check_timeout``, so ``redis.on_error`` decides.
 
 Every key is declared in :data:`KEYS` with its type, TTL and purpose, and every
 key gets a TTL when written: Redis memory is bounded by recent traffic, never
@@ -46,7 +52,7 @@ import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 
 from filter.greylist import AllowTarget, Triplet, allow_argument
 from filter.metrics import Metrics
@@ -366,12 +372,73 @@ class GreylistOutcome:
 # --- URLs -------------------------------------------------------------------------------
 
 
+#: How often (seconds, at most) a pool reusing its connections asks the sentinels
+#: whether their address is still the master's (see ``_BlockingSentinelPool``).
+_MASTER_RECHECK = 1.0
+
+
 class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
-    """Sentinel's master discovery with the blocking pool's wait-for-a-connection.
+    """Sentinel's master discovery with the blocking pool's wait-for-a-connection, and
+    no writes to a master the sentinels have replaced.
 
     The two compose by MRO: SentinelConnectionPool chooses the connection class and
     address, BlockingConnectionPool's ``get_connection`` waits for a free slot.
+
+    Why the recheck: redis-py asks the sentinels for the master only when it opens a
+    connection. After a failover whose old master did not die but stopped answering
+    (a frozen host, a partition) and then answers again, the pool's open connections
+    to it are healthy sockets to a server that still believes it is the master until
+    the sentinels demote it (about 10 s later): every greylist triplet and rate event
+    in between went there, and was thrown away when it resynced from the new master.
+    So before a connection is reused, the master's address is confirmed with the
+    sentinels (at most once per ``_MASTER_RECHECK``), and a connection to any other
+    address is closed: it reopens through the sentinels, to the new master.
+
+    The caller that triggers the question waits for the answer at most one socket
+    timeout (a sentinel that does not answer must not stall mail while the master
+    does); the question goes on in the background, and the others do not wait for it.
     """
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self._asked_at = -math.inf  # monotonic time of the last question to the sentinels
+        self._asking: asyncio.Task[None] | None = None
+
+    async def get_master_address(self) -> Any:
+        """The sentinels' answer (redis-py's; it also closes idle connections when the
+        address changed), remembered as fresh for ``_MASTER_RECHECK``."""
+        self._asked_at = time.monotonic()
+        return await super().get_master_address()  # type: ignore[no-untyped-call]
+
+    async def ensure_connection(self, connection: Any) -> None:
+        """redis-py's check of a connection leaving the pool, after the master check."""
+        if connection.is_connected:
+            await self._confirm_master()
+            master = self.master_address
+            if master is not None and (connection.host, connection.port) != tuple(master):
+                await connection.disconnect()  # reconnects through the sentinels below
+        await super().ensure_connection(connection)
+
+    async def _confirm_master(self) -> None:
+        if self._asking is not None and not self._asking.done():
+            return  # someone asked already: use what we know meanwhile
+        if time.monotonic() - self._asked_at < _MASTER_RECHECK:
+            return
+        self._asking = asyncio.ensure_future(self._ask())
+        await asyncio.wait({self._asking}, timeout=self.connection_kwargs.get("socket_timeout"))
+
+    async def _ask(self) -> None:
+        # No answer (sentinels down or in the middle of a failover): keep the connections
+        # we have; if the master is gone too, their own errors say so.
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            await self.get_master_address()
+
+    async def aclose(self) -> None:
+        if self._asking is not None:
+            self._asking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._asking
+        await super().aclose()
 
 
 # --- entries for the admin commands -----------------------------------------------------
@@ -459,6 +526,10 @@ class Store:
         # Cluster: the prefix becomes a hash tag so every key shares one slot.
         self.prefix = "{" + key_prefix + "}" if self.mode == "cluster" else key_prefix
         self._limit: asyncio.Semaphore | None = None
+        # The longest one operation may take, whatever stopped answering: a wait for a
+        # connection, then one socket timeout (see ``_call``).
+        self.call_timeout = pool_timeout + socket_timeout
+        self._sentinel: Sentinel | None = None
         self.client: Any = self._build(max_connections, socket_timeout, pool_timeout)
         self._direct: ScriptRunner | None = None
         if self.mode == "standalone":
@@ -495,16 +566,22 @@ class Store:
             return aioredis.Redis.from_pool(pool)
         auth: dict[str, Any] = {"username": u.username, "password": u.password}
         if u.mode == "sentinel":
+            # No retry on the sentinels: a sentinel that does not answer within the
+            # socket timeout is passed over for the next one. redis-py's default for
+            # them (10 retries with backoff) spent 14 s on one frozen sentinel before
+            # asking the next, and twice that when none answered.
             sentinel_kwargs: dict[str, Any] = {
                 "socket_timeout": socket_timeout,
                 "socket_connect_timeout": socket_timeout,
                 "ssl": u.tls,
+                "retry": Retry(NoBackoff(), 0),
             }
             if u.sentinel_password:
                 sentinel_kwargs["password"] = u.sentinel_password
             sentinel = Sentinel(  # type: ignore[no-untyped-call]
                 list(u.hosts), sentinel_kwargs=sentinel_kwargs
             )
+            self._sentinel = sentinel
             return sentinel.master_for(
                 u.service,
                 connection_pool_class=_BlockingSentinelPool,
@@ -535,17 +612,31 @@ class Store:
             return await self._direct.evalsha(script, keys, args)
         return await script(keys=keys, args=args)
 
-    async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
-        """Run one store operation; any failure becomes a counted StoreError."""
+    async def _call(self, what: str, op: Callable[[], Awaitable[T]], *, bounded: bool = True) -> T:
+        """Run one store operation; any failure becomes a counted StoreError.
+
+        ``bounded`` (all but bulk admin writes, and scripts on the standalone direct
+        runner, which bounds each call with one timeout of its own and keeps the mail
+        path free of a second): the operation fails after
+        ``call_timeout`` whatever redis-py is doing. Its own timeouts apply per socket
+        operation and compound (a wait for a connection, a connect retried, each
+        sentinel asked in turn, the command retried): a frozen master or sentinel made
+        one call take up to 28 s, past ``server.check_timeout``, where a check becomes
+        a temperror without ``redis.on_error``'s decision and ``tempfail`` no longer
+        holds. A cancelled command closes its connection (redis-py), so no late reply
+        is ever read as another's.
+        """
         try:
-            if self._limit is None:
-                return await op()
-            async with self._limit:
-                return await op()
+            async with asyncio.timeout(self.call_timeout if bounded else None):
+                if self._limit is None:
+                    return await op()
+                async with self._limit:
+                    return await op()
         except _STORE_FAILURES as exc:
             if self.metrics is not None:
                 self.metrics.store_errors.inc()
-            raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            detail = str(exc) or f"no answer within {self.call_timeout:g}s"
+            raise StoreError(f"{what}: {type(exc).__name__}: {detail}") from exc
 
     async def call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """One operation of a module that keeps its own keys here (``filter.verdictlog``).
@@ -583,6 +674,10 @@ class Store:
             if self._direct is not None:
                 await self._direct.aclose()
             await self.client.aclose()
+        # The sentinels' own clients are not the master client's to close.
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            if self._sentinel is not None:
+                await self._sentinel.aclose()
 
     # --- greylisting on the mail path -------------------------------------------------
 
@@ -621,7 +716,9 @@ class Store:
             allow_argument(client_ip, spf_domain),
         ]
         raw = await self._call(
-            "greylist", lambda: self.run_script(self._greylist_script, keys, args)
+            "greylist",
+            lambda: self.run_script(self._greylist_script, keys, args),
+            bounded=self._direct is None,  # the direct runner bounds each call itself
         )
         result, retry_after, detail = (str(x) for x in raw[:3])
         waited = float(raw[3]) if len(raw) > 3 else 0.0
@@ -652,7 +749,9 @@ class Store:
         for c in counters:
             args += [c.limit, c.member]
         raw = await self._call(
-            "ratelimit", lambda: self.run_script(self._ratelimit_script, keys, args)
+            "ratelimit",
+            lambda: self.run_script(self._ratelimit_script, keys, args),
+            bounded=self._direct is None,  # as in greylist()
         )
         over, retry_ms, *counts = (int(x) for x in raw)
         return RateOutcome(over - 1 if over else None, tuple(counts), retry_ms / 1000)
@@ -841,7 +940,7 @@ class Store:
             await pipe.execute()
 
         if doomed or awl_doomed or allow_doomed:
-            await self._call("forget", delete)
+            await self._call("forget", delete, bounded=False)  # any number of keys
         return ForgetReport(len(doomed), len(awl_doomed), len(allow_doomed))
 
 
