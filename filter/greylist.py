@@ -8,10 +8,12 @@ would be greylisted again and a legitimate message delayed twice.
   retry from another address of the same farm; or, in pool-aware mode, the
   SPF-authenticated sender domain (``spf:example.org``), since a pool spread over
   several networks is still one sender when SPF vouches for all its addresses.
-* Sender: lower-cased, with per-message tags removed: BATV (``prvs=TAG=user@``),
-  SRS (``SRS0=…=domain=user@forwarder`` is really ``user@domain``) and a
-  ``+extension``. These change on every message (or every retry, for BATV), which
-  would otherwise make every retry a new triplet.
+* Sender: lower-cased, with per-message tags removed: BATV (``prvs=TAG=user@``, and
+  ``prvs=user=TAG@`` as some MTAs write it), SRS (``SRS0=…=domain=user@forwarder`` is
+  really ``user@domain``) and a ``+extension`` (never ``-``: it is part of many real
+  names). These change on every message (or every retry, for BATV), which would
+  otherwise make every retry a new triplet. A quoted local part that needs no quotes
+  is the same mailbox unquoted (RFC 5321 4.1.2); any other is kept whole.
 * Recipient: lower-cased; its ``+extension`` kept (it may be a different mailbox).
 
 The store keys a triplet by a one-way hash of these three strings (fixed length,
@@ -58,6 +60,13 @@ MIN_ALLOW_PREFIX = {4: 8, 6: 16}
 # BATV (draft-levine-smtp-batv): "prvs=" + 4 digits key/day + 6 hex hash + "=" + local.
 # A few MTAs add a variant keyword (msprvs1=) or Barracuda's "btv1==…==" form.
 _BATV = re.compile(r"^(?:prvs|msprvs1)=[0-9a-z]{4,16}=(?P<local>.+)$|^btv1==[^=]+==(?P<b>.+)$")
+# Some MTAs write the tag last ("prvs=user=0123abcdef"), as postgrey also undoes: only
+# when the last part is a strict prvs tag (key digit, 3-digit day, 6 hex) and the
+# first is not, or "user" would be taken for the tag and every message differ.
+_BATV_REVERSED = re.compile(r"^prvs=(?P<local>[^=]+)=(?P<tag>[0-9]{4}[0-9a-f]{6})$")
+_PRVS_TAG = re.compile(r"^[0-9]{4}[0-9a-f]{6}$")
+# RFC 5321 4.1.2 dot-atom: a quoted local part made of these is the same mailbox unquoted.
+_DOT_ATOM = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 # SRS (Shen's scheme, as libsrs2/postsrsd write it): the separator after SRS0/SRS1
 # may be "=", "+" or "-"; hash and timestamp come before the original domain and
 # local part. SRS1 wraps an SRS0 address of an earlier forwarder after "==".
@@ -98,6 +107,10 @@ def covering_networks(ip: str) -> tuple[str, ...]:
 def _strip_tags(local: str, domain: str) -> tuple[str, str]:
     """Undo BATV and SRS rewriting (either order, as forwarders stack them)."""
     for _ in range(3):  # SRS of a BATV address, BATV of SRS: never more than that
+        m = _BATV_REVERSED.match(local)
+        if m and not _PRVS_TAG.match(m["local"]):
+            local = m["local"]
+            continue
         m = _BATV.match(local)
         if m:
             local = m["local"] or m["b"]
@@ -121,6 +134,13 @@ def normalise_sender(address: str) -> str:
     local, at, domain = text.rpartition("@")
     if not at:
         return text
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        # RFC 5321 4.1.2: "john"@ is john@. Any other quoted local part is kept whole:
+        # its "+" or "=" are characters of the mailbox, not tags to cut at.
+        inner = re.sub(r"\\(.)", r"\1", local[1:-1])
+        if not _DOT_ATOM.match(inner):
+            return f"{local}@{domain.rstrip('.')}"
+        local = inner
     local, domain = _strip_tags(local, domain)
     local = local.split("+", 1)[0] if not local.startswith("+") else local
     return f"{local}@{domain.rstrip('.')}"

@@ -105,8 +105,9 @@ KEYS: dict[str, KeySpec] = {
         "gl:awl:{client network CIDR}",
         "hash: count, counted, seen",
         "greylist.max_age, renewed on every pass and every allowlisted message",
-        "auto-allowlist of a client network: passes counted at most once per hour; at "
-        "greylist.awl_count the network is no longer greylisted",
+        "auto-allowlist of a client network: retries that ended a triplet's greylisting, "
+        "counted at most once per hour; at greylist.awl_count the network is no longer "
+        "greylisted",
     ),
     "allow": KeySpec(
         "gl:allow",
@@ -233,12 +234,16 @@ if write then
   if awl_needed > 0 then
     if awl_seen and now - awl_seen > max_age then redis.call('DEL', KEYS[2]) end
     local counted = tonumber(redis.call('HGET', KEYS[2], 'counted'))
-    if counted == nil or now - counted >= hour then
+    -- Only a retry that ended a triplet's greylisting counts (postgrey: a pass with
+    -- "!last_was_successful"); a known triplet passing again proves no retrying.
+    if how == 'first' and (counted == nil or now - counted >= hour) then
       redis.call('HINCRBY', KEYS[2], 'count', 1)
       redis.call('HSET', KEYS[2], 'counted', ARGV[1])
     end
-    redis.call('HSET', KEYS[2], 'seen', ARGV[1])
-    redis.call('PEXPIRE', KEYS[2], ms(max_age))
+    if redis.call('EXISTS', KEYS[2]) == 1 then  -- never a count-less entry
+      redis.call('HSET', KEYS[2], 'seen', ARGV[1])
+      redis.call('PEXPIRE', KEYS[2], ms(max_age))
+    end
   end
 end
 return {'passed', '0', how, tostring(now - first)}

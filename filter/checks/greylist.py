@@ -41,6 +41,7 @@ reject), so no triplet is written for it and nothing is counted.
 from __future__ import annotations
 
 import logging
+import math
 
 from filter import replies
 from filter.checks import Context
@@ -59,7 +60,14 @@ from filter.results import Action, CheckResult, Decision, Symbol
 from filter.store import StoreError
 from filter.verdict import decide
 
-__all__ = ["GreylistCheck", "exemption", "refused_already", "score_so_far", "spf_domain"]
+__all__ = [
+    "GreylistCheck",
+    "exemption",
+    "refused_already",
+    "retry_seconds",
+    "score_so_far",
+    "spf_domain",
+]
 
 log = logging.getLogger("mailgate.greylist")
 
@@ -69,6 +77,15 @@ _SYMBOLS = {
     "passed": "GREYLIST_PASSED",
     "allowlisted": "GREYLIST_AWL",
 }
+
+
+def retry_seconds(retry_after: float) -> int:
+    """Whole seconds a client told "try again in N seconds" must wait: never 0, never short.
+
+    Rounded up: a sender that retries after exactly N seconds (as a well-behaved MTA
+    honouring the reply may) must find the delay over, not get another 451.
+    """
+    return max(1, math.ceil(retry_after))
 
 
 def spf_domain(ctx: Context) -> str | None:
@@ -206,11 +223,10 @@ class GreylistCheck:
         if symbol is None:  # a script newer than this code: never a silent pass
             return self._store_failed(ctx, triplet, f"unknown outcome {outcome.result!r}")
         if outcome.result in ("new", "early"):
-            reason = (
-                f"greylisted ({outcome.result}): {triplet}, retry in {outcome.retry_after:.0f}s"
-            )
+            secs = retry_seconds(outcome.retry_after)
+            reason = f"greylisted ({outcome.result}): {triplet}, retry in {secs}s"
             data["reason"] = reason
-            decision = Decision(Action.GREYLIST, replies.greylisted(outcome.retry_after), reason)
+            decision = Decision(Action.GREYLIST, replies.greylisted(secs), reason)
             sym = Symbol(symbol, ctx.policy.score(symbol), reason)
             return CheckResult("greylist", "policy", (sym,), decision, data)
         if outcome.result == "allowlisted":

@@ -39,6 +39,18 @@ from tests.rig.workers import TEST_REDIS_URL
         ("PRVS=0123456789=Alice@Example.org", "alice@example.org"),
         ("msprvs1=19372rp1ibnng=bounces-123@example.org", "bounces-123@example.org"),
         ("btv1==0123abcdef==alice@example.org", "alice@example.org"),
+        # BATV with the tag last, as some MTAs write it (postgrey undoes this too).
+        ("prvs=alice=1234abcdef@example.org", "alice@example.org"),
+        ("PRVS=John.Smith=0123ABCDEF@Example.org", "john.smith@example.org"),
+        # Both parts look like tags: the draft's order wins.
+        ("prvs=1234abcdef=0123abcdef@example.org", "0123abcdef@example.org"),
+        # Only "+" starts an extension: "-" is part of many real local parts.
+        ("john-doe@example.org", "john-doe@example.org"),
+        # RFC 5321 4.1.2: a quoted atom is the unquoted mailbox; any other quoted
+        # local part is kept whole (its "+" is no extension).
+        ('"Alice"@example.org', "alice@example.org"),
+        ('"alice+x"@example.org', "alice@example.org"),
+        ('"john doe+x"@example.org', '"john doe+x"@example.org'),
         # SRS0: forwarder's rewrite of the original sender, separator = + or -.
         ("SRS0=HHH=TT=orig.example=alice@forwarder.example", "alice@orig.example"),
         ("srs0+x7Ab=2c=orig.example=bob@fwd.example", "bob@orig.example"),
