@@ -119,7 +119,17 @@ class Frontend:
             peer_ip = normalize_ip(peer_ip)
         ip, port, source = peer_ip, peer_port, "socket"
         if policy.server.proxy_protocol:
-            got = await self._read_proxy_header(stream)
+            # The client is unknown until the header is in, but the connection already
+            # holds a socket: it counts in max_connections meanwhile, or anyone reaching
+            # the port could hold unlimited silent connections past the limit.
+            if not self.limiter.reserve():
+                self._refuse(stream, peer_ip, "refused_limit")
+                return
+            timeout = min(PROXY_TIMEOUT, policy.server.command_timeout)
+            try:
+                got = await self._read_proxy_header(stream, timeout)
+            finally:
+                self.limiter.unreserve()
             if got is None:
                 self.metrics.count_connection("proxy_error")
                 stream.abort()
@@ -131,15 +141,7 @@ class Frontend:
         exempt = ip_in(peer_ip, policy.server.xforward_hosts) and source == "socket"
         refusal = self.limiter.acquire(ip, per_ip=not exempt)
         if refusal is not None:
-            self.metrics.count_connection(refusal)
-            reply = (
-                replies.TOO_MANY_CONNECTIONS
-                if refusal == "refused_limit"
-                else replies.TOO_MANY_FROM_IP
-            )
-            stream.write(reply.to_bytes())
-            stream.close()
-            event(log, "connection_refused", client=ip, reason=refusal)
+            self._refuse(stream, ip, refusal)
             return
         client = ClientInfo(ip=ip, port=port, session_id=new_session_id(), source=source)
         session = Session(
@@ -152,7 +154,9 @@ class Frontend:
             rt.resolver,
             rt.store,
         )
-        session.allow_xforward(peer_ip)
+        # XFORWARD is believed from the host that sends it: behind a balancer that is the
+        # client the PROXY header names, never the balancer (a trusted address).
+        session.allow_xforward(ip)
         conn = _Connection(self, stream, session, rt)
         self.metrics.count_connection("accepted")
         self.metrics.active_sessions.inc()
@@ -177,10 +181,21 @@ class Frontend:
                 end=conn.end_reason,
             )
 
-    async def _read_proxy_header(self, stream: SMTPStream) -> tuple[str | None, int] | None:
+    def _refuse(self, stream: SMTPStream, ip: str, refusal: str) -> None:
+        self.metrics.count_connection(refusal)
+        reply = (
+            replies.TOO_MANY_CONNECTIONS if refusal == "refused_limit" else replies.TOO_MANY_FROM_IP
+        )
+        stream.write(reply.to_bytes())
+        stream.close()
+        event(log, "connection_refused", client=ip, reason=refusal)
+
+    async def _read_proxy_header(
+        self, stream: SMTPStream, within: float
+    ) -> tuple[str | None, int] | None:
         buf = b""
         try:
-            async with asyncio.timeout(PROXY_TIMEOUT):
+            async with asyncio.timeout(within):
                 while True:
                     buf += await stream.read_some()
                     parsed = parse_proxy_header(buf)
@@ -193,17 +208,17 @@ class Frontend:
                     if len(buf) > MAX_HEADER:
                         raise ProxyProtocolError("header too long")
         except (TimeoutError, StreamClosed, ProxyProtocolError, ValueError) as exc:
-            reason = proxy_refusal_reason(exc, len(buf))
+            reason = proxy_refusal_reason(exc, len(buf), within)
             event(log, "proxy_refused", logging.WARNING, client=stream.peername()[0], reason=reason)
             return None
 
 
-def proxy_refusal_reason(exc: Exception, received: int) -> str:
+def proxy_refusal_reason(exc: Exception, received: int, timeout: float = PROXY_TIMEOUT) -> str:
     """Why a PROXY header was refused, never empty: a timeout and a closed connection
     carry no text of their own, and an admin must tell a silent or misconfigured
     balancer from a client that speaks SMTP first."""
     if isinstance(exc, TimeoutError):
-        return f"no complete header within {PROXY_TIMEOUT:g}s ({received} bytes received)"
+        return f"no complete header within {timeout:g}s ({received} bytes received)"
     if isinstance(exc, StreamClosed):
         return f"connection closed before a complete header ({received} bytes received)"
     return str(exc) or type(exc).__name__
@@ -427,7 +442,9 @@ class _Connection:
         try:
             await self.stream.start_tls(ctx, server_side=True, handshake_timeout=self._timeout())
         except (OSError, ssl.SSLError, StreamClosed, TimeoutError) as exc:
-            log.info("session=%s TLS handshake failed: %s", s.client.session_id, exc)
+            # Some carry no text (a client gone mid-handshake): name the exception then.
+            why = str(exc) or f"{type(exc).__name__} (connection closed during the handshake)"
+            log.info("session=%s TLS handshake failed: %s", s.client.session_id, why)
             self.end_reason = "tls_failed"
             raise Closing from exc
         s.client.tls = True

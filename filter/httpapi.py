@@ -6,7 +6,8 @@ serving them on the SMTP event loop keeps the process single-loop (readiness
 probes can await the same upstream and store clients) with no extra
 dependency or thread. Every request is bounded in size and time, and the
 connection closes after one response, so a stuck or hostile scraper costs
-one socket for at most ``read_timeout`` seconds.
+one socket for at most ``read_timeout`` seconds; at ``max_connections`` a new
+connection pushes out the one that has waited longest for its request head.
 """
 
 from __future__ import annotations
@@ -72,14 +73,20 @@ class _HttpApi:
         self.read_timeout = read_timeout
         self.readiness_timeout = readiness_timeout
         self.max_connections = max_connections
-        self.open = 0
+        self._conns: set[asyncio.StreamWriter] = set()
+        # Connections still sending their request head, oldest first (dicts keep order).
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
+
+    @property
+    def open(self) -> int:
+        return len(self._conns)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one request, then close: no keep-alive to track."""
-        if self.open >= self.max_connections:
+        if len(self._conns) >= self.max_connections and not self._evict():
             writer.close()
             return
-        self.open += 1
+        self._conns.add(writer)
         try:
             await self._serve(reader, writer)
         except (ConnectionError, TimeoutError):
@@ -87,12 +94,29 @@ class _HttpApi:
         except Exception:
             log.exception("http api: unexpected error")
         finally:
-            self.open -= 1
+            self._conns.discard(writer)
+            self._waiting.pop(writer, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    def _evict(self) -> bool:
+        """Make room by dropping the connection that has waited longest for its request
+        head. Real scrapers and probes send theirs in one packet: without this, a client
+        holding max_connections idle sockets would starve them (a failing liveness probe
+        restarts the service) for as long as it keeps reconnecting."""
+        for oldest in self._waiting:
+            del self._waiting[oldest]
+            self._conns.discard(oldest)
+            oldest.transport.abort()
+            log.warning(
+                "http api: %d connections open, dropped the oldest idle one", len(self._conns)
+            )
+            return True
+        return False
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._waiting[writer] = None
         try:
             async with asyncio.timeout(self.read_timeout):
                 method, path = await _read_head(reader)
@@ -103,6 +127,8 @@ class _HttpApi:
             await self._send(writer, err.status, f"{_REASONS[err.status].lower()}\n".encode())
             await _linger(reader, writer)
             return
+        finally:
+            self._waiting.pop(writer, None)
         if method not in ("GET", "HEAD"):
             await self._send(writer, 405, b"method not allowed\n", extra="Allow: GET, HEAD\r\n")
             return

@@ -34,6 +34,17 @@ class ConnectionLimiter:
         self._per_ip[ip] += 1
         return None
 
+    def reserve(self) -> bool:
+        """Count a connection whose client is not known yet (PROXY header pending) in the
+        total only; False when the total is at its limit. Undo with ``unreserve``."""
+        if self.total >= self.max_total:
+            return False
+        self.total += 1
+        return True
+
+    def unreserve(self) -> None:
+        self.total -= 1
+
     def release(self, ip: str) -> None:
         self.total -= 1
         self._per_ip[ip] -= 1
