@@ -7,6 +7,8 @@ import ssl
 import time
 from pathlib import Path
 
+from filter.app import tls_context
+from filter.policy.schema import policy_from_dict
 from tests.integration.conftest import StartMailgate, message
 from tests.rig.client import RawSMTP
 from tests.rig.tlscerts import issue_certificate
@@ -171,3 +173,17 @@ def test_starttls_not_offered_without_certificate(mailgate: StartMailgate) -> No
     r.banner()
     assert "STARTTLS" not in r.cmd("EHLO client.example.org").text
     assert r.cmd("STARTTLS").code == 502
+
+
+def test_server_tls_refuses_renegotiation_and_old_protocols(tmp_path: Path) -> None:
+    """The STARTTLS context: TLS 1.2 at least, and no client-started renegotiation (a
+    handshake's CPU for the server each time, for nothing SMTP needs)."""
+    _, cert, key = issue_certificate(tmp_path, "mx.mailgate.test")
+    policy, problems = policy_from_dict(
+        {"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}}
+    )
+    assert policy is not None, problems
+    ctx = tls_context(policy)
+    assert ctx is not None
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
