@@ -889,8 +889,9 @@ class Store:
         """Delete what the store holds about a network (or an SPF-passing domain).
 
         A network: triplets first seen from a network overlapping it, AWL entries of
-        overlapping networks, and allow entries of overlapping networks. A domain:
-        its pool-aware triplets (origin ``spf:domain``) and its allow entry.
+        overlapping networks, and allow entries of overlapping networks. A domain: the
+        pool-aware triplets (origin ``spf:…``) and allow entries of it and of its
+        subdomains, as ``allow DOMAIN`` covers them (a parent domain's are kept).
         """
         if target.kind == "net":
             net = target.network
@@ -904,10 +905,13 @@ class Store:
 
             triplet_match = hit
         else:
-            origin = f"spf:{target.value}"
+            domain = target.value
+
+            def under(name: str) -> bool:
+                return name == domain or name.endswith("." + domain)
 
             def triplet_match(text: str) -> bool:
-                return text == origin
+                return text.startswith("spf:") and under(text[4:])
 
             def hit(text: str) -> bool:
                 return False
@@ -933,7 +937,9 @@ class Store:
         allow_doomed = [
             a.field
             for a in allow
-            if a.field == target.field or (a.field.startswith("net:") and hit(a.field[4:]))
+            if a.field == target.field
+            or (a.field.startswith("net:") and hit(a.field[4:]))
+            or (target.kind == "domain" and a.field.startswith("domain:") and under(a.field[7:]))
         ]
 
         async def delete() -> None:

@@ -169,6 +169,24 @@ async def test_forget_a_domain_removes_its_pool_triplets_and_allow_entry(
     assert raw.dbsize() == 0
 
 
+async def test_forget_a_domain_covers_its_subdomains_as_allow_does(
+    config: Path, store: Store, policy: Policy, raw: redis.Redis
+) -> None:
+    """``allow example.net`` spares mail.example.net too; ``forget example.net`` must
+    clear what mail.example.net left behind as well, and nothing of the parent or of
+    look-alike names."""
+    await rcpt(store, policy, "192.0.2.1", spf_domain="mail.example.net")
+    await rcpt(store, policy, "192.0.2.2", spf_domain="badexample.net")
+    await rcpt(store, policy, "192.0.2.3", spf_domain="net.example.org")
+    for name in ("mail.example.net", "badexample.net"):
+        assert mailgate(config, "allow", name).returncode == 0
+    out = mailgate(config, "forget", "example.net")
+    assert out.returncode == 0, out.stderr
+    assert "1 triplets, 0 auto-allowlist entries, 1 allow entries" in out.stdout
+    assert sorted(e.field for e in await store.allow_entries()) == ["domain:badexample.net"]
+    assert len(await store.triplets()) == 2
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
