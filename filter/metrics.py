@@ -14,6 +14,8 @@ directory at start. ``exposition()`` then merges the files of all workers.
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -28,11 +30,14 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
 from prometheus_client.registry import Collector
 
 from filter import __version__
+
+log = logging.getLogger("mailgate.metrics")
 
 __all__ = [
     "CHECK_RESULTS",
@@ -459,12 +464,44 @@ def _multiprocess_families(declared: CollectorRegistry) -> list[Metric]:
     would be missing from /metrics altogether; with one worker it is listed (HELP and
     TYPE, no samples). Both modes list the same metrics.
     """
-    families = list(MultiProcessCollector(None).collect())  # type: ignore[no-untyped-call]
+    families = merge_worker_files(os.environ[MULTIPROC_ENV])
     seen = {f.name for f in families}
     for family in declared.collect():
         if family.name.startswith("mailgate_") and family.name not in seen:
             families.append(Metric(family.name, family.documentation, family.type))
     return families
+
+
+def merge_worker_files(directory: str) -> list[Metric]:
+    """The workers' samples from their files in ``directory``, skipping unreadable ones.
+
+    prometheus_client merges all files in one go and one bad file fails the whole
+    scrape (client_python #1199): a worker creates its file empty and sizes it a moment
+    later, so a scrape in that window got no answer at all, and a worker killed in it
+    leaves the empty file behind for good, failing every scrape after. Empty files
+    hold nothing yet and are skipped; a file that still does not parse is left out
+    with a warning, so one worker's file never hides every other worker's metrics.
+    """
+    files = [f for f in glob.glob(os.path.join(directory, "*.db")) if _nonempty(f)]
+    try:
+        return list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
+    except Exception:  # any parse failure of any file: find which below
+        good = []
+        for f in files:
+            try:
+                list(MmapedDict.read_all_values_from_file(f))  # type: ignore[no-untyped-call]
+            except Exception as exc:  # struct, unicode, json, size errors
+                log.warning("metrics: left out unreadable worker file %s: %s", f, exc)
+            else:
+                good.append(f)
+        return list(MultiProcessCollector.merge(good, accumulate=True))  # type: ignore[no-untyped-call]
+
+
+def _nonempty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:  # removed meanwhile (mark_process_dead)
+        return False
 
 
 def mark_process_dead(pid: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +226,25 @@ def test_multiprocess_exposition(tmp_path: Path) -> None:
         ]
     )
     assert list(tmp_path.iterdir())  # values went to the shared directory
+
+
+def test_multiprocess_exposition_survives_empty_and_broken_worker_files(tmp_path: Path) -> None:
+    """A worker killed between creating its file and sizing it leaves an empty file
+    for good (client_python #1199), and a torn file may not parse: either used to
+    fail every scrape. The other workers' metrics must still be served."""
+    (tmp_path / "counter_99999.db").write_bytes(b"")
+    # a header claiming 1000 bytes used in a 16-byte file: "read beyond file size"
+    (tmp_path / "gauge_livesum_99998.db").write_bytes(struct.pack("i", 1000) + bytes(12))
+    env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", MULTIPROC_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "mailgate_messages_total 1.0" in done.stdout.split("\n")
+    assert "mailgate_active_sessions 2.0" in done.stdout.split("\n")
+    assert "gauge_livesum_99998.db" in done.stderr  # the left-out file is named
