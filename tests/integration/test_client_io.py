@@ -8,24 +8,8 @@ import time
 from pathlib import Path
 
 from tests.integration.conftest import StartMailgate, message
-from tests.rig.client import RawSMTP
+from tests.rig.client import RawSMTP, read_until_eof
 from tests.rig.upstream import ScriptedUpstream
-
-
-def _read_until_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """Everything the server sends until it closes (AssertionError if it does not)."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            break
-        if not chunk:
-            return data
-        data += chunk
-    raise AssertionError(f"connection still open after {timeout}s; got {data!r}")
 
 
 def _codes(data: bytes) -> list[str]:
@@ -49,7 +33,7 @@ def _half_close(port: int, sent: bytes) -> list[str]:
     sock = _connect(port)
     sock.sendall(sent)
     sock.shutdown(socket.SHUT_WR)
-    codes = _codes(_read_until_eof(sock))
+    codes = _codes(read_until_eof(sock))
     sock.close()
     return codes
 
@@ -188,7 +172,7 @@ def test_client_reading_late_gets_every_reply(mailgate: StartMailgate) -> None:
     sender = threading.Thread(target=sock.sendall, args=(payload,))
     sender.start()
     time.sleep(1.0)
-    got = _read_until_eof(sock, timeout=30)
+    got = read_until_eof(sock, timeout=30)
     sender.join(10)
     sock.close()
     codes = _codes(got)

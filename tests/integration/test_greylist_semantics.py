@@ -13,62 +13,32 @@ import pytest
 import redis
 
 from filter.checks import Context
-from filter.checks.greylist import GreylistCheck, retry_seconds
+from filter.checks.greylist import retry_seconds
 from filter.checks.ratelimit import RateLimitCheck, RateLimitConnectCheck
 from filter.model import ClientInfo, Envelope, Recipient
 from filter.policy.schema import Policy, policy_from_dict
-from filter.results import Action, CheckResult, Symbol
+from filter.results import CheckResult
 from filter.store import Store
+from tests.integration.test_greylist import (
+    DELAY,
+    T0,
+    Clock,
+    Harness,
+    greylisted,
+    make_policy,
+    spf,
+)
 
-T0 = 1_700_000_000.0
-DELAY = 300.0
 AWL = "mailgate:gl:awl:192.0.2.0/24"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def policy(redis_url: str, **greylist: Any) -> Policy:
-    data: dict[str, Any] = {
-        "redis": {"url": redis_url},
-        "greylist": {"delay": "5m", "retry_window": "2d", "max_age": "35d", **greylist},
-    }
-    p, problems = policy_from_dict(data)
-    assert p is not None, problems
-    return p
+# The harness of the greylist tests: one RCPT-stage Context per call, like the session.
+Greylist = Harness
+policy = make_policy
 
 
 def spf_pass(domain: str = "example.org", identity: str = "mailfrom") -> dict[str, CheckResult]:
-    data = {"identity": identity, "domain": domain}
-    return {"spf": CheckResult("spf", "pass", (Symbol("SPF_PASS", 0.0),), None, data)}
-
-
-class Greylist:
-    def __init__(self, store: Store, policy: Policy, clock: Clock) -> None:
-        self.store, self.policy, self.clock = store, policy, clock
-
-    async def rcpt(
-        self,
-        rcpt: str = "bob@example.test",
-        ip: str = "192.0.2.10",
-        mail_from: str = "alice@example.org",
-        results: dict[str, CheckResult] | None = None,
-    ) -> CheckResult:
-        ctx = Context(
-            client=ClientInfo(ip=ip, port=4000, session_id="S1"),
-            policy=self.policy,
-            results=dict(results or {}),
-            envelope=Envelope(mail_from=mail_from, recipients=[Recipient(rcpt)]),
-            recipient=Recipient(rcpt),
-            clock=self.clock,
-            store=self.store,
-        )
-        return await GreylistCheck().run(ctx)
+    return {"spf": spf("pass", domain, identity)}
 
 
 @pytest.fixture
@@ -79,10 +49,6 @@ def clock() -> Clock:
 @pytest.fixture
 def gl(store: Store, redis_url: str, clock: Clock) -> Greylist:
     return Greylist(store, policy(redis_url), clock)
-
-
-def greylisted(r: CheckResult) -> bool:
-    return r.decision is not None and r.decision.action is Action.GREYLIST
 
 
 def advertised(r: CheckResult) -> int:

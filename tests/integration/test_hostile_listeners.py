@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import AUTH_CHECKS_OFF, StartMailgate, message
-from tests.rig.client import RawSMTP
+from tests.rig.client import RawSMTP, read_until_eof
 from tests.rig.mailgate import MailgateProcess
 from tests.rig.tlscerts import issue_certificate
 from tests.rig.upstream import ScriptedUpstream
@@ -49,24 +49,6 @@ def _log_line(mg: MailgateProcess, pattern: str, timeout: float = 5.0) -> str:
         if time.monotonic() > deadline:
             raise AssertionError(f"no log line matches {pattern!r}\n{mg.logs()}")
         time.sleep(0.1)
-
-
-def _read_to_eof(sock: socket.socket, timeout: float) -> bytes:
-    """Everything until the server closes; AssertionError if it stays open."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            break
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
-    raise AssertionError(f"still open after {timeout}s; got {data!r}")
 
 
 class BioTLS:
@@ -388,7 +370,7 @@ def test_connections_waiting_for_their_proxy_header_count_in_max_connections(
     while True:  # the three are accepted and counted; then a fourth is refused
         r = RawSMTP("127.0.0.1", mg.smtp_port)
         assert r.sock is not None
-        data = _read_to_eof(r.sock, timeout=3)
+        data = read_until_eof(r.sock, timeout=3)
         if data.startswith(b"421 4.7.0"):
             break
         assert time.monotonic() < deadline, data
@@ -408,7 +390,7 @@ def test_connections_waiting_for_their_proxy_header_count_in_max_connections(
 def _http(port: int, request: bytes, timeout: float = 5.0) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request)
-        return _read_to_eof(s, timeout)
+        return read_until_eof(s, timeout)
 
 
 def test_http_listener_hostile_requests(mailgate: StartMailgate) -> None:
@@ -479,4 +461,5 @@ def test_many_concurrent_scrapes_with_workers(mailgate: StartMailgate) -> None:
     for t in threads:
         t.join(20)
     assert len(results) == 40
-    assert all(r.startswith(b"HTTP/1.1 200 ") and b"mailgate_" in r for r in results)
+    bad = [r[:200] for r in results if not (r.startswith(b"HTTP/1.1 200 ") and b"mailgate_" in r)]
+    assert not bad, (bad, mg.logs()[-4000:])

@@ -177,3 +177,22 @@ class RawSMTP:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_until_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes (a reset counts as closing);
+    AssertionError if it is still open after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"connection still open after {timeout}s; got {data!r}")
