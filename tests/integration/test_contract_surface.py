@@ -15,6 +15,7 @@ import pytest
 
 from tests.integration.conftest import AUTH_CHECKS_OFF, StartMailgate
 from tests.rig.cli import run_cli as cli
+from tests.unit.test_metrics import CONTRACT
 
 # --- policy units -------------------------------------------------------------------
 
@@ -62,19 +63,8 @@ def _seconds(text: str) -> float:
 
 # --- metrics --------------------------------------------------------------------------
 
-#: The contract's "at least" list: name -> Prometheus type.
-CONTRACT_METRICS = {
-    "mailgate_connections_total": "counter",
-    "mailgate_active_sessions": "gauge",
-    "mailgate_messages_total": "counter",
-    "mailgate_check_results_total": "counter",
-    "mailgate_greylist_total": "counter",
-    "mailgate_dns_query_duration_seconds": "histogram",
-    "mailgate_upstream_errors_total": "counter",
-    "mailgate_store_errors_total": "counter",
-    "mailgate_policy_reloads_total": "counter",
-    "mailgate_build_info": "gauge",
-}
+#: The contract's "at least" list: name -> Prometheus type (one list for the suite).
+CONTRACT_METRICS = CONTRACT
 
 
 def test_metrics_with_several_workers_list_every_contract_metric(

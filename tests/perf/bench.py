@@ -21,7 +21,6 @@ tests/perf/README.md for the columns and the caveats.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -199,27 +198,6 @@ def policy_toml(
 # ------------------------------------------------------------------ --checks auth fixtures
 
 
-def dkim_keypair() -> tuple[bytes, str]:
-    """A fresh RSA-2048 key: (PKCS#1 PEM private key, base64 DER public key for p=)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, base64.b64encode(der).decode()
-
-
-def dkim_txt(public_b64: str) -> str:
-    return f"v=DKIM1; k=rsa; p={public_b64}"
-
-
 def body_lines(nbytes: int) -> bytes:
     """CRLF lines of 76 characters (the last one shorter), nbytes in total, none
     starting with a dot; at least one short line."""
@@ -275,8 +253,8 @@ def signed_message(size: int, mail_from: str, rcpt_to: str, privkey_pem: bytes) 
     return message
 
 
-def auth_records(public_b64: str, helo: str) -> list[tuple[str, str, Any]]:
-    """The zone data --checks auth/all needs: SPF, DMARC and the DKIM key of the
+def auth_records(key_record: str, helo: str) -> list[tuple[str, str, Any]]:
+    """The zone data --checks auth/all needs: SPF, DMARC and the DKIM key record of the
     sender, SPF and A for the HELO name, PTR for 127.0.0.1, an empty DNSBL zone."""
     from tests.rig.dnsserver import soa
 
@@ -287,7 +265,7 @@ def auth_records(public_b64: str, helo: str) -> list[tuple[str, str, Any]]:
         (d, "TXT", spf),
         (d, "A", "127.0.0.1"),
         (f"_dmarc.{d}", "TXT", "v=DMARC1; p=reject"),
-        (f"{DKIM_SELECTOR}._domainkey.{d}", "TXT", dkim_txt(public_b64)),
+        (f"{DKIM_SELECTOR}._domainkey.{d}", "TXT", key_record),
         ("1.0.0.127.in-addr.arpa", "PTR", helo),
         soa("in-addr.arpa", minimum=DNS_TTL),
         soa(DNSBL_ZONE, minimum=DNS_TTL),
@@ -311,15 +289,16 @@ def start_auth_fixture(a: argparse.Namespace, workdir: Path) -> AuthFixture:
         sys.path.insert(0, str(REPO))
     import dkim
 
+    from tests.rig.dkimkeys import rsa_dkim_key
     from tests.rig.dnsserver import ZoneDNSServer
 
-    pem, public_b64 = dkim_keypair()
-    dns_server = ZoneDNSServer(auth_records(public_b64, a.helo), ttl=DNS_TTL).start()
+    pem, key_record = rsa_dkim_key()
+    dns_server = ZoneDNSServer(auth_records(key_record, a.helo), ttl=DNS_TTL).start()
     message = signed_message(a.size, a.mail_from, a.rcpt_to, pem)
     key_name = f"{DKIM_SELECTOR}._domainkey.{SENDER_DOMAIN}."
 
     def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
-        return dkim_txt(public_b64).encode() if name.decode() == key_name else None
+        return key_record.encode() if name.decode() == key_name else None
 
     if not dkim.verify(message, dnsfunc=dnsfunc):
         dns_server.stop()
