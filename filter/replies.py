@@ -7,6 +7,7 @@ its before-queue proxy failures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -127,7 +128,16 @@ REJECT_DNSBL = Reply(554, "5.7.1", "Service unavailable; client host blocked")
 ACCESS_DENIED = Reply(550, "5.7.1", "Access denied")
 
 
+def retry_seconds(retry_after: float) -> int:
+    """Whole seconds a client told "try again in N seconds" must wait: never 0, never short.
+
+    Rounded up: a sender that retries after exactly N seconds (as a well-behaved MTA
+    honouring the reply may) must find the delay over, not get another 451.
+    """
+    return max(1, math.ceil(retry_after))
+
+
 def greylisted(retry_after_seconds: float) -> Reply:
     """451 that tells a well-behaved client when the retry will be accepted."""
-    secs = max(1, int(retry_after_seconds + 0.999))
+    secs = retry_seconds(retry_after_seconds)
     return GREYLISTED.with_text(f"Greylisted, try again in {secs} seconds")

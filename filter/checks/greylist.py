@@ -41,7 +41,6 @@ reject), so no triplet is written for it and nothing is counted.
 from __future__ import annotations
 
 import logging
-import math
 
 from filter import replies
 from filter.checks import Context
@@ -64,7 +63,6 @@ __all__ = [
     "GreylistCheck",
     "exemption",
     "refused_already",
-    "retry_seconds",
     "score_so_far",
     "spf_domain",
 ]
@@ -77,15 +75,6 @@ _SYMBOLS = {
     "passed": "GREYLIST_PASSED",
     "allowlisted": "GREYLIST_AWL",
 }
-
-
-def retry_seconds(retry_after: float) -> int:
-    """Whole seconds a client told "try again in N seconds" must wait: never 0, never short.
-
-    Rounded up: a sender that retries after exactly N seconds (as a well-behaved MTA
-    honouring the reply may) must find the delay over, not get another 451.
-    """
-    return max(1, math.ceil(retry_after))
 
 
 def spf_domain(ctx: Context) -> str | None:
@@ -223,10 +212,10 @@ class GreylistCheck:
         if symbol is None:  # a script newer than this code: never a silent pass
             return self._store_failed(ctx, triplet, f"unknown outcome {outcome.result!r}")
         if outcome.result in ("new", "early"):
-            secs = retry_seconds(outcome.retry_after)
+            secs = replies.retry_seconds(outcome.retry_after)  # the reply's own rounding
             reason = f"greylisted ({outcome.result}): {triplet}, retry in {secs}s"
             data["reason"] = reason
-            decision = Decision(Action.GREYLIST, replies.greylisted(secs), reason)
+            decision = Decision(Action.GREYLIST, replies.greylisted(outcome.retry_after), reason)
             sym = Symbol(symbol, ctx.policy.score(symbol), reason)
             return CheckResult("greylist", "policy", (sym,), decision, data)
         if outcome.result == "allowlisted":

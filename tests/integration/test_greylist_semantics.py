@@ -13,10 +13,10 @@ import pytest
 import redis
 
 from filter.checks import Context
-from filter.checks.greylist import retry_seconds
 from filter.checks.ratelimit import RateLimitCheck, RateLimitConnectCheck
 from filter.model import ClientInfo, Envelope, Recipient
 from filter.policy.schema import Policy, policy_from_dict
+from filter.replies import retry_seconds
 from filter.results import CheckResult
 from filter.store import Store
 from tests.integration.test_greylist import (
