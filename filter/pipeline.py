@@ -3,6 +3,11 @@
 A check that raises or overruns becomes ``temperror`` with a ``<NAME>_TEMPERROR``
 symbol, a log line and a metric; it never crashes the session and never passes
 silently. Checks of one stage that need each other run in dependency waves.
+
+A check may declare ``after_upstream = True``: at its stage the session runs it only
+once the upstream accepted the command (greylisting runs after Postfix accepted the
+RCPT, as postgrey is placed after ``reject_unlisted_recipient``). The other checks of
+the stage run before the command goes upstream.
 """
 
 from __future__ import annotations
@@ -32,11 +37,20 @@ class Pipeline:
         names = {c.name for c in self.checks}
         if len(names) != len(self.checks):
             raise ValueError("two checks share a name")
-        self._waves = {stage: self._plan(stage) for stage in Stage}
+        self._early = {stage: self._plan(stage, late=False) for stage in Stage}
+        self._late = {stage: self._plan(stage, late=True) for stage in Stage}
 
-    def _plan(self, stage: Stage) -> list[list[Check]]:
-        pending = [c for c in self.checks if c.stage is stage]
+    def _plan(self, stage: Stage, late: bool) -> list[list[Check]]:
+        pending = [c for c in self.checks if c.stage is stage and after_upstream(c) is late]
         done: set[str] = {c.name for c in self.checks if c.stage < stage}
+        if late:
+            done.update(c.name for c in self.checks if c.stage is stage and not after_upstream(c))
+        else:
+            waiting = {c.name for c in self.checks if c.stage is stage and after_upstream(c)}
+            for c in pending:
+                if waiting & set(c.needs):
+                    wanted = ", ".join(sorted(waiting & set(c.needs)))
+                    raise ValueError(f"check {c.name} needs {wanted}, which runs after upstream")
         waves: list[list[Check]] = []
         while pending:
             ready = [
@@ -53,13 +67,24 @@ class Pipeline:
     def _names(self) -> set[str]:
         return {c.name for c in self.checks}
 
-    def has_stage(self, stage: Stage) -> bool:
-        return bool(self._waves[stage])
+    def has_stage(self, stage: Stage, late: bool | None = None) -> bool:
+        """Whether ``stage`` has checks: all of them, or only the early or late part."""
+        if late is None:
+            return bool(self._early[stage] or self._late[stage])
+        return bool((self._late if late else self._early)[stage])
 
-    async def run(self, stage: Stage, ctx: Context) -> list[CheckResult]:
-        """Run ``stage``'s checks; their results are also added to ``ctx.results``."""
+    async def run(self, stage: Stage, ctx: Context, late: bool | None = None) -> list[CheckResult]:
+        """Run ``stage``'s checks; their results are also added to ``ctx.results``.
+
+        ``late=None`` runs all of them (the dry run, which has no upstream);
+        ``False`` those that run before the command goes upstream, ``True`` the rest.
+        """
+        if late is None:
+            waves = self._early[stage] + self._late[stage]
+        else:
+            waves = (self._late if late else self._early)[stage]
         out: list[CheckResult] = []
-        for wave in self._waves[stage]:
+        for wave in waves:
             results = await self._run_wave(wave, ctx)
             for r in results:
                 ctx.results[r.check] = r  # type: ignore[index]
@@ -124,6 +149,11 @@ class Pipeline:
         if self.metrics is not None:
             self.metrics.count_check(check.name, result.result, elapsed)
         return result.with_elapsed(elapsed)
+
+
+def after_upstream(check: Check) -> bool:
+    """True for a check that runs only once the upstream accepted its stage's command."""
+    return bool(getattr(check, "after_upstream", False))
 
 
 def _crashed(check: Check, ctx: Context, exc: Exception) -> CheckResult:

@@ -82,6 +82,9 @@ class Transaction:
     started: float = field(default_factory=time.monotonic)
     upstream_failed: bool = False
     overshoot: int = 0  # RCPTs answered 452 past server.max_recipients
+    # Recipients the upstream accepted and we then refused (greylisting runs after the
+    # upstream's RCPT): they must be taken out upstream before the message goes.
+    phantoms: list[Recipient] = field(default_factory=list)
 
 
 def new_session_id() -> str:
@@ -382,28 +385,57 @@ class Session:
         if not path.address.isascii() and not txn.envelope.smtputf8:
             return self._error(Reply(553, "5.6.7", "Error: SMTPUTF8 is required for this address"))
         recipient = Recipient(path.address, list(path.raw_params))
-        if not self.client.trusted:
-            rcpt_results = []
-            if self.pipeline.has_stage(Stage.RCPT):
-                ctx = self._context(envelope=txn.envelope, recipient=recipient)
-                rcpt_results = await self.pipeline.run(Stage.RCPT, ctx)
-            verdict = decide(
-                self._all_results(rcpt_results), self.policy, Stage.RCPT, _domain(path.address)
-            )
-            self._count_would(verdict)
-            if verdict.refuses and verdict.reply is not None:
-                self._log_refusal(verdict, recipient)
-                self.metrics.count_message(verdict.action.value)
-                return self._error(verdict.reply)
-            txn.results += [
-                r for r in rcpt_results if r.check not in {x.check for x in txn.results}
-            ]
+        judged = not self.client.trusted
+        early: list[CheckResult] = []
+        late_checks = False
+        ctx = self._context(envelope=txn.envelope, recipient=recipient)
+        if judged:
+            if self.pipeline.has_stage(Stage.RCPT, late=False):
+                early = await self.pipeline.run(Stage.RCPT, ctx, late=False)
+            late_checks = self.pipeline.has_stage(Stage.RCPT, late=True)
+            refusal = self._judge_rcpt(early, recipient, final=not late_checks)
+            if refusal is not None:
+                return refusal
         reply = await self._upstream_call("rcpt", lambda up: up.rcpt(path.address, path.raw_params))
-        if reply.code == 250 or reply.code == 251:
-            txn.envelope.recipients.append(recipient)
-        elif reply.code >= 400:
-            self.errors += 1
+        if reply.code != 250 and reply.code != 251:
+            if reply.code >= 400:
+                self.errors += 1
+            if judged and late_checks:
+                self._count_would(self._rcpt_verdict(early, recipient))
+            return reply
+        if judged and late_checks:
+            late = await self.pipeline.run(Stage.RCPT, ctx, late=True)
+            refusal = self._judge_rcpt(early + late, recipient, final=True)
+            if refusal is not None:
+                # The upstream holds this recipient now; the message must not reach
+                # it: the final dot replays the transaction without it.
+                txn.phantoms.append(recipient)
+                return refusal
+            early += late
+        if judged:
+            seen = {x.check for x in txn.results}
+            txn.results += [r for r in early if r.check not in seen]
+        txn.envelope.recipients.append(recipient)
         return reply
+
+    def _rcpt_verdict(self, results: list[CheckResult], recipient: Recipient) -> Verdict:
+        domain = _domain(recipient.address)
+        return decide(self._all_results(results), self.policy, Stage.RCPT, domain)
+
+    def _judge_rcpt(
+        self, results: list[CheckResult], recipient: Recipient, final: bool
+    ) -> Reply | None:
+        """The refusal for this recipient so far, or None; a would-action is counted
+        once per recipient, on its last verdict (``final``) or on a refusal."""
+        verdict = self._rcpt_verdict(results, recipient)
+        if verdict.refuses and verdict.reply is not None:
+            self._count_would(verdict)
+            self._log_refusal(verdict, recipient)
+            self.metrics.count_message(verdict.action.value)
+            return self._error(verdict.reply)
+        if final:
+            self._count_would(verdict)
+        return None
 
     def prefetch(self, message: MessageBuffer) -> None:
         """The header block is in: start DKIM key and DMARC lookups before the final dot.
@@ -508,6 +540,11 @@ class Session:
 
             if not self.client.trusted and self.policy.arc.enabled and self.policy.arc.seal:
                 headers = await self._arc_seal(message, drop, headers) + headers
+            if txn.phantoms:
+                replayed = await self._replay_without_phantoms(txn)
+                if replayed is not None:
+                    self._log_message(txn, message, verdict, replayed, "upstream_refused", t_checks)
+                    return replayed
             chunks = message.iter_chunks(prepend=headers, drop=drop)
             t_up = time.monotonic()
             reply = await self._upstream_call("data", lambda up: up.data(chunks))
@@ -527,6 +564,44 @@ class Session:
             self.txn = None
             self._stop_keepalive()
             message.close()
+
+    async def _replay_without_phantoms(self, txn: Transaction) -> Reply | None:
+        """Start the upstream transaction again with only the accepted recipients.
+
+        The upstream accepted recipients that were then greylisted (``phantoms``); DATA
+        now would deliver to them too, and the client, told 451, would send the message
+        again. RSET, MAIL and the accepted RCPTs again (only mixed transactions pay
+        this). If the upstream now answers anything else, the message is not relayed
+        and the client hears ``451 4.3.0``: nothing is lost, it sends again later.
+        """
+        env = txn.envelope
+        log.info(
+            "session=%s event=upstream_replay id=%s dropped=%d kept=%d",
+            self.client.session_id,
+            env.message_id,
+            len(txn.phantoms),
+            len(env.recipients),
+        )
+        await self._abort_upstream_txn()
+        reply = await self._upstream_call(
+            "data", lambda up: up.mail(env.mail_from, env.mail_params)
+        )
+        for r in env.recipients:
+            if reply.code != 250 and reply.code != 251:
+                break
+            reply = await self._upstream_call("data", _rcpt_call(r))
+        if reply.code == 250 or reply.code == 251:
+            txn.phantoms.clear()
+            return None
+        log.warning(
+            "session=%s upstream refused the replayed transaction id=%s reply=%s",
+            self.client.session_id,
+            env.message_id,
+            reply,
+        )
+        await self._abort_upstream_txn()
+        self.errors += 1
+        return replies.UPSTREAM_UNAVAILABLE
 
     async def _arc_seal(
         self, message: MessageBuffer, drop: Callable[[bytes, bytes], bool], headers: bytes
@@ -841,6 +916,10 @@ class Session:
         verdictlog.record_soon(
             self.store, msg_id, record, self.policy.explain.keep, self._background
         )
+
+
+def _rcpt_call(recipient: Recipient) -> Callable[[UpstreamPort], object]:
+    return lambda up: up.rcpt(recipient.address, recipient.params)
 
 
 def _domain(address: str) -> str:

@@ -39,7 +39,9 @@ class Context:
 class Check(Protocol):
     """A check may also have ``settled(ctx) -> CheckResult | None``: its result when it
     can tell without waiting (nothing to check), else None. The pipeline asks it first
-    and then spares it a Task and a timer; ``run`` must give the same answer."""
+    and then spares it a Task and a timer; ``run`` must give the same answer.
+    ``after_upstream = True`` makes the session run it only after the upstream accepted
+    the stage's command (see ``filter.pipeline``)."""
 
     name: str
     stage: Stage

@@ -160,6 +160,11 @@ class GreylistCheck:
     name = "greylist"
     stage = Stage.RCPT
     needs: tuple[str, ...] = ("spf", "dnsbl", "lists", "lists_rcpt")
+    # Only recipients the upstream accepted are greylisted (postgrey after Postfix's
+    # reject_unlisted_recipient and reject_unauth_destination): an unknown user or a
+    # relay attempt hears the upstream's 5xx at once instead of 451 now and 550 after
+    # the retry, and dictionary attacks leave no triplets in the store.
+    after_upstream = True
 
     async def run(self, ctx: Context) -> CheckResult:
         gl = ctx.policy.greylist

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests.e2e.conftest import StartMailgate, message
 from tests.rig.client import smtp_client
@@ -119,7 +120,29 @@ def test_greylisting_defers_then_delivers(
     }
     [msg] = mailbox_reset.wait_for_messages("bob", 1)
     assert b"greylisted 2" in msg
+    # Postfix had accepted carol before greylisting answered 451 for her: the
+    # transaction was replayed without her, so she gets nothing until her retry.
+    assert "event=upstream_replay" in mg.logs()
     assert mailbox_reset.messages("carol") == []
+
+
+def test_unknown_user_hears_postfix_550_before_any_greylisting(
+    rep_front: StartMailgate, mailbox_reset: PostfixInstance, redis_url: str
+) -> None:
+    mg = rep_front({"greylist": {"enabled": True}})
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.42") as c:
+        c.ehlo("mail.example.org")
+        c.mail("alice@example.org")
+        code, text = c.rcpt("nobody@example.test")
+        assert (code, text[:5]) == (550, b"5.1.1"), text  # Postfix's own answer
+        assert b"nobody@example.test" in text
+        assert c.rcpt("bob@example.test")[0] == 451
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        stored = sorted(str(raw.hget(k, "rcpt")) for k in raw.scan_iter("mailgate:gl:t:*"))
+    finally:
+        raw.close()
+    assert stored == ["bob@example.test"]  # no triplet for the address that does not exist
 
 
 @pytest.mark.parametrize(("on_error", "expect"), [("accept", 250), ("tempfail", 451)])

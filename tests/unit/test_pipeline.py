@@ -388,3 +388,46 @@ async def test_dmarc_timeout_follows_on_temperror() -> None:
     )
     ctx2 = Context(client=ClientInfo("192.0.2.1", 1, "S"), policy=accept)
     assert DMARCCheck().failure_result(ctx2, "timed out").decision is None
+
+
+class LateCheck(FakeCheck):
+    """A check that runs only after the upstream accepted its stage's command."""
+
+    after_upstream = True
+
+
+async def test_after_upstream_checks_run_apart_and_see_the_early_results() -> None:
+    log: list[str] = []
+    seen: list[set[str]] = []
+    late = LateCheck(
+        "greylist", Stage.RCPT, needs=("lists_rcpt",), log=log,
+        inspect=lambda ctx: seen.append(set(ctx.results)),
+    )  # fmt: skip
+    early = FakeCheck("lists_rcpt", Stage.RCPT, log=log)
+    pipeline = Pipeline([late, early, FakeCheck("ratelimit", Stage.RCPT, log=log)], timeout=5)
+    assert pipeline.has_stage(Stage.RCPT, late=False) and pipeline.has_stage(Stage.RCPT, late=True)
+    assert not pipeline.has_stage(Stage.MAIL) and not pipeline.has_stage(Stage.MAIL, late=True)
+    ctx = context()
+    first = await pipeline.run(Stage.RCPT, ctx, late=False)
+    assert sorted(r.check for r in first) == ["lists_rcpt", "ratelimit"]
+    assert "start greylist" not in log
+    second = await pipeline.run(Stage.RCPT, ctx, late=True)
+    assert [r.check for r in second] == ["greylist"]
+    assert seen == [{"lists_rcpt", "ratelimit"}]
+    # Without an upstream (the dry run) one call runs both parts, early first.
+    log.clear()
+    everything = await pipeline.run(Stage.RCPT, context())
+    assert [r.check for r in everything][-1] == "greylist" and len(everything) == 3
+
+
+def test_an_early_check_cannot_need_a_late_one() -> None:
+    checks = [LateCheck("greylist", Stage.RCPT), FakeCheck("ratelimit", Stage.RCPT, ("greylist",))]
+    with pytest.raises(ValueError, match="ratelimit needs greylist, which runs after upstream"):
+        Pipeline(checks, timeout=5)
+
+
+def test_the_shipped_greylist_check_runs_after_upstream() -> None:
+    from filter.checks.greylist import GreylistCheck
+    from filter.pipeline import after_upstream
+
+    assert after_upstream(GreylistCheck())
