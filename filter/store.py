@@ -550,7 +550,14 @@ class Store:
 
     @classmethod
     def from_policy(cls, policy: RedisPolicy, metrics: Metrics | None = None) -> Store:
-        return cls(policy.url, policy.key_prefix, metrics=metrics)
+        return cls(
+            policy.url,
+            policy.key_prefix,
+            metrics=metrics,
+            max_connections=policy.pool_size,
+            socket_timeout=policy.timeout,
+            pool_timeout=policy.pool_timeout,
+        )
 
     def _build(self, max_connections: int, socket_timeout: float, pool_timeout: float) -> Any:
         # One quick retry on a broken connection (a pooled socket the server closed),

@@ -627,6 +627,11 @@ class RedisPolicy:
         "mailgate:", lambda s: not re.search(r"\s", s), "a prefix without spaces"
     )
     on_error: str = choice("accept", "accept", "tempfail")
+    # A store that stops answering costs a call at most pool_timeout (waiting for a
+    # connection) plus timeout (its answer); then on_error decides. Sentinel: per sentinel.
+    timeout: float = duration("1s", minimum="10ms", maximum="30s")
+    pool_size: int = integer(50, minimum=1, maximum=10000)
+    pool_timeout: float = duration("2s", maximum="30s")
 
     def problems(self) -> Iterable[Problem]:
         # The shape is the field's own check; this asks what redis-py will make of it.

@@ -19,7 +19,9 @@ import pytest
 import redis
 import redis.exceptions
 
+from filter.policy.schema import policy_from_dict
 from filter.store import Store, StoreError
+from filter.units import parse_duration
 from tests.rig.ports import free_port
 from tests.rig.redisserver import start_redis_server, stop_servers, wait_until
 from tests.rig.tlscerts import issue_certificate
@@ -128,6 +130,37 @@ async def test_a_hung_server_costs_a_bounded_wait_and_a_fresh_connection_each_ti
             assert len(silent.accepted) == attempt
         with pytest.raises(StoreError):  # and the store's callers see a StoreError
             await store.call("test", lambda: store.run_script(script, ["k"], ["x"]))
+
+
+@pytest.mark.parametrize(("answer", "pool_wait"), [("250ms", "0s"), ("600ms", "300ms")])
+async def test_the_policys_timeouts_bound_a_call_to_a_hung_server(
+    silent: SilentServer, answer: str, pool_wait: str
+) -> None:
+    policy, problems = policy_from_dict(
+        {
+            "redis": {
+                "url": f"redis://127.0.0.1:{silent.port}/0",
+                "timeout": answer,
+                "pool_timeout": pool_wait,
+                "pool_size": 1,
+            }
+        }
+    )
+    assert policy is not None, problems
+    store = Store.from_policy(policy.redis)
+    try:
+        bound = parse_duration(answer) + parse_duration(pool_wait)
+        assert store.call_timeout == pytest.approx(bound)
+        script = store.client.register_script(ECHO)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(StoreError):
+            await store.call("test", lambda: store.run_script(script, ["k"], ["x"]))
+        took = loop.time() - t0
+        # The answer's timeout, not the 1 s default (nor the 3 s of both defaults).
+        assert parse_duration(answer) * 0.9 <= took < bound + 0.3
+    finally:
+        await store.aclose()
 
 
 async def test_a_cancelled_call_does_not_leave_its_connection_behind(
