@@ -119,6 +119,19 @@ class Frontend:
             peer_ip = normalize_ip(peer_ip)
         ip, port, source = peer_ip, peer_port, "socket"
         if policy.server.proxy_protocol:
+            allowed = policy.server.proxy_hosts
+            if allowed and not ip_in(peer_ip, allowed):
+                # Anyone else could name any client address in a header of its own.
+                event(
+                    log,
+                    "proxy_refused",
+                    logging.WARNING,
+                    client=peer_ip,
+                    reason="peer is not in server.proxy_hosts",
+                )
+                self.metrics.count_connection("proxy_error")
+                stream.abort()
+                return
             # The client is unknown until the header is in, but the connection already
             # holds a socket: it counts in max_connections meanwhile, or anyone reaching
             # the port could hold unlimited silent connections past the limit.

@@ -562,6 +562,9 @@ class ServerPolicy:
     check_timeout: float = duration("20s", minimum="100ms")
     shutdown_grace: float = duration("30s")
     proxy_protocol: bool = boolean(False)
+    # Balancers whose PROXY header is believed; empty: any peer (then let only the
+    # balancer reach the port). A peer outside the list is cut before it is read.
+    proxy_hosts: tuple[Network, ...] = networks()
     xforward_hosts: tuple[Network, ...] = networks()
     workers: int = integer(1, minimum=1, maximum=256)
     tls: TLSPolicy = field(default_factory=TLSPolicy, metadata=table(TLSPolicy))

@@ -62,3 +62,23 @@ def test_every_proxy_refusal_says_why(mailgate: StartMailgate, upstream: Scripte
         text = resp.read().decode()
     assert 'mailgate_connections_total{result="proxy_error"} 5.0' in text
     assert not any(c.startswith(b"MAIL") for c in upstream.commands())
+
+
+def test_only_the_listed_balancers_may_send_a_proxy_header(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    # 127.0.0.1: the rig probes readiness with a header of its own.
+    balancers = ["127.0.0.76/32", "127.0.0.1/32"]
+    mg = mailgate({"server": {"proxy_protocol": True, "proxy_hosts": balancers}})
+    header = b"PROXY TCP4 192.0.2.9 198.51.100.1 40000 25\r\n"
+    with RawSMTP("127.0.0.1", mg.smtp_port, source_ip="127.0.0.77") as stranger:
+        stranger.send(header)
+        assert stranger.is_closed(timeout=3)
+        assert stranger.pending() == b""  # not one byte: no banner for a forged client
+    with RawSMTP("127.0.0.1", mg.smtp_port, source_ip="127.0.0.76") as balancer:
+        balancer.send(header)
+        assert balancer.banner().code == 220
+        assert balancer.cmd("EHLO client.example.org").code == 250
+    assert _refusals(mg) == {"127.0.0.77": "peer is not in server.proxy_hosts"}
+    logs = mg.logs()
+    assert "client=192.0.2.9" in logs  # the listed balancer's header was believed
