@@ -6,9 +6,12 @@ client -> Postfix smtpd -> XFORWARD -> mailgate -> XCLIENT -> after-filter smtpd
 from __future__ import annotations
 
 import re
+import time
+from pathlib import Path
 
 from tests.e2e.conftest import message
 from tests.rig.client import smtp_client
+from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.mailgate import MailgateProcess
 from tests.rig.postfix import PostfixInstance
 
@@ -73,3 +76,55 @@ def test_mailgate_down_gives_a_temporary_error_not_a_loss(
         if code == 250:
             code, _ = c.rcpt("bob@example.test")
     assert 400 <= code < 500
+
+
+def test_greylisting_through_the_proxy_filter_delivers_only_to_recipients_told_250(
+    tmp_path: Path, postfix_filter: PostfixInstance, dns_server: ZoneDNSServer, redis_url: str
+) -> None:
+    """Postfix -> mailgate -> Postfix with greylisting: the after-filter Postfix accepts
+    carol before mailgate greylists her, so the final dot replays the transaction to it
+    without her; the client hears each recipient's own answer from the front Postfix."""
+    postfix_filter.clear_mail()
+    assert postfix_filter.proxy_filter_port and postfix_filter.after_filter_port
+    policy = {
+        "server": {
+            "listen": [f"127.0.0.1:{postfix_filter.proxy_filter_port}"],
+            "xforward_hosts": ["127.0.0.1/32"],
+            "trusted_networks": [],
+        },
+        "upstream": {"address": f"127.0.0.1:{postfix_filter.after_filter_port}", "xclient": True},
+        "dns": {"nameservers": [dns_server.nameserver], "timeout": "1s"},
+        "greylist": {"enabled": True, "delay": "1s"},
+        "redis": {"url": redis_url},
+    }
+    mg = MailgateProcess(tmp_path / "mg-gl", policy, smtp_port=postfix_filter.proxy_filter_port)
+    mg.start()
+    try:
+
+        def attempt(rcpts: list[str], subject: str) -> dict[str, int]:
+            got = {}
+            port = postfix_filter.listen_port
+            with smtp_client("127.0.0.1", port, source_ip="127.0.0.9") as c:
+                c.ehlo("mail.sender.example")
+                c.mail("alice@example.org")
+                for r in rcpts:
+                    got[r] = c.rcpt(r)[0]
+                if 250 in got.values():
+                    assert c.data(message(subject))[0] == 250
+            return got
+
+        assert attempt(["bob@example.test"], "first") == {"bob@example.test": 451}
+        time.sleep(1.3)
+        got = attempt(["bob@example.test", "carol@example.test", "nobody@example.test"], "mixed")
+        assert got == {
+            "bob@example.test": 250,
+            "carol@example.test": 451,
+            "nobody@example.test": 550,
+        }
+        [msg] = postfix_filter.wait_for_messages("bob", 1)
+        assert b"Subject: mixed" in msg
+        time.sleep(0.5)  # anything for carol would have been delivered with bob's copy
+        assert postfix_filter.messages("carol") == []
+        assert "event=upstream_replay" in mg.logs()
+    finally:
+        mg.stop()
