@@ -131,6 +131,12 @@ class Upstream:
         self.in_transaction = False
         self.broken = False
         self.timings: dict[str, float] = {}
+        # The XFORWARD line sent at open. Postfix forgets XFORWARD attributes at the end
+        # of every transaction (its mail_reset), so every MAIL after the first on this
+        # connection is preceded by it again, or Postfix logs the next message (and a
+        # replayed one) without orig_client and orig_queue_id.
+        self._xforward_line: str | None = None
+        self._mail_sent = False
 
     # -- connection ------------------------------------------------------------
     async def open(
@@ -175,12 +181,12 @@ class Upstream:
             allowed = self.capabilities.params("XFORWARD")
             attrs = {k: v for k, v in xforward.items() if k in allowed}
             if attrs:
-                reply = await self.command(
-                    "xforward", "XFORWARD " + " ".join(xtext.format_attributes(attrs))
-                )
+                line = "XFORWARD " + " ".join(xtext.format_attributes(attrs))
+                reply = await self.command("xforward", line)
                 if reply.code != 250:
                     self.abort()
                     raise UpstreamError("xforward", str(reply), reply)
+                self._xforward_line = line
         self.timings["connect"] = time.monotonic() - t0
 
     async def _ehlo(self, name: str | None = None) -> None:
@@ -212,8 +218,37 @@ class Upstream:
         return await self._read_reply(stage, intermediate)
 
     async def mail(self, address: str, params: Iterable[str]) -> Reply:
-        reply = await self.command("mail", _join(f"MAIL FROM:<{address}>", params))
+        line = _join(f"MAIL FROM:<{address}>", params)
+        if self._mail_sent and self._xforward_line is not None:
+            reply = await self._xforward_and(line)
+        else:
+            reply = await self.command("mail", line)
+        self._mail_sent = True
         self.in_transaction = reply.code == 250
+        return reply
+
+    async def _xforward_and(self, mail_line: str) -> Reply:
+        """XFORWARD again, then MAIL: one write when the upstream offers PIPELINING
+        (RFC 2920; Postfix does), else one after the other."""
+        xforward = self._xforward_line
+        assert xforward is not None
+        if not self.capabilities.has("PIPELINING"):
+            reply = await self.command("xforward", xforward)
+            if reply.code != 250:
+                self.abort()
+                raise UpstreamError("xforward", str(reply), reply)
+            return await self.command("mail", mail_line)
+        if _UNSAFE.search(mail_line):
+            raise UpstreamError("mail", "refusing to send a command with control characters")
+        stream = self._require()
+        if stream.buffered:
+            await self._unsolicited("mail", stream, "before MAIL")
+        stream.write(f"{xforward}\r\n{mail_line}\r\n".encode())
+        first = await self._read_reply("xforward", more_follow=True)
+        reply = await self._read_reply("mail")
+        if first.code != 250:
+            self.abort()
+            raise UpstreamError("xforward", str(first), first)
         return reply
 
     async def rcpt(self, address: str, params: Iterable[str]) -> Reply:
@@ -333,7 +368,10 @@ class Upstream:
         self.abort()
         raise UpstreamError(stage, f"unsolicited input {where}: {got[:80]!r}")
 
-    async def _read_reply(self, stage: str, intermediate: bool = False) -> Reply:
+    async def _read_reply(
+        self, stage: str, intermediate: bool = False, more_follow: bool = False
+    ) -> Reply:
+        """One reply; ``more_follow``: a pipelined command's reply may already wait."""
         stream = self._require()
         lines: list[bytes] = []
         try:
@@ -374,7 +412,7 @@ class Upstream:
         if reply.code // 100 == 3 and not intermediate:
             self.abort()  # e.g. 354 to MAIL or to the dot: not an answer we can relay
             raise UpstreamError(stage, f"unexpected intermediate reply {reply}", reply)
-        if stream.buffered:
+        if stream.buffered and not more_follow:
             # More than one reply to one command. After the dot it may be the answer
             # to the body that came early: which is the message's is unknowable, so
             # the client retries (a duplicate at worst, never a lost message).

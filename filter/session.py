@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from filter import authresults, dkimkeys, replies, verdictlog
@@ -112,6 +112,8 @@ class Session:
         self.client = client
         self.policy = policy
         self.pipeline = pipeline
+        # Checks judged per recipient: their results speak for one recipient only.
+        self._per_rcpt = frozenset(c.name for c in pipeline.checks if c.stage is Stage.RCPT)
         self._new_upstream = upstream_factory
         self.metrics = metrics
         self._upstream_extensions = extensions
@@ -420,7 +422,15 @@ class Session:
 
     def _rcpt_verdict(self, results: list[CheckResult], recipient: Recipient) -> Verdict:
         domain = _domain(recipient.address)
-        return decide(self._all_results(results), self.policy, Stage.RCPT, domain)
+        # Judged by its own RCPT-stage results only: txn.results also holds those of the
+        # first accepted recipient (kept for the verdict after DATA). Since greylisting
+        # runs after the upstream's RCPT, a recipient judged before its own greylisting
+        # (the early verdict, or the one for a recipient the upstream refused) otherwise
+        # inherited that recipient's greylist result: an unknown user heard 451, not the
+        # upstream's 550, when the earlier recipient's domain had greylisting off or in
+        # monitor mode, and a would-greylist was counted for it.
+        others = [r for r in self._all_results([]) if r.check not in self._per_rcpt]
+        return decide(others + results, self.policy, Stage.RCPT, domain)
 
     def _judge_rcpt(
         self, results: list[CheckResult], recipient: Recipient, final: bool
@@ -515,7 +525,7 @@ class Session:
                     ctx = self._context(envelope=txn.envelope, message=message)
                     txn.results += await self.pipeline.run(Stage.DATA, ctx)
                 domain = common_override_domain(self.policy, txn.envelope.recipients)
-                verdict = decide(self._all_results([]), self.policy, Stage.DATA, domain)
+                verdict = self._data_verdict(domain)
                 self._count_would(verdict)
                 final = {r.check: r for r in self._all_results([])}
                 headers = authresults.build(final, self.policy.authserv_id)
@@ -668,7 +678,42 @@ class Session:
         await self._upstream_quiet()
         up = self.upstream
         if up is not None and up.is_open and up.in_transaction:
-            await up.rset()
+            # Busy while the RSET is on the wire, as in _upstream_call: the keep-alive
+            # timer is still armed at the dot, and falling due now it would put a NOOP
+            # beside the RSET (the replay's first command). The NOOP then read the
+            # RSET's reply, the RSET's read was left waiting forever and the session hung.
+            self._upstream_busy = True
+            try:
+                await up.rset()
+            finally:
+                self._upstream_busy = False
+                self._upstream_last = time.monotonic()
+
+    def _data_verdict(self, domain: str | None) -> Verdict:
+        """The verdict after DATA, without enforcing the per-recipient decisions again.
+
+        Every recipient was judged at its RCPT under its own domain's override, and only
+        the first accepted one's results are kept (for their symbols and headers). Their
+        decisions must not judge the whole message again under the global policy: a
+        recipient whose domain has greylisting off had a new triplet's 451 (not applied
+        to it) refuse the message for everyone after the dot. What they would have done
+        in monitor mode is still noted (README, "Monitor mode").
+        """
+        everything = self._all_results([])
+        per_rcpt = self._per_rcpt
+        if not any(r.decision is not None and r.check in per_rcpt for r in everything):
+            return decide(everything, self.policy, Stage.DATA, domain)
+        message_wide = [
+            replace(r, decision=None) if r.decision is not None and r.check in per_rcpt else r
+            for r in everything
+        ]
+        verdict = decide(message_wide, self.policy, Stage.DATA, domain)
+        if verdict.would is None and not verdict.refuses:
+            seen = decide(everything, self.policy, Stage.DATA, domain)
+            if seen.would is not None:
+                note = seen.reason if not verdict.reason else f"{verdict.reason}; {seen.reason}"
+                verdict = replace(verdict, would=seen.would, reason=note)
+        return verdict
 
     def _all_results(self, extra: list[CheckResult]) -> list[CheckResult]:
         out = [r for rs in self.session_results.values() for r in rs]

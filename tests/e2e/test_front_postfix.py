@@ -176,3 +176,29 @@ def test_a_failed_ptr_lookup_is_not_a_failed_session(
     [msg] = mailbox_reset.wait_for_messages("bob", 1)
     assert b"Subject: lame reverse zone" in msg and b"RDNS_TEMPERROR" in msg
     assert "upstream failure" not in mg.logs()
+
+
+def test_every_message_of_a_session_carries_its_xforward_into_the_postfix_log(
+    front: StartMailgate, mailbox_reset: PostfixInstance
+) -> None:
+    """Postfix forgets XFORWARD at the end of a transaction: without it again before
+    the next MAIL, the second message's log line lost orig_queue_id (mailgate's id)
+    and, with upstream.xclient off, the real client's address."""
+    mg = front({"upstream": {"xclient": False}, "server": {"trusted_networks": []}})
+    queue_ids = []
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.56") as c:
+        c.ehlo("mail.example.org")
+        for i in range(3):
+            c.mail("alice@example.org")
+            c.rcpt("bob@example.test")
+            code, text = c.data(message(f"xforward {i}"))
+            assert code == 250
+            found = re.search(rb"queued as ([A-Z0-9]+)", text)
+            assert found is not None
+            queue_ids.append(found.group(1).decode())
+    mailbox_reset.wait_for_messages("bob", 3)
+    log = mailbox_reset.maillog()
+    for qid in queue_ids:
+        [line] = [ln for ln in log.splitlines() if f"{qid}: client=" in ln]
+        assert "orig_client=unknown[127.0.0.56]" in line, line
+        assert re.search(r"orig_queue_id=[0-9A-F]{12}\b", line), line

@@ -96,7 +96,7 @@ def test_mixed_transaction_reaches_only_the_recipients_told_250(
     # carol went upstream (it accepted her), so the transaction was started again.
     verbs = _session_verbs(upstream)
     assert verbs[verbs.index(b"MAIL") :] == [
-        b"MAIL", b"RCPT", b"RCPT", b"RSET", b"MAIL", b"RCPT", b"DATA", b"QUIT"
+        b"MAIL", b"RCPT", b"RCPT", b"RSET", b"XFORWARD", b"MAIL", b"RCPT", b"DATA", b"QUIT"
     ]  # fmt: skip
     assert "event=upstream_replay" in mg.logs() and "dropped=1 kept=1" in mg.logs()
 
@@ -164,3 +164,34 @@ def test_trusted_clients_are_not_greylisted_and_need_no_replay(
         assert c.data(message("trusted"))[0] == 250
     assert b"RSET" not in _session_verbs(upstream)
     assert _greylist_count(mg, "new") == 0
+
+
+def test_every_transaction_on_a_reused_connection_is_introduced_again(
+    mailgate: StartMailgate, upstream: ScriptedUpstream, redis_url: str
+) -> None:
+    """Postfix forgets XFORWARD at the end of each transaction (and at RSET): the
+    second message of a session, and a replayed one, must carry it again."""
+    mg = _start(mailgate)
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.95") as c:
+        c.ehlo("mail.example.org")
+        c.mail("alice@example.org")
+        assert c.rcpt("bob@example.test")[0] == 451
+        c.rset()
+        time.sleep(1.2)
+        for subject in ("one", "two"):
+            c.mail("alice@example.org")
+            assert c.rcpt("bob@example.test")[0] == 250
+            if subject == "two":
+                assert c.rcpt("carol@example.test")[0] == 451  # replayed
+            assert c.data(message(subject))[0] == 250
+    txs = upstream.wait_for_transactions(2)
+    assert [t.rcpts for t in txs] == [["bob@example.test"], ["bob@example.test"]]
+    for tx in txs:
+        assert tx.xforward.get("ADDR") == "127.0.0.95", tx.xforward
+        assert tx.xforward.get("SOURCE") == "REMOTE", tx.xforward
+    # One connection for the whole session, XFORWARD before each MAIL but the first.
+    carrying = [s for s in upstream.sessions if any(c.startswith(b"MAIL") for c in s.commands)]
+    assert len(carrying) == 1  # (the other session is mailgate's start-up probe)
+    verbs = _session_verbs(upstream)
+    mails = [i for i, v in enumerate(verbs) if v == b"MAIL"]
+    assert all(verbs[i - 1] == b"XFORWARD" for i in mails), verbs
