@@ -610,7 +610,8 @@ class Session:
             reply,
         )
         await self._abort_upstream_txn()
-        self.errors += 1
+        if not txn.upstream_failed:  # a lost connection was counted where it failed
+            self.errors += 1
         return replies.UPSTREAM_UNAVAILABLE
 
     async def _arc_seal(

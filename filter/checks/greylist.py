@@ -174,6 +174,13 @@ class GreylistCheck:
             return CheckResult(
                 "greylist", "none", (), None, {"outcome": "disabled", "reason": "disabled"}
             )
+        rcpt_domain = ctx.recipient.address.rpartition("@")[2]
+        if ctx.policy.check_mode("greylist", ctx.policy.override_for(rcpt_domain)) == "off":
+            # [domains."…"] checks = { greylist = "off" }: the verdict would ignore the
+            # result; writing a triplet for it would only fill the store and the counts.
+            return CheckResult(
+                "greylist", "none", (), None, {"outcome": "disabled", "reason": "off for domain"}
+            )
         refused = refused_already(ctx)
         if refused is not None:  # not greylisted, not counted: it never gets through
             return CheckResult(

@@ -446,6 +446,24 @@ async def test_disabled_greylisting_does_nothing(
     assert raw.dbsize() == 0
 
 
+async def test_a_domain_with_greylisting_off_writes_and_counts_nothing(
+    store: Store, redis_url: str, clock: Clock, raw: redis.Redis, metrics: Metrics
+) -> None:
+    base = make_policy(redis_url)
+    policy, problems = policy_from_dict(
+        {
+            "redis": {"url": redis_url},
+            "domains": {"partner.example": {"checks": {"greylist": "off"}}},
+        }
+    )
+    assert policy is not None, problems
+    gl = Harness(store, dataclasses.replace(policy, greylist=base.greylist), clock)
+    r = await gl.rcpt("carol@sales.partner.example")  # a subdomain: the override covers it
+    assert r.decision is None and r.data["outcome"] == "disabled"
+    assert raw.dbsize() == 0 and count(metrics, "new") == 0
+    assert greylisted(await gl.rcpt("bob@example.test"))  # other domains as before
+
+
 # --- per recipient ----------------------------------------------------------------------
 
 
