@@ -30,6 +30,7 @@ from filter.checks.arc import ARCSealError, seal_message
 from filter.checks.rdns import xclient_name
 from filter.dmarc import author_domain
 from filter.headers import render_field
+from filter.logs import event
 from filter.message import MessageBuffer
 from filter.metrics import Metrics
 from filter.model import ClientInfo, Envelope, Recipient, Stage, UpstreamError
@@ -585,12 +586,13 @@ class Session:
         and the client hears ``451 4.3.0``: nothing is lost, it sends again later.
         """
         env = txn.envelope
-        log.info(
-            "session=%s event=upstream_replay id=%s dropped=%d kept=%d",
-            self.client.session_id,
-            env.message_id,
-            len(txn.phantoms),
-            len(env.recipients),
+        event(
+            log,
+            "upstream_replay",
+            id=env.message_id,
+            dropped=len(txn.phantoms),
+            kept=len(env.recipients),
+            session=self.client.session_id,
         )
         await self._abort_upstream_txn()
         reply = await self._upstream_call(
@@ -603,11 +605,14 @@ class Session:
         if reply.code == 250 or reply.code == 251:
             txn.phantoms.clear()
             return None
-        log.warning(
-            "session=%s upstream refused the replayed transaction id=%s reply=%s",
-            self.client.session_id,
-            env.message_id,
-            reply,
+        event(
+            log,
+            "replay_refused",
+            logging.WARNING,
+            message="upstream refused the replayed transaction",
+            id=env.message_id,
+            reply=str(reply),
+            session=self.client.session_id,
         )
         await self._abort_upstream_txn()
         if not txn.upstream_failed:  # a lost connection was counted where it failed
