@@ -56,6 +56,11 @@ class MessageBuffer:
         return self._header_end is None and self.size > MAX_HEADER_BLOCK
 
     @property
+    def starts_folded(self) -> bool:
+        """The first line is a continuation line (SP or HT): no header field to extend."""
+        return bool(self._head) and self._head[0] in (0x20, 0x09)
+
+    @property
     def header_block(self) -> bytes:
         """The header fields (each ending in CRLF), without the blank separator line.
 

@@ -110,12 +110,20 @@ def syntax(usage: str) -> Reply:
 
 
 def bad_parameter(detail: str) -> Reply:
+    # The detail echoes the client: an unknown keyword of up to ~2000 octets, BODY=<value>
+    # where 8-bit values parse. Reply text is US-ASCII (RFC 5321 4.2) and a reply line at
+    # most 512 octets (4.5.3.1.5): cut it to 40 characters (as smtpsyntax does), escape
+    # the rest.
+    detail = detail[:40].encode("ascii", "backslashreplace").decode("ascii")
     return Reply(555, "5.5.4", f"Unsupported option: {detail}")
 
 
 # Message content.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Error: message header size exceeds fixed limit")
+# A header section cannot begin with a continuation line (RFC 5322 2.2.3); prepended
+# to our own fields it would extend the last of them with the client's text.
+FOLDED_FIRST_LINE = Reply(550, "5.6.0", "Error: message header begins with a folded line")
 BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received in message (RFC 5321 2.3.8)")
 DATA_LINE_TOO_LONG = Reply(550, "5.5.6", "Error: message line too long (RFC 5321 4.5.3.1.6)")
 

@@ -41,7 +41,13 @@ from filter.replies import Reply
 from filter.resolver import Resolver
 from filter.results import Action, CheckResult
 from filter.smtpdata import DataProblems
-from filter.smtpsyntax import PathArg, SyntaxProblem, is_domain_or_literal, parse_path
+from filter.smtpsyntax import (
+    PathArg,
+    SyntaxProblem,
+    dsn_problem,
+    is_domain_or_literal,
+    parse_path,
+)
 from filter.store import Store
 from filter.verdict import Verdict, decide
 from filter.xtext import parse_attributes
@@ -241,7 +247,9 @@ class Session:
         return ours
 
     async def helo(self, verb: str, name: str, tls_available: bool) -> Reply:
-        if not name or " " in name.strip():
+        if not name or any(c.isspace() for c in name):
+            # One domain or address literal (RFC 5321 4.1.1.1). A tab got 250 here and
+            # then 451 at every MAIL: the relay never sends a control character upstream.
             return self._error(replies.syntax(f"{verb} hostname"))
         if len(name) > 255:
             return self._error(replies.syntax(f"{verb} hostname"))
@@ -358,6 +366,9 @@ class Session:
             elif key in ("RET", "ENVID") and "DSN" in upstream:
                 if value is None:
                     return replies.syntax(f"{key}=<value>")
+                problem = dsn_problem(key, value)
+                if problem is not None:
+                    return Reply(501, "5.5.4", f"Error: {problem}")
             else:
                 return replies.bad_parameter(key)
         if not path.address.isascii() and "SMTPUTF8" not in path.params:
@@ -385,6 +396,9 @@ class Session:
         for key, value in path.params.items():
             if key not in ("NOTIFY", "ORCPT") or "DSN" not in upstream or value is None:
                 return self._error(replies.bad_parameter(key))
+            problem = dsn_problem(key, value, txn.envelope.smtputf8)
+            if problem is not None:
+                return self._error(Reply(501, "5.5.4", f"Error: {problem}"))
         if not path.address.isascii() and not txn.envelope.smtputf8:
             return self._error(Reply(553, "5.6.7", "Error: SMTPUTF8 is required for this address"))
         recipient = Recipient(path.address, list(path.raw_params))
@@ -506,6 +520,8 @@ class Session:
             refusal = _content_problem(problems)
             if refusal is None and message.header_overflow:
                 refusal = replies.HEADER_TOO_BIG  # fields past the limit would go unseen
+            if refusal is None and message.starts_folded:
+                refusal = replies.FOLDED_FIRST_LINE
             if refusal is None and txn.upstream_failed:
                 # The connection carrying MAIL and RCPT went while the body came in
                 # (counted where it failed): nothing to judge, nowhere to relay.

@@ -180,10 +180,13 @@ def _parse_params(text: str) -> tuple[dict[str, str | None], tuple[str, ...]]:
     for token in text.split():
         key, eq, value = token.partition("=")
         if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
-            raise SyntaxProblem(f"malformed parameter {token[:40]!r}")
+            # !a (ascii), not !r: the token is echoed in the reply, whose text must be
+            # US-ASCII (RFC 5321 4.2 textstring); repr() kept "é" as raw UTF-8 octets.
+            raise SyntaxProblem(f"malformed parameter {token[:40]!a}")
         ukey = key.upper()
         if ukey in params:
-            raise SyntaxProblem(f"duplicate parameter {ukey}")
+            # Cut as above: a keyword may be as long as the line, a reply line 512 octets.
+            raise SyntaxProblem(f"duplicate parameter {ukey[:40]}")
         params[ukey] = value if eq else None
         raw.append(token)
     return params, tuple(raw)
@@ -192,3 +195,39 @@ def _parse_params(text: str) -> tuple[dict[str, str | None], tuple[str, ...]]:
 def is_domain_or_literal(name: str) -> bool:
     """Whether a HELO/EHLO argument is syntactically a domain or address literal."""
     return bool(name) and len(name) <= MAX_DOMAIN and bool(_DOMAIN.match(name))
+
+
+# RFC 3461 section 4: xtext is xchar (printable US-ASCII but "+" and "=") or "+" HEX HEX.
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})*\Z")
+_NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+
+
+def dsn_problem(key: str, value: str, smtputf8: bool = False) -> str | None:
+    """Why a DSN parameter (RFC 3461) is malformed, or None.
+
+    Passed on to the upstream as sent, so each is checked here as Postfix checks it:
+    RET=FULL|HDRS, ENVID=xtext (100 octets at most), NOTIFY=NEVER or a list of
+    SUCCESS, FAILURE, DELAY, ORCPT=addr-type;xtext, which with SMTPUTF8 may also
+    carry UTF-8 (RFC 6533). Raw 8-bit octets in ENVID or ORCPT otherwise reached the
+    upstream, whatever it made of them.
+    """
+    if key == "RET":
+        return None if value.upper() in ("FULL", "HDRS") else "RET must be FULL or HDRS"
+    if key == "ENVID":
+        if len(value) > 100 or not _XTEXT.match(value):
+            return "ENVID must be xtext of at most 100 characters"
+        return None
+    if key == "NOTIFY":
+        words = value.upper().split(",")
+        if words == ["NEVER"] or (words and set(words) <= _NOTIFY_WORDS):
+            return None
+        return "NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY"
+    if key == "ORCPT":
+        kind, semi, address = value.partition(";")
+        if not semi or not _KEYWORD.match(kind) or not address:
+            return "ORCPT must be addr-type;address"
+        ascii_part = address if not smtputf8 else address.encode("ascii", "ignore").decode()
+        if not _XTEXT.match(ascii_part):
+            return "ORCPT address must be xtext"
+        return None
+    return None

@@ -12,6 +12,7 @@ from filter.smtpsyntax import (
     Command,
     PathArg,
     SyntaxProblem,
+    dsn_problem,
     is_domain_or_literal,
     parse_command,
     parse_path,
@@ -409,3 +410,42 @@ def test_rfc822_specials_in_an_unquoted_local_part_are_refused(arg: str) -> None
 )
 def test_atext_and_quoted_specials_still_pass(arg: str) -> None:
     assert parse_path(arg, "FROM").address == arg[6:-1]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "smtputf8"),
+    [
+        ("RET", "FULL", False),
+        ("RET", "hdrs", False),
+        ("ENVID", "QQ314159+2B1", False),
+        ("ENVID", "a+2bb", False),  # lower-case hex: lenient, as the meaning is the same
+        ("NOTIFY", "NEVER", False),
+        ("NOTIFY", "success,failure,DELAY", False),
+        ("ORCPT", "rfc822;bob@example.test", False),
+        ("ORCPT", "rfc822;b+2Bx@example.test", False),
+        ("ORCPT", "utf-8;jos\u00e9@example.test", True),  # RFC 6533 with SMTPUTF8
+    ],
+)
+def test_well_formed_dsn_parameters(key: str, value: str, smtputf8: bool) -> None:
+    assert dsn_problem(key, value, smtputf8) is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "smtputf8"),
+    [
+        ("RET", "ALL", False),
+        ("ENVID", "caf\u00e9", False),  # 8-bit: not xtext
+        ("ENVID", "a+2", False),  # a cut escape
+        ("ENVID", "a=b", False),  # "=" must be encoded
+        ("ENVID", "x" * 101, False),
+        ("NOTIFY", "NEVER,SUCCESS", False),  # NEVER stands alone
+        ("NOTIFY", "SOMETIMES", False),
+        ("NOTIFY", "", False),
+        ("ORCPT", "bob@example.test", False),  # no addr-type
+        ("ORCPT", "rfc822;", False),
+        ("ORCPT", "rfc822;jos\u00e9@example.test", False),  # UTF-8 without SMTPUTF8
+    ],
+)
+def test_malformed_dsn_parameters_are_named(key: str, value: str, smtputf8: bool) -> None:
+    problem = dsn_problem(key, value, smtputf8)
+    assert problem is not None and key in problem
