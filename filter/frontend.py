@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +43,9 @@ log = logging.getLogger("mailgate.smtp")
 
 COMMAND_LINE_LIMIT = 2048  # RFC 5321 says 512; extensions and long paths need more (Postfix: 2048)
 PROXY_TIMEOUT = 10.0
+# A header field name (RFC 5322 ftext: printable US-ASCII but ":"), for header lines
+# sent as commands.
+_HEADER_NAME = re.compile(rb"[!-9;-~]+")
 REFUSED_VERBS = {"VRFY", "EXPN", "TURN", "ETRN", "BDAT"}
 
 
@@ -247,6 +251,7 @@ class _Connection:
         self.rt = rt
         self.policy = session.policy
         srv = self.policy.server
+        self._forbidden_words = frozenset(w.upper() for w in srv.forbidden_commands)
         self.deadline = time.monotonic() + srv.session_timeout
         # The stream enforces it on every wait for input, even inside a command line
         # trickled a byte at a time (each byte would restart the idle timeout).
@@ -357,9 +362,40 @@ class _Connection:
         self.send(replies.banner(hostname), "connect")
         return True
 
+    def _forbidden(self, line: bytes) -> bool:
+        """Non-SMTP input: answer as Postfix does, close, and tell the caller to stop.
+
+        An HTTP request (a browser tricked into POSTing to port 25 could carry SMTP in
+        its body), a proxy probe, a header line sent as a command, binary garbage: each
+        line answered 500 would let the next run, so the session ends at the first.
+        Known SMTP verbs never match (they start with a letter and have no colon).
+        """
+        word = line.lstrip(b" \t").split(None, 1)[0] if line.strip() else b""
+        if not word:
+            return False  # an empty line is a syntax error, nothing worse
+        first = word[:1]
+        bogus = not first.isalpha()  # bytes.isalpha: ASCII letters only
+        header = word.endswith(b":") and _HEADER_NAME.fullmatch(word[:-1]) is not None
+        listed = word.decode("ascii", "replace").upper() in self._forbidden_words
+        if not (bogus or header or listed):
+            return False
+        self.send(replies.FORBIDDEN_COMMAND)
+        event(
+            log,
+            "forbidden_command",
+            logging.WARNING,
+            session=self.session.client.session_id,
+            client=self.session.client.ip,
+            command=line[:100].rstrip(b"\r\n").decode("ascii", "backslashreplace"),
+        )
+        self.end_reason = "forbidden_command"
+        return True
+
     async def _dispatch(self, line: bytes) -> bool:
         """Handle one command line; False ends the session."""
         s = self.session
+        if self._forbidden(line):
+            return False
         if not line.endswith(b"\r\n") and b"\r" in line:
             self.send(s._error(replies.BARE_NEWLINE_COMMAND))
             return True

@@ -121,6 +121,8 @@ def bad_parameter(detail: str) -> Reply:
 # Message content.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Error: message header size exceeds fixed limit")
+# Postfix's answer to non-SMTP input (smtpd_forbidden_commands), word for word.
+FORBIDDEN_COMMAND = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
 # A header section cannot begin with a continuation line (RFC 5322 2.2.3); prepended
 # to our own fields it would extend the last of them with the client's text.
 FOLDED_FIRST_LINE = Reply(550, "5.6.0", "Error: message header begins with a folded line")

@@ -566,6 +566,13 @@ class ServerPolicy:
     # balancer reach the port). A peer outside the list is cut before it is read.
     proxy_hosts: tuple[Network, ...] = networks()
     xforward_hosts: tuple[Network, ...] = networks()
+    # Commands that end the session with 221 2.7.0 (Postfix's smtpd_forbidden_commands):
+    # an HTTP request or proxy probe on port 25. Lines that look like a header field
+    # ("Subject: …") or do not start with a letter always do.
+    forbidden_commands: tuple[str, ...] = _field(
+        ("CONNECT", "GET", "POST"),
+        ListKind(StrKind(lambda s: bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", s)), "a word")),
+    )
     workers: int = integer(1, minimum=1, maximum=256)
     tls: TLSPolicy = field(default_factory=TLSPolicy, metadata=table(TLSPolicy))
 

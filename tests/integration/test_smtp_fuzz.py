@@ -429,6 +429,22 @@ def content_of(segment: bytes) -> tuple[bytes, str | None]:
     return content, None
 
 
+GOODBYE = b"221 2.7.0 Error: I can break rules, too. Goodbye.\r\n"
+_FTEXT = re.compile(rb"[!-9;-~]+")
+
+
+def non_smtp(line: bytes) -> bool:
+    """Input that ends the session with GOODBYE (Postfix's smtpd_forbidden_commands):
+    a first word that is CONNECT/GET/POST, looks like a header field name with its
+    colon, or does not start with an ASCII letter; an empty line does not."""
+    words = line.split()
+    if not words:
+        return False
+    word = words[0]
+    header = word.endswith(b":") and _FTEXT.fullmatch(word[:-1]) is not None
+    return not word[:1].isalpha() or header or word.upper() in (b"CONNECT", b"GET", b"POST")
+
+
 EXPECTED_REFUSAL = {
     "bare": (550, "5.5.2"),
     "size": (552, "5.3.4"),
@@ -497,6 +513,10 @@ class Conversation:
         context = f"reply to {line[:100]!r}"
         reply = read_reply(self.c, context)
         self.log.append(f"{line[:60]!r} -> {str(reply)[:80]}")
+        if len(line) <= COMMAND_LINE_LIMIT and non_smtp(line):
+            assert reply.raw == GOODBYE, f"{context}: non-SMTP input answered {reply}"
+            self._ended(reply, context)
+            return False
         if reply.code in (221, 421):
             assert reply.code == 421 or (command_verb(line) or ("",))[0] == "QUIT", context
             self._ended(reply, context)
