@@ -22,6 +22,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -87,6 +88,16 @@ def build_runtime(
             _close_later(store)
         store = Store.from_policy(policy.redis, metrics)
     return Runtime(policy, pipeline, tls_context(policy), generation, resolver, store)
+
+
+def check_runtime(policy: Policy) -> None:
+    """Raise what ``build_runtime`` would refuse ``policy`` for, building nothing that serves.
+
+    The supervisor judges a reload with it before its workers do (one SIGHUP, one
+    count), and a worker restarted later starts from a policy that can run.
+    """
+    build_checks(policy)
+    tls_context(policy)
 
 
 def _close_later(store: Store, delay: float = 120.0) -> None:
@@ -225,13 +236,14 @@ class Server:
         metrics: Metrics,
         worker: int | None = None,
         parent_watch: int | None = None,
+        generation: int = 1,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.worker = worker
         # A worker's end of the supervisor's pipe: end of file means the supervisor died.
         self.parent_watch = parent_watch
-        self.runtime = build_runtime(loaded.policy, metrics)
+        self.runtime = build_runtime(loaded.policy, metrics, generation)
         self.limiter = ConnectionLimiter(*worker_limits(loaded.policy))
         self.caps = CapabilityCache()
         self.frontend = Frontend(
@@ -291,7 +303,8 @@ class Server:
             )
         except RELOAD_ERRORS as exc:
             log_reload_refused(exc, worker=self.worker)
-            self.metrics.count_reload(False)
+            if self.worker is None:  # a worker's SIGHUP is counted by its supervisor
+                self.metrics.count_reload(False)
             return False
         old = self.runtime.policy
         for key in ("listen", "workers"):
@@ -301,7 +314,8 @@ class Server:
             log.warning("metrics.listen changed: takes effect after a restart")
         self.limiter.resize(*worker_limits(runtime.policy))
         self.runtime = runtime
-        self.metrics.count_reload(True, runtime.generation)
+        if self.worker is None:
+            self.metrics.count_reload(True, runtime.generation)
         event(
             log, "policy_reload", outcome="ok", generation=runtime.generation, **_who(self.worker)
         )
@@ -389,6 +403,7 @@ class Server:
             metrics=str(self.policy.metrics.listen) if http is not None else "",
             worker=self.worker if self.worker is not None else "",
             pid=os.getpid(),
+            generation=self.runtime.generation,
         )
         await self.stopping.wait()
         await self.drain()
@@ -568,6 +583,14 @@ class RestartBackoff:
         return min(self.LONGEST, 2.0 ** (deaths - 1))
 
 
+@dataclass
+class _Current:
+    """What the supervisor hands a worker it (re)starts: the last good policy, its generation."""
+
+    loaded: LoadedPolicy
+    generation: int = 1
+
+
 def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socket.socket) -> int:
     """Parent of ``server.workers`` processes: fork, forward signals, restart, aggregate.
 
@@ -582,7 +605,7 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
     drain and exit instead of serving on as orphans (``Server._supervisor_gone``).
     """
     children: dict[int, int] = {}
-    current = {"loaded": loaded}
+    current = _Current(loaded)
     restarts = RestartBackoff()
     watch_read, watch_write = os.pipe()
     os.set_blocking(watch_read, False)
@@ -598,9 +621,16 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
             http.close()  # the parent's: metrics and health are served there
             os.close(watch_write)  # only the supervisor may keep the pipe open
             try:
-                policy = current["loaded"]
+                policy = current.loaded
                 sockets = open_listeners(policy.policy.server.listen, reuse_port=True)
-                server = Server(policy, config, metrics, worker=index, parent_watch=watch_read)
+                server = Server(
+                    policy,
+                    config,
+                    metrics,
+                    worker=index,
+                    parent_watch=watch_read,
+                    generation=current.generation,
+                )
                 _run(lambda: server.serve(sockets, http=None))  # unblocks the signals
             except BaseException:
                 log.exception("worker %d crashed", index)
@@ -624,12 +654,19 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
                     os.kill(pid, sig)
 
         def on_hup() -> None:
+            # The supervisor counts the reload, once, as a single process does (its
+            # workers log theirs but count none); it keeps /readyz current and the
+            # policy a restarted worker starts with.
             try:
-                # Workers count their own reloads; the parent keeps /readyz current
-                # and the policy a restarted worker starts with.
-                current["loaded"] = load_policy(config)
+                fresh = load_policy(config)
+                check_runtime(fresh.policy)
             except RELOAD_ERRORS as exc:
                 log_reload_refused(exc)
+                metrics.count_reload(False)
+            else:
+                current.loaded = fresh
+                current.generation += 1
+                metrics.count_reload(True, current.generation)
             forward(signal.SIGHUP)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -647,7 +684,7 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
                 return [SHUTTING_DOWN]
             if not children:  # every worker is waiting out a restart delay
                 return ["no worker running"]
-            policy = current["loaded"].policy
+            policy = current.loaded.policy
             found = await asyncio.gather(probe_upstream(policy), probe_store(policy))
             return [p for p in found if p]
 

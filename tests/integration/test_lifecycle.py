@@ -366,8 +366,43 @@ def test_a_refused_reload_is_a_key_value_event(
     assert any("server.mode" in i and "monitr" in i for i in issues)
     assert not any("policy reload refused:" in line for line in mg.logs().splitlines())
     m = _metrics(mg)
-    # Each worker counts its own reload (the supervisor counts none).
-    assert m[("mailgate_policy_reloads_total", (("outcome", "error"),))] == workers
+    # One SIGHUP is one reload, however many workers (the supervisor counts it).
+    assert m[("mailgate_policy_reloads_total", (("outcome", "error"),))] == 1
+
+
+def test_one_sighup_counts_one_reload_with_several_workers(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """With two workers a good SIGHUP is ok=1 and generation 2, a refused one error=1;
+    a worker restarted after them starts at the supervisor's generation and counts
+    nothing, so the figures stay those of a single process."""
+    mg = mailgate({"server": {"workers": 2}})
+    _wait_for_events(mg, "started", 2)
+    assert mg.proc is not None
+    ok = ("mailgate_policy_reloads_total", (("outcome", "ok"),))
+    error = ("mailgate_policy_reloads_total", (("outcome", "error"),))
+    generation = ("mailgate_policy_generation", ())
+    mg.reload({"server": {"workers": 2, "max_recipients": 5}})
+    _wait_for_events(mg, "policy_reload", 2)
+    m = _metrics(mg)
+    assert (m[ok], m[error], m[generation]) == (1, 0, 2)
+    good = mg.config_path.read_text()
+    mg.config_path.write_text('[server]\nmax_recipients = "many"\n')
+    mg.send_signal(signal.SIGHUP)
+    _wait_for_events(mg, "policy_reload", 5)  # the supervisor's and two workers' errors
+    m = _metrics(mg)
+    assert (m[ok], m[error], m[generation]) == (1, 1, 2)
+    mg.config_path.write_text(good)
+    os.kill(_children(mg.proc.pid)[0], signal.SIGKILL)
+    _wait_for_events(mg, "started", 3)
+    assert _events(mg, "started")[-1]["generation"] == "2"
+    m = _metrics(mg)
+    assert (m[ok], m[error], m[generation]) == (1, 1, 2)
+    mg.send_signal(signal.SIGHUP)  # both workers, the restarted one too, reach 3
+    _wait_for_events(mg, "policy_reload", 7)
+    assert [e["generation"] for e in _events(mg, "policy_reload")[-2:]] == ["3", "3"]
+    m = _metrics(mg)
+    assert (m[ok], m[error], m[generation]) == (2, 1, 3)
 
 
 def _children(pid: int) -> list[int]:
