@@ -33,7 +33,7 @@ from filter.checks.dnsbl import run_prober
 from filter.checks.registry import build_checks
 from filter.frontend import Frontend, Runtime
 from filter.httpapi import start_http_api
-from filter.limits import ConnectionLimiter
+from filter.limits import ConnectionLimiter, SharedColumn, SharedCounts
 from filter.logs import event, flush_logs, setup_logging
 from filter.metrics import Metrics, default_metrics, mark_process_dead
 from filter.model import UpstreamError
@@ -136,11 +136,11 @@ def bind_socket(addr: Address, reuse_port: bool) -> socket.socket:
 
 
 def worker_limits(policy: Policy) -> tuple[int, int]:
-    """This process's connection limits: the whole of each (see filter.limits).
+    """The connection limits: the whole of each, against counts shared by all workers.
 
-    Not a 1/N share: SO_REUSEPORT spreads one client's connections over the workers
-    unevenly, so a share refused clients well below ``max_connections_per_ip`` (4
-    connections against 2 workers with a share of 2 each: refused 5 times in 8).
+    Not a 1/N share per worker: SO_REUSEPORT spreads one client's connections over the
+    workers unevenly, so a share refused clients well below ``max_connections_per_ip``
+    (4 connections against 2 workers with a share of 2 each: refused 5 times in 8).
     """
     srv = policy.server
     return srv.max_connections, srv.max_connections_per_ip
@@ -237,6 +237,7 @@ class Server:
         worker: int | None = None,
         parent_watch: int | None = None,
         generation: int = 1,
+        shared_counts: SharedColumn | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -244,7 +245,7 @@ class Server:
         # A worker's end of the supervisor's pipe: end of file means the supervisor died.
         self.parent_watch = parent_watch
         self.runtime = build_runtime(loaded.policy, metrics, generation)
-        self.limiter = ConnectionLimiter(*worker_limits(loaded.policy))
+        self.limiter = ConnectionLimiter(*worker_limits(loaded.policy), shared=shared_counts)
         self.caps = CapabilityCache()
         self.frontend = Frontend(
             lambda: self.runtime,
@@ -606,12 +607,15 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
     """
     children: dict[int, int] = {}
     current = _Current(loaded)
+    # The connection limits hold for the whole server, not per worker.
+    counts = SharedCounts(loaded.policy.server.workers)
     restarts = RestartBackoff()
     watch_read, watch_write = os.pipe()
     os.set_blocking(watch_read, False)
 
     def spawn(index: int) -> None:
         flush_logs()  # a child must not inherit (and repeat) buffered lines
+        counts.clear(index)  # what a dead worker of this index counted died with it
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         pid = os.fork()
         if pid != 0:
@@ -630,6 +634,7 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
                     worker=index,
                     parent_watch=watch_read,
                     generation=current.generation,
+                    shared_counts=counts.column(index),
                 )
                 _run(lambda: server.serve(sockets, http=None))  # unblocks the signals
             except BaseException:

@@ -438,6 +438,29 @@ def test_a_restarted_worker_runs_the_reloaded_policy(
     assert [_rcpt_limit_reply(mg) for _ in range(12)] == [250] * 12
 
 
+def test_a_killed_workers_connections_stop_counting(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """The connection limits are counted for all workers together; the connections of a
+    worker that was killed outright (no chance to count them out) are forgotten when
+    the supervisor restarts it, so the client is not held below its limit for good."""
+    mg = mailgate({"server": {"workers": 2, "max_connections_per_ip": 4}})
+    _wait_for_events(mg, "started", 2)
+    assert mg.proc is not None
+    held = [RawSMTP("127.0.0.1", mg.smtp_port, source_ip="127.0.0.41").connect() for _ in range(4)]
+    assert [s.banner().code for s in held] == [220] * 4
+    for pid in _children(mg.proc.pid):  # both: whichever holds the connections
+        os.kill(pid, signal.SIGKILL)
+    _wait_for_events(mg, "started", 4)
+    for s in held:
+        s.close()
+    again = [RawSMTP("127.0.0.1", mg.smtp_port, source_ip="127.0.0.41").connect() for _ in range(5)]
+    codes = [s.banner().code for s in again]
+    for s in again:
+        s.close()
+    assert sorted(codes) == [220, 220, 220, 220, 421]  # the workers accept in parallel
+
+
 def test_sighups_while_a_worker_restarts_are_reloads_not_its_death(
     mailgate: StartMailgate, upstream: ScriptedUpstream
 ) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import signal
 import sys
+import time
 from typing import Any
 
 import pytest
 
-from filter.limits import ConnectionLimiter
+from filter.limits import ConnectionLimiter, SharedCounts
 from filter.logs import EVENT, JSONFormatter, KeyValueFormatter, event
 
 
@@ -70,6 +73,102 @@ def test_resize_keeps_open_connections() -> None:
         lim.release("192.0.2.1")
     assert lim.acquire("192.0.2.1") is None
     assert (lim.max_total, lim.max_per_ip) == (10, 2)
+
+
+# -- SharedCounts: the limits of several workers ---------------------------------------------
+def test_workers_sharing_counts_apply_each_limit_once() -> None:
+    counts = SharedCounts(workers=2)
+    first = ConnectionLimiter(10, 3, shared=counts.column(0))
+    second = ConnectionLimiter(10, 3, shared=counts.column(1))
+    assert first.acquire("192.0.2.1") is None
+    assert second.acquire("192.0.2.1") is None
+    assert first.acquire("192.0.2.1") is None
+    assert second.acquire("192.0.2.1") == "refused_per_ip"  # 3 open, in two workers
+    assert first.count("192.0.2.1") == second.count("192.0.2.1") == 3
+    assert second.acquire("2001:db8::1") is None  # another client is not affected
+    second.release("2001:db8::1")
+    first.release("192.0.2.1")
+    assert second.acquire("192.0.2.1") is None
+    assert (first.total, second.total, counts.total()) == (1, 2, 3)
+
+
+def test_shared_total_limit_and_reservations() -> None:
+    counts = SharedCounts(workers=3)
+    lims = [ConnectionLimiter(3, 10, shared=counts.column(i)) for i in range(3)]
+    assert lims[0].acquire("192.0.2.1") is None
+    assert lims[1].reserve()  # a PROXY header still to come counts in the total
+    assert lims[2].acquire("192.0.2.2") is None
+    assert lims[2].acquire("192.0.2.3") == "refused_limit"
+    assert not lims[0].reserve()
+    lims[1].unreserve()
+    assert lims[0].acquire("192.0.2.3") is None
+    assert counts.total() == 3
+
+
+def test_a_dead_workers_column_is_cleared() -> None:
+    counts = SharedCounts(workers=2)
+    dying = ConnectionLimiter(10, 2, shared=counts.column(0))
+    alive = ConnectionLimiter(10, 2, shared=counts.column(1))
+    assert dying.acquire("192.0.2.1") is None
+    assert dying.acquire("192.0.2.1") is None
+    assert alive.acquire("192.0.2.1") == "refused_per_ip"
+    counts.clear(0)  # the supervisor, before it restarts worker 0
+    assert counts.total() == 0
+    assert alive.acquire("192.0.2.1") is None
+    assert alive.count("192.0.2.1") == 1
+
+
+def test_a_colliding_address_can_only_look_busier() -> None:
+    """Count-min: an address's count is the least of its slots, each a sum of the
+    addresses sharing it; one shared slot changes nothing, all shared overstate."""
+    counts = SharedCounts(workers=1)
+    a = SharedCounts.slots_of("192.0.2.1")
+    b = SharedCounts.slots_of("192.0.2.2")
+    assert len(set(a)) == SharedCounts.HASHES and set(a).isdisjoint(b)
+    assert all(1 <= s <= SharedCounts.SLOTS for s in a + b)
+    counts.add(0, a, 5)
+    counts.add(0, b, 2)
+    counts.add(0, (a[0], a[1], b[2]), 3)  # a third address sharing slots with both
+    assert (counts.per_ip(a), counts.per_ip(b)) == (5, 2)
+    counts.add(0, a, 1)  # one sharing every slot of a's: a looks busier, never idler
+    assert (counts.per_ip(a), counts.per_ip(b)) == (6, 2)
+    assert SharedCounts.slots_of("192.0.2.1") == a  # stable: every worker agrees
+
+
+def test_counts_are_shared_with_a_forked_worker() -> None:
+    """The mapping is the one the supervisor made before forking: a child's count is
+    seen by its parent."""
+    counts = SharedCounts(workers=2)
+    pid = os.fork()
+    if pid == 0:  # the "worker": count two connections, then exit without cleanup
+        lim = ConnectionLimiter(10, 5, shared=counts.column(1))
+        lim.acquire("192.0.2.7")
+        lim.acquire("192.0.2.7")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    here = ConnectionLimiter(10, 2, shared=counts.column(0))
+    assert here.count("192.0.2.7") == 2
+    assert here.acquire("192.0.2.7") == "refused_per_ip"
+    counts.clear(1)
+    assert here.acquire("192.0.2.7") is None
+
+
+def test_a_worker_killed_inside_the_lock_does_not_block_the_others() -> None:
+    """The lock is a record lock: the kernel releases it with its dead holder."""
+    counts = SharedCounts(workers=2)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        with counts.locked():
+            os.write(ready_w, b"x")
+            time.sleep(60)
+        os._exit(0)
+    os.read(ready_r, 1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    started = time.monotonic()
+    assert counts.column(0).admit("192.0.2.1", 10, 10) is None
+    assert time.monotonic() - started < 1
 
 
 # -- log formatters ------------------------------------------------------------------------------
