@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from email import policy as email_policy
+from email.errors import InvalidHeaderDefect
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -30,6 +31,9 @@ PolicyName = Literal["none", "quarantine", "reject"]
 POLICIES: tuple[str, ...] = ("none", "quarantine", "reject")
 MAX_WALK_LABELS = 8  # RFC 9989 §4.10: names longer than this jump to seven labels
 WALK_JUMP_TO = 7
+# RFC 9989 §11.5: a From naming many domains would cost up to eight queries each;
+# only this many distinct Author Domains are evaluated.
+MAX_AUTHOR_DOMAINS = 10
 KNOWN_TAGS = frozenset(
     ("v", "p", "sp", "np", "adkim", "aspf", "t", "psd", "pct", "rua", "ruf", "fo", "rf", "ri")
 )
@@ -171,16 +175,28 @@ def select_record(texts: Iterable[str]) -> Lookup:
 def usable_record(record: DMARCRecord, mode: Mode = "rfc9989") -> DMARCRecord | None:
     """The record to evaluate, rewritten or refused per RFC 9989 §4.10.1.
 
-    An absent ``p`` means ``p=none`` (§4.7). A *present but invalid* ``p``, ``sp`` or
-    ``np`` makes the receiver act as if ``p=none`` was published when the record has a
-    valid ``rua`` (so the owner still gets reports), and otherwise apply no DMARC at
-    all (None). RFC 7489 §6.6.3 has the same rule for ``p`` and ``sp``.
+    A record without a valid ``p`` (absent, or present but invalid), or with an
+    invalid ``sp`` or ``np``, makes the receiver act as if a record with just ``p=none``
+    was published when it has a valid ``rua`` (so the owner still gets reports; its
+    ``sp`` and ``np`` are dropped: a bare ``v=DMARC1; sp=reject`` must not reject
+    anything), and otherwise apply no DMARC at all (None; ``unusable_result`` says
+    how to report that). RFC 7489 §6.6.3 step 6 has the same rule for ``p`` and ``sp``.
     """
-    if record.policy_tags_valid(mode):
-        return record if record.p is not None else replace(record, p="none")
+    if record.policy_tags_valid(mode) and record.p is not None:
+        return record
     if record.has_valid_rua:
         return replace(record, p="none", sp=None, np=None)
     return None
+
+
+def unusable_result(record: DMARCRecord, mode: Mode = "rfc9989") -> str:
+    """The result for a record ``usable_record`` refused: permerror or none.
+
+    A present but invalid policy tag is a syntax error in the owner's record
+    (permerror). A record that merely lacks ``p`` is well-formed: the RFC's "no DMARC
+    processing" then leaves the message as if no policy was published (none).
+    """
+    return "none" if record.policy_tags_valid(mode) else "permerror"
 
 
 # -- names and the DNS tree walk ------------------------------------------------------------
@@ -350,8 +366,9 @@ def needs_existence_check(
     """Whether the Author Domain's existence can change the policy.
 
     Only ``np`` depends on it, only for a subdomain of the policy domain, and only when
-    ``np`` differs from the ``sp``/``p`` it would replace: otherwise the A/AAAA/MX
-    queries would be spent for nothing.
+    ``np`` differs from the ``sp``/``p`` it would replace: otherwise the existence
+    query would be spent for nothing. Asked for a pass too: its ``policy.dmarc``
+    names the policy that applies.
     """
     if mode != "rfc9989" or author == record_domain or record.np is None:
         return False
@@ -479,9 +496,12 @@ def author_domain(headers: Iterable[tuple[bytes, bytes]]) -> AuthorDomain:
     under RFC 5322 §3.6 and RFC 9989 §4.4 says alignment cannot occur then. Several
     addresses are fine when they share one domain (one Author Domain); several
     domains stop DMARC. §5.3.1 allows evaluating each domain anyway and §11.5 warns
-    that such messages are an evasion attempt; we report permerror with the domains
-    listed and leave the consequence to the score (``DMARC_PERMERROR``) rather than
-    guess at the strictest of several policies.
+    that such messages are an evasion attempt; the error comes with the domains
+    listed, and the check holds the message to the strictest of their policies (at
+    most ``MAX_AUTHOR_DOMAINS`` of them), never to a pass.
+
+    A malformed value (the parser had to skip part of it) is no Author Domain either
+    (§4.4): it is reported like several domains, with every domain found in it.
     """
     fields = [raw for name, raw in headers if name == b"from"]
     if not fields:
@@ -504,10 +524,12 @@ def author_domain(headers: Iterable[tuple[bytes, bytes]]) -> AuthorDomain:
     else:
         try:
             parsed = email_policy.default.header_factory("From", value)
-            addresses = parsed.addresses
+            raw_domains = [a.domain for a in parsed.addresses]
+            defects = parsed.defects
         except Exception:  # the stdlib parser's failure modes are many; all mean "unusable"
-            return AuthorDomain(error="unparseable From header field")
-        raw_domains = [a.domain for a in addresses]
+            return _malformed_from("unparseable From header field", [], value)
+        if any(isinstance(d, InvalidHeaderDefect) for d in defects):
+            return _malformed_from("malformed From header field", raw_domains, value)
     if not raw_domains:
         return AuthorDomain(error="no address in the From header field")
     domains: list[str] = []
@@ -522,6 +544,36 @@ def author_domain(headers: Iterable[tuple[bytes, bytes]]) -> AuthorDomain:
             error=f"From header field has {len(domains)} domains", domains=tuple(domains)
         )
     return AuthorDomain(domain=domains[0], domains=tuple(domains))
+
+
+_AT_DOMAIN = re.compile(r"@\s*([^\s@<>()\[\],;:\"\\]+)")
+
+
+def _malformed_from(error: str, parsed: Iterable[str], value: str) -> AuthorDomain:
+    """A From value the parser could not read cleanly: no Author Domain (RFC 9989 §4.4).
+
+    The stdlib parser recovers what it can and returns the first address even from
+    ``a@example.org <ceo@example.test>``; trusting that would let the unread part
+    carry the real author past DMARC. Every domain that can be found is listed
+    instead (the parsed addresses' and each ``@domain`` in the raw text), so the check
+    holds the message to the strictest of their policies and never reports a pass.
+    ``ObsoleteHeaderDefect`` (``J. Doe (x) <j@example.org>``) is not malformed.
+    """
+    lowered = value.lower()
+    spots = [(m.start(1), m.group(1)) for m in _AT_DOMAIN.finditer(value)]
+    spots += [(_position(lowered, raw), raw) for raw in parsed if raw]
+    found: list[str] = []
+    for _, raw in sorted(spots, key=lambda spot: spot[0]):
+        dom = normalize_domain(raw)
+        if dom is not None and dom not in found:
+            found.append(dom)
+    return AuthorDomain(error=error, domains=tuple(found))
+
+
+def _position(lowered: str, domain: str) -> int:
+    """Where ``domain`` first appears in the (lower-cased) value; unseen ones go last."""
+    at = lowered.find(domain.lower())
+    return at if at >= 0 else len(lowered)
 
 
 # -- reading other checks' results ------------------------------------------------------------

@@ -9,7 +9,9 @@ the common problems into advice an admin can act on.
 
 DMARC is shown the RFC 9989 way, as checkdmarc 6 reads it: the policy record is
 found by the DNS tree walk (not a public suffix list), ``pct`` no longer exists
-(``t=y`` marks a testing policy), and ``np`` covers non-existent subdomains.
+(``t=y`` marks a testing policy), and ``np`` covers non-existent subdomains. Where
+checkdmarc stops (several DMARC records at one name), the walk is redone with
+``filter.dmarc``'s rules, as receivers and mailgate's own check do.
 
 checkdmarc is synchronous and keeps a module-global DNS cache; the cache is cleared
 at the start of each audit so a fix published a minute ago is seen.
@@ -27,8 +29,11 @@ import checkdmarc.dmarc
 import checkdmarc.smtp
 import checkdmarc.spf
 import checkdmarc.utils
+import dns.exception
 import dns.nameserver
+import dns.resolver
 
+from filter import dmarc as dmarc_rules
 from filter.domains import to_a_label
 from filter.units import Address
 
@@ -71,11 +76,11 @@ def audit(domain: str, nameservers: Sequence[Address] = (), timeout: float = 3.0
     checkdmarc.utils.DNS_CACHE.clear()
     kw: dict[str, Any] = {"nameservers": ns, "timeout": timeout}
     spf = dict(checkdmarc.spf.check_spf(name, **kw))
-    dmarc = dict(checkdmarc.dmarc.check_dmarc(name, **kw))
+    dmarc, duplicates = _dmarc_lookup(name, kw)
     mx = dict(checkdmarc.smtp.check_mx(name, **kw))
     problems: list[dict[str, str]] = []
     spf_view = _spf(name, spf, problems)
-    dmarc_view = _dmarc(name, dmarc, problems)
+    dmarc_view = _dmarc(name, dmarc, problems, duplicates)
     mx_view = _mx(name, mx, problems)
     return {
         "domain": name,
@@ -220,7 +225,85 @@ def _spf(domain: str, res: dict[str, Any], problems: list[dict[str, str]]) -> di
     return view
 
 
-def _dmarc(domain: str, res: dict[str, Any], problems: list[dict[str, str]]) -> dict[str, Any]:
+# checkdmarc's MultipleDMARCRecords text: it raises instead of walking on, as receivers do.
+_MULTIPLE_RECORDS = "Multiple DMARC policy records"
+
+
+def _dmarc_lookup(name: str, kw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+    """checkdmarc's DMARC result, and the names on the walk holding several records.
+
+    checkdmarc stops at a name with several DMARC records, which would read as "no
+    DMARC record" and advice to publish one; receivers discard them all and walk on
+    (RFC 9989 §4.10 steps 2 and 6). Then the walk is redone here with mailgate's own
+    rules, so the audit shows the record receivers will actually use.
+    """
+    res = dict(checkdmarc.dmarc.check_dmarc(name, **kw))
+    if res.get("record") is not None or _MULTIPLE_RECORDS not in str(res.get("error") or ""):
+        return res, []
+    try:
+        return _walk_as_receivers_do(name, kw)
+    except dns.exception.DNSException as exc:
+        return {"record": None, "location": None, "valid": False, "error": str(exc)}, []
+
+
+def _walk_as_receivers_do(
+    name: str, kw: dict[str, Any]
+) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+    """The RFC 9989 §4.10 walk from ``name``, in checkdmarc's result shape."""
+    walked: list[tuple[str, dmarc_rules.DMARCRecord | None]] = []
+    duplicates: list[tuple[str, int]] = []
+    for target in dmarc_rules.walk_targets(name):
+        lookup = dmarc_rules.select_record(_txt(f"_dmarc.{target}", kw))
+        if lookup.candidates > 1:
+            duplicates.append((target, lookup.candidates))
+        walked.append((target, lookup.record))
+        if dmarc_rules.walk_stops(lookup.record):
+            break
+    found = dmarc_rules.policy_record(name, walked)
+    if found is None:
+        return {"record": None, "location": None, "valid": False, "error": None}, duplicates
+    location, record = found
+    res: dict[str, Any] = {"record": record.raw, "location": location, "valid": True}
+    try:
+        parsed = checkdmarc.dmarc.parse_dmarc_record(record.raw, location, **kw)
+    except checkdmarc.dmarc.DMARCError as exc:
+        return res | {"valid": False, "error": str(exc)}, duplicates
+    return res | {"tags": parsed["tags"], "warnings": parsed["warnings"]}, duplicates
+
+
+def _txt(name: str, kw: dict[str, Any]) -> list[str]:
+    """TXT records at ``name``; none for NXDOMAIN or NODATA, other DNS errors raise."""
+    try:
+        return list(checkdmarc.utils.query_dns(name, "TXT", **kw))
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+
+
+def _duplicate_problems(
+    duplicates: Sequence[tuple[str, int]], location: object, problems: list[dict[str, str]]
+) -> None:
+    """One error per name whose DMARC records receivers discard for being several."""
+    used = (
+        f"; they use the record at _dmarc.{location} instead"
+        if location
+        else "; with no other record on the walk, the domain has no DMARC policy"
+    )
+    for target, count in duplicates:
+        _problem(
+            problems,
+            "error",
+            "dmarc",
+            f"{count} DMARC records at _dmarc.{target}: receivers ignore all of them{used}",
+            f"keep exactly one v=DMARC1 TXT record at _dmarc.{target} and delete the others",
+        )
+
+
+def _dmarc(
+    domain: str,
+    res: dict[str, Any],
+    problems: list[dict[str, str]],
+    duplicates: Sequence[tuple[str, int]] = (),
+) -> dict[str, Any]:
     tags_raw = res.get("tags") or {}
     tags = {
         k: v.get("value") if isinstance(v, dict) else v
@@ -234,9 +317,13 @@ def _dmarc(domain: str, res: dict[str, Any], problems: list[dict[str, str]]) -> 
         "tags": {k: tags[k] for k in _DMARC_TAGS if k in tags},
         "error": res.get("error"),
         "warnings": list(res.get("warnings") or []),
+        "duplicates": [{"name": n, "records": c} for n, c in duplicates],
     }
+    _duplicate_problems(duplicates, view["location"], problems)
     if view["record"] is None:
         error = str(res.get("error") or "")
+        if duplicates and not error:
+            return view  # the duplicates are the problem: publishing more would not help
         if _lookup_failed(error):
             _problem(problems, "error", "dmarc", f"DMARC lookup failed: {error}", _ANSWER_ADVICE)
             return view

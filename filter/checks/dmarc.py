@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from filter import dmarc, replies
 from filter.checks import Context
 from filter.model import Stage
-from filter.resolver import DNSResult, DNSTempError, Resolver
+from filter.resolver import DNSTempError, Resolver
 from filter.results import Action, CheckResult, Decision, Symbol
 
 _ACTIONS = {
@@ -100,19 +100,17 @@ class _Discovery:
         return dmarc.organizational_domain(domain, [(n, r) for n, r in walked if r is not None])
 
     async def exists(self, domain: str) -> bool:
-        """False only if A, AAAA and MX all say NXDOMAIN (RFC 9989 §3.2.13, RFC 8020).
+        """False only if an A query says NXDOMAIN (RFC 9989 §3.2.13, RFC 8020).
 
-        One NXDOMAIN would do by RFC 8020, but some servers still answer NXDOMAIN for
-        one type and data for another; asking three (concurrently, cached) keeps a
-        broken server from earning its domain the harsher ``np``.
+        RFC 8020: an NXDOMAIN means the name and everything under it does not exist,
+        whatever the type asked, so one query decides; data or NODATA means the name
+        exists. A temporary error raises ``DNSTempError``: existence stays unknown.
         """
-        answers = await self._resolver.resolve_many([(domain, t) for t in ("A", "AAAA", "MX")])
-        if any(isinstance(a, ValueError) for a in answers):
+        try:
+            answer = await self._resolver.resolve(domain, "A")
+        except ValueError:
             return True  # not a name the DNS can hold: do not guess "non-existent"
-        for a in answers:
-            if isinstance(a, Exception):
-                raise a
-        return not all(isinstance(a, DNSResult) and a.outcome == "nxdomain" for a in answers)
+        return answer.outcome != "nxdomain"
 
 
 class DMARCCheck:
@@ -170,11 +168,18 @@ class DMARCCheck:
         every domain is evaluated (§5.3.1 allows it) and the message is held to the
         strictest failure among them; if none fails, the result stays permerror.
         """
-        evaluations = [await self._evaluate(ctx, d, resolver, mode) for d in author.domains]
+        evaluated = author.domains[: dmarc.MAX_AUTHOR_DOMAINS]
+        evaluations = [await self._evaluate(ctx, d, resolver, mode) for d in evaluated]
         worst = max(evaluations, key=_severity)
+        skipped = len(author.domains) - len(evaluated)
+        domains = ", ".join(evaluated)
+        if skipped:
+            # RFC 9989 §11.5: a From naming hundreds of domains must not cost
+            # hundreds of tree walks.
+            domains += f"; {skipped} more not evaluated (limit {dmarc.MAX_AUTHOR_DOMAINS})"
         if _severity(worst) == 0:
-            return Evaluation("permerror", reason=author.error, from_domains=author.domains)
-        domains = ", ".join(author.domains)
+            reason = f"{author.error} ({domains})" if skipped else author.error
+            return Evaluation("permerror", reason=reason, from_domains=author.domains)
         worst.reason = f"{author.error} ({domains}); strictest: {worst.reason}".strip()
         worst.from_domains = author.domains
         return worst
@@ -219,12 +224,8 @@ class DMARCCheck:
         ev.record_domain, raw_record = found
         record = dmarc.usable_record(raw_record, mode)
         if record is None:
-            ev.result = "permerror"
-            ev.reason = (
-                f"DMARC record at _dmarc.{ev.record_domain} has an invalid "
-                f"{'/'.join(t for t in raw_record.invalid if t in ('p', 'sp', 'np'))} "
-                "and no valid rua"
-            )
+            ev.result = dmarc.unusable_result(raw_record, mode)
+            ev.reason = _unusable_reason(ev.record_domain, raw_record, ev.result)
             return ev
         ev.record = record
 
@@ -240,15 +241,7 @@ class DMARCCheck:
         ev.aligned_spf = spf_ok
         ev.aligned_dkim = [d for d, ok, _ in dkim if ok]
         if ev.aligned_spf or ev.aligned_dkim:
-            ev.result = "pass"
-            if not ev.org_domain and ev.record_domain == author:
-                # Only identical identifiers were needed: RFC 9989 §4.10.2 treats the
-                # common domain with its own record as the Organizational Domain.
-                ev.org_domain = author
-            ev.choice = dmarc.choose_policy(record, ev.record_domain, author, mode=mode)
-            via = (["spf"] if ev.aligned_spf else []) + [f"dkim d={d}" for d in ev.aligned_dkim]
-            ev.reason = f"aligned {', '.join(via)}"
-            return ev
+            return await self._passed(disc, ev, record, author, mode)
 
         # 3. No aligned pass. A temporary error on an identifier that would have aligned
         #    leaves the result open (RFC 9989 §5.3.6): temperror, not fail.
@@ -282,6 +275,37 @@ class DMARCCheck:
         ev.reason = "no aligned SPF or DKIM pass"
         if exists is False:
             ev.reason += f"; {author} does not exist"
+        return ev
+
+    @staticmethod
+    async def _passed(
+        disc: _Discovery, ev: Evaluation, record: dmarc.DMARCRecord, author: str, mode: dmarc.Mode
+    ) -> Evaluation:
+        """An aligned pass, with the policy it reports.
+
+        A pass still names its policy (Authentication-Results' ``policy.dmarc``), and
+        for a non-existent subdomain that is ``np`` (RFC 9989 §4.10.1), so existence is
+        asked here too when ``np`` can matter. DNS trouble in that query leaves the pass
+        a pass: existence stays unknown, which ``choose_policy`` reads as ``sp``/``p``.
+        """
+        ev.result = "pass"
+        if not ev.org_domain and ev.record_domain == author:
+            # Only identical identifiers were needed: RFC 9989 §4.10.2 treats the
+            # common domain with its own record as the Organizational Domain.
+            ev.org_domain = author
+        via = (["spf"] if ev.aligned_spf else []) + [f"dkim d={d}" for d in ev.aligned_dkim]
+        ev.reason = f"aligned {', '.join(via)}"
+        exists: bool | None = None
+        if dmarc.needs_existence_check(record, ev.record_domain, author, mode):
+            try:
+                exists = await disc.exists(author)
+            except DNSTempError as e:
+                ev.reason += f"; existence of {author} unknown (DNS error: {e}), np not applied"
+        if exists is False:
+            ev.reason += f"; {author} does not exist"
+        ev.choice = dmarc.choose_policy(
+            record, ev.record_domain, author, author_exists=exists, mode=mode
+        )
         return ev
 
     async def _aligned(
@@ -387,6 +411,15 @@ class DMARCCheck:
         if outcome.override:
             parts.append(f"override {outcome.override}")
         return "; ".join(parts)
+
+
+def _unusable_reason(record_domain: str, record: dmarc.DMARCRecord, result: str) -> str:
+    """Why a record found gave no DMARC processing (RFC 9989 §4.10.1)."""
+    where = f"_dmarc.{record_domain}"
+    if result == "none":
+        return f"record at {where} has no p tag and no valid rua: no DMARC processing"
+    bad = "/".join(t for t in record.invalid if t in ("p", "sp", "np"))
+    return f"DMARC record at {where} has an invalid {bad} and no valid rua"
 
 
 def _data(ctx: Context, check: str) -> Mapping[str, object]:

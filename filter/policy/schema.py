@@ -1082,7 +1082,7 @@ DEFAULT_SCORES: Mapping[str, float] = MappingProxyType(
         "DMARC_PASS": -0.5,
         "DMARC_REJECT": 4.0,
         "DMARC_QUARANTINE": 3.0,
-        "DMARC_POLICY_NONE": 0.5,
+        "DMARC_POLICY_NONE": 0.0,  # RFC 9989 §5.4: p=none must not change handling
         "DMARC_NONE": 0.0,
         "DMARC_TEMPERROR": 0.0,
         "DMARC_PERMERROR": 0.0,

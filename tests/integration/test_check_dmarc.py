@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -248,6 +250,59 @@ async def test_np_skipped_when_it_cannot_matter(dns_zone: ZoneDNSServer) -> None
     assert dns_zone.count("nx.example.test") == 0  # no A/AAAA/MX queries spent
 
 
+async def test_existence_is_one_a_query(dns_zone: ZoneDNSServer) -> None:
+    """RFC 8020 (RFC 9989 §3.2.13): one NXDOMAIN says the name does not exist."""
+    publish(dns_zone, "example.test", "v=DMARC1; p=none; np=reject")
+    res = await run(dns_zone, "spoof@nx.example.test")
+    assert (res.data["policy"], res.data["policy_source"]) == ("reject", "np")
+    assert dns_zone.count("nx.example.test", "A") == 1
+    assert dns_zone.count("nx.example.test", "AAAA") == 0
+    assert dns_zone.count("nx.example.test", "MX") == 0
+
+
+async def test_a_name_with_other_records_only_exists(dns_zone: ZoneDNSServer) -> None:
+    """NODATA for A is not NXDOMAIN: the name exists (here it has only TXT)."""
+    publish(dns_zone, "example.test", "v=DMARC1; p=none; np=reject")
+    dns_zone.add("txtonly.example.test", "TXT", "hello")
+    res = await run(dns_zone, "a@txtonly.example.test")
+    assert (res.data["policy"], res.data["policy_source"]) == ("none", "p")
+    assert res.decision is None
+
+
+async def test_pass_reports_np_for_a_non_existent_subdomain(dns_zone: ZoneDNSServer) -> None:
+    """policy.dmarc on a pass names the policy that applies, np included."""
+    publish(dns_zone, "example.test", "v=DMARC1; p=none; sp=none; np=reject")
+    res = await run(dns_zone, "a@nx.example.test", results=(dkim(("pass", "example.test")),))
+    assert res.result == "pass" and res.decision is None
+    assert (res.data["policy"], res.data["policy_source"]) == ("reject", "np")
+    assert "does not exist" in str(res.data["reason"])
+    header = build({"dmarc": res}, "mx.example.net").decode()
+    assert "dmarc=pass header.from=nx.example.test policy.dmarc=reject\r\n" in header
+
+
+async def test_pass_stays_pass_when_existence_is_unknown(dns_zone: ZoneDNSServer) -> None:
+    publish(dns_zone, "example.test", "v=DMARC1; p=none; sp=none; np=reject")
+    dns_zone.set_name_mode("nx.example.test", "servfail")
+    res = await run(dns_zone, "a@nx.example.test", results=(dkim(("pass", "example.test")),))
+    assert (res.result, symbols(res), res.decision) == ("pass", ["DMARC_PASS"], None)
+    assert (res.data["policy"], res.data["policy_source"]) == ("none", "sp")
+    assert "existence of nx.example.test unknown" in str(res.data["reason"])
+
+
+async def test_p_none_does_not_change_handling(dns_zone: ZoneDNSServer) -> None:
+    """RFC 9989 §5.4: p=none MUST NOT modify mail handling, so it scores nothing by
+    default."""
+    publish(dns_zone, "example.test", "v=DMARC1; p=none")
+    res = await run(dns_zone, "a@example.test", results=(spf("evil.org"),))
+    assert (res.result, symbols(res), res.decision) == ("fail", ["DMARC_POLICY_NONE"], None)
+    assert res.symbols[0].score == 0.0
+
+
+def test_shipped_policy_scores_p_none_zero() -> None:
+    shipped = Path(__file__).resolve().parents[2] / "policies" / "mailgate.toml"
+    assert tomllib.loads(shipped.read_text())["scores"]["DMARC_POLICY_NONE"] == 0.0
+
+
 async def test_testing_mode_applies_one_level_lower(dns_zone: ZoneDNSServer) -> None:
     publish(dns_zone, "example.test", "v=DMARC1; p=reject; t=y")
     res = await run(dns_zone, "a@example.test")
@@ -391,6 +446,34 @@ async def test_invalid_policy_without_rua_is_permerror(dns_zone: ZoneDNSServer) 
     assert res.decision is None
 
 
+@pytest.mark.parametrize("standard", ["rfc9989", "rfc7489"])
+async def test_record_without_p_or_rua_means_no_dmarc_processing(
+    dns_zone: ZoneDNSServer, standard: str
+) -> None:
+    """RFC 9989 §4.10.1, RFC 7489 §6.6.3: no valid p and no valid rua, no DMARC at all;
+    its sp=reject must not reject mail from a subdomain."""
+    publish(dns_zone, "example.test", "v=DMARC1; sp=reject")
+    dns_zone.add("sub.example.test", "A", "192.0.2.10")
+    res = await run(dns_zone, "a@sub.example.test", standard=standard)
+    assert (res.result, symbols(res), res.decision) == ("none", ["DMARC_NONE"], None)
+    assert res.data["policy"] == "" and res.data["record_domain"] == "example.test"
+    assert (
+        "record at _dmarc.example.test has no p tag and no valid rua: no DMARC processing"
+        in str(res.data["reason"])
+    )
+
+
+@pytest.mark.parametrize("standard", ["rfc9989", "rfc7489"])
+async def test_record_without_p_but_with_rua_acts_as_p_none(
+    dns_zone: ZoneDNSServer, standard: str
+) -> None:
+    publish(dns_zone, "example.test", "v=DMARC1; sp=reject; rua=mailto:d@example.test")
+    dns_zone.add("sub.example.test", "A", "192.0.2.10")
+    res = await run(dns_zone, "a@sub.example.test", standard=standard)
+    assert (res.result, symbols(res), res.decision) == ("fail", ["DMARC_POLICY_NONE"], None)
+    assert (res.data["policy"], res.data["policy_source"]) == ("none", "p")
+
+
 # -- RFC 7489 compatibility -----------------------------------------------------------------
 
 
@@ -471,6 +554,64 @@ async def test_several_domains_in_one_from_is_held_to_the_strictest(
     publish(dns_zone, "evil.test", "v=DMARC1; p=quarantine")
     res = await run(dns_zone, "a@example.test, b@evil.test")
     assert (res.result, symbols(res)) == ("fail", ["DMARC_QUARANTINE"])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a@example.org <ceo@example.test>",
+        "a@example.org;ceo@example.test",
+        "a@example.org ceo@example.test",
+        "Boss <a@example.org>ceo@example.test",
+    ],
+)
+async def test_malformed_from_is_held_to_the_real_authors_policy(
+    dns_zone: ZoneDNSServer, value: str
+) -> None:
+    """RFC 9989 §4.4: a malformed From has no Author Domain. The stdlib parser returned
+    a@example.org alone, SPF passed for it, and ceo@example.test's p=reject was never
+    asked: dmarc=pass for a spoof."""
+    publish(dns_zone, "example.test", "v=DMARC1; p=reject")
+    res = await run(dns_zone, value, results=(spf("example.org"),))
+    assert (res.result, symbols(res)) == ("fail", ["DMARC_REJECT"])
+    assert res.decision is not None and res.decision.action is Action.REJECT
+    assert res.decision.reply == replies.REJECT_DMARC
+    assert str(res.decision.reply).startswith("550 5.7.1")
+    assert res.data["from_domains"] == ["example.org", "example.test"]
+    assert "malformed From header field" in str(res.data["reason"])
+
+
+async def test_malformed_from_whose_only_domain_passes_is_permerror(
+    dns_zone: ZoneDNSServer,
+) -> None:
+    publish(dns_zone, "example.test", "v=DMARC1; p=reject")
+    for value in ("foo <a@example.test>bar", "j@@example.test"):
+        res = await run(dns_zone, value, results=(spf("example.test"),))
+        assert (res.result, symbols(res), res.decision) == ("permerror", ["DMARC_PERMERROR"], None)
+        assert res.data["from_domains"] == ["example.test"]
+
+
+async def test_obsolete_from_syntax_is_evaluated_normally(dns_zone: ZoneDNSServer) -> None:
+    publish(dns_zone, "example.org", "v=DMARC1; p=reject")
+    res = await run(dns_zone, "J. Doe (x) <j@example.org>", results=(spf("example.org"),))
+    assert (res.result, res.data["from_domain"]) == ("pass", "example.org")
+
+
+async def test_only_the_first_author_domains_are_evaluated(dns_zone: ZoneDNSServer) -> None:
+    """RFC 9989 §11.5: a From naming 25 domains costs the walks of 10, not 25."""
+    names = [f"d{i}.test" for i in range(25)]
+    res = await run(dns_zone, ", ".join(f"x@{n}" for n in names))
+    assert res.result == "permerror"
+    asked = {q for q, t, _ in dns_zone.query_log() if t == "TXT"}
+    assert {f"_dmarc.{n}" for n in names[:10]} <= asked
+    assert not any(f"_dmarc.{n}" in asked for n in names[10:])
+    assert "15 more not evaluated (limit 10)" in str(res.data["reason"])
+    assert res.data["from_domains"] == names  # still reported in full
+    publish(dns_zone, "d3.test", "v=DMARC1; p=reject")
+    publish(dns_zone, "d20.test", "v=DMARC1; p=reject")
+    res = await run(dns_zone, ", ".join(f"x@{n}" for n in names))
+    assert (res.result, symbols(res)) == ("fail", ["DMARC_REJECT"])
+    assert "15 more not evaluated" in str(res.data["reason"])
 
 
 # -- DNS trouble -------------------------------------------------------------------------------

@@ -391,6 +391,50 @@ def test_domain_dns_failure_is_not_a_missing_record(config: Path, dns_zone: Zone
     assert all("name servers answer" in p["advice"] for p in data["problems"])
 
 
+def test_domain_several_dmarc_records_show_what_receivers_use(
+    config: Path, dns_zone: ZoneDNSServer
+) -> None:
+    """Receivers discard every record at a name with several (RFC 9989 §4.10 steps 2
+    and 6) and walk on to the organizational domain's; checkdmarc stopped at them, so
+    the audit said "no DMARC record" and advised publishing one."""
+    dns_zone.add("news.corp.test", "TXT", txt("v=spf1 mx -all"))
+    dns_zone.add("news.corp.test", "MX", MX("mail.corp.test", 10))
+    dns_zone.add("mail.corp.test", "A", A("127.0.0.5"))
+    dns_zone.add("_dmarc.news.corp.test", "TXT", txt("v=DMARC1; p=none"))
+    dns_zone.add("_dmarc.news.corp.test", "TXT", txt("v=DMARC1; p=quarantine"))
+    dns_zone.add("_dmarc.corp.test", "TXT", txt("v=DMARC1; p=reject; rua=mailto:d@corp.test"))
+    r = mailgate("domain", "news.corp.test", "--json", "--config", str(config))
+    assert r.returncode == 1, r.stdout + r.stderr  # the duplicates are an error
+    data = json.loads(r.stdout)
+    dmarc = data["dmarc"]
+    assert dmarc["record"] == "v=DMARC1; p=reject; rua=mailto:d@corp.test"
+    assert (dmarc["location"], dmarc["inherited"], dmarc["valid"]) == ("corp.test", True, True)
+    assert dmarc["tags"]["p"] == "reject"
+    assert dmarc["duplicates"] == [{"name": "news.corp.test", "records": 2}]
+    problems = [p for p in data["problems"] if p["area"] == "dmarc"]
+    assert [p["severity"] for p in problems] == ["error"]
+    assert problems[0]["problem"].startswith(
+        "2 DMARC records at _dmarc.news.corp.test: receivers ignore all of them"
+    )
+    assert "_dmarc.corp.test" in problems[0]["problem"]
+    assert "keep exactly one" in problems[0]["advice"]
+    assert not any("no DMARC record" in p["problem"] for p in data["problems"])
+    text = mailgate("domain", "news.corp.test", "--config", str(config))
+    assert text.returncode == 1
+    assert "DMARC   v=DMARC1; p=reject; rua=mailto:d@corp.test   (at _dmarc.corp.test)" in (
+        text.stdout
+    )
+    assert "error    dmarc  2 DMARC records at _dmarc.news.corp.test" in text.stdout
+
+    # Nothing to fall back on: still no advice to publish a record beside the two.
+    dns_zone.add("_dmarc.lone.test", "TXT", txt("v=DMARC1; p=none"))
+    dns_zone.add("_dmarc.lone.test", "TXT", txt("v=DMARC1; p=reject"))
+    data = json.loads(mailgate("domain", "lone.test", "--json", "--config", str(config)).stdout)
+    problems = [p for p in data["problems"] if p["area"] == "dmarc"]
+    assert len(problems) == 1 and "no DMARC policy" in problems[0]["problem"]
+    assert data["dmarc"]["record"] is None
+
+
 def test_domain_bad_input_and_nonexistent(config: Path) -> None:
     r = mailgate("domain", "not a domain", "--config", str(config))
     assert r.returncode == 2 and "not a domain name" in r.stderr

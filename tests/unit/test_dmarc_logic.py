@@ -84,6 +84,31 @@ def test_absent_p_means_none() -> None:
     assert usable is not None and usable.p == "none"
 
 
+@pytest.mark.parametrize("mode", ["rfc9989", "rfc7489"])
+def test_absent_p_with_valid_rua_drops_sp_and_np(mode: dmarc.Mode) -> None:
+    """RFC 9989 §4.10.1, RFC 7489 §6.6.3 step 6: no valid p, a valid rua: as if p=none."""
+    r = rec("v=DMARC1; sp=reject; np=reject; rua=mailto:d@example.test")
+    usable = dmarc.usable_record(r, mode)
+    assert usable is not None and (usable.p, usable.sp, usable.np) == ("none", None, None)
+
+
+@pytest.mark.parametrize("mode", ["rfc9989", "rfc7489"])
+@pytest.mark.parametrize(
+    "text", ["v=DMARC1; sp=reject", "v=DMARC1; np=reject; adkim=s", "v=DMARC1; rua=not a uri"]
+)
+def test_absent_p_without_valid_rua_means_no_dmarc_processing(text: str, mode: dmarc.Mode) -> None:
+    """Not a syntax error (the result is none, not permerror), but no policy either."""
+    r = rec(text)
+    assert dmarc.usable_record(r, mode) is None
+    assert dmarc.unusable_result(r, mode) == "none"
+
+
+@pytest.mark.parametrize("text", ["v=DMARC1; p=bogus", "v=DMARC1; sp=maybe", "v=DMARC1; p="])
+def test_invalid_policy_tag_without_rua_is_permerror(text: str) -> None:
+    assert dmarc.usable_record(rec(text)) is None
+    assert dmarc.unusable_result(rec(text)) == "permerror"
+
+
 def test_invalid_p_with_valid_rua_acts_as_none() -> None:
     r = rec("v=DMARC1; p=bogus; sp=reject; rua=mailto:d@example.test")
     assert not r.policy_tags_valid()
@@ -433,7 +458,7 @@ def test_several_addresses_same_domain_is_one_author_domain() -> None:
         (("a@example.test", "b@example.test"), "2 From header fields"),
         (("a@example.test, b@other.test",), "2 domains"),
         (("undisclosed-recipients:;",), "no address"),
-        (("alice",), "no valid domain"),
+        (("alice",), "malformed From header field"),  # the parser flags the missing @
         (("a@[192.0.2.1]",), "no valid domain"),
     ],
 )
@@ -441,6 +466,49 @@ def test_from_problems(froms: tuple[str, ...], error: str) -> None:
     a = dmarc.author_domain(_hdrs(*froms))
     assert a.domain == ""
     assert error in a.error
+
+
+@pytest.mark.parametrize(
+    ("value", "domains"),
+    [
+        ("a@example.org <ceo@example.test>", ("example.org", "example.test")),
+        ("a@example.org;ceo@example.test", ("example.org", "example.test")),
+        ("a@x.org b@y.org", ("x.org", "y.org")),
+        ("foo <a@b.org>bar", ("b.org",)),
+        ("j@@example.org", ("example.org",)),
+        ("Name <a@x.test> <b@Y.test>", ("x.test", "y.test")),
+        ("a@X.test x <b@x.TEST>", ("x.test",)),
+        ("a@ example.org <b@c.org>", ("example.org", "c.org")),
+    ],
+)
+def test_malformed_from_has_no_author_domain_but_lists_every_domain(
+    value: str, domains: tuple[str, ...]
+) -> None:
+    """RFC 9989 §4.4: no alignment with a malformed From. The stdlib parser would hand
+    back the first address (a@example.org) and drop the real author (ceo@example.test)."""
+    a = dmarc.author_domain(_hdrs(value))
+    assert (a.domain, a.error, a.domains) == ("", "malformed From header field", domains)
+
+
+@pytest.mark.parametrize(
+    ("value", "domain"),
+    [("J. Doe (x) <j@example.org>", "example.org"), ("J. Doe <j@Example.org>", "example.org")],
+)
+def test_obsolete_syntax_is_not_malformed(value: str, domain: str) -> None:
+    """An ObsoleteHeaderDefect (a period in the phrase) is legal RFC 5322 obs- syntax."""
+    a = dmarc.author_domain(_hdrs(value))
+    assert (a.domain, a.error) == (domain, "")
+
+
+def test_malformed_field_among_several_from_fields_lists_its_domains() -> None:
+    a = dmarc.author_domain(_hdrs("a@x.test", "b@y.test <c@z.test>"))
+    assert a.error == "2 From header fields"
+    assert a.domains == ("x.test", "y.test", "z.test")
+
+
+def test_author_domain_cap_is_ten() -> None:
+    """RFC 9989 §11.5: limit the Author Domains processed (the check applies it)."""
+    assert dmarc.MAX_AUTHOR_DOMAINS == 10
 
 
 def test_several_domains_are_listed() -> None:
