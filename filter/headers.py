@@ -65,6 +65,9 @@ _LONGEST_WORD = 900
 def render_field(name: str, value: str) -> bytes:
     """One header field, folded at spaces to stay under 78 characters per line.
 
+    RFC 5322 §2.2.3: a fold is a CRLF put before existing whitespace, so unfolding
+    (removing the CRLFs) gives back the value exactly.
+
     A word longer than a line (``tests=A,B,C,…`` of X-Spam-Status) is kept whole
     even past 78 characters (a SHOULD in RFC 5322): folding inside it, as
     SpamAssassin does, leaves a tab inside the list after unfolding, and scripts
@@ -83,7 +86,10 @@ def render_field(name: str, value: str) -> bytes:
         sep = " " if spaced else ""
         if len(line) + len(sep) + len(text) > 76 and line != f"{name}:":
             lines.append(line)
-            line = "\t" + text
+            # Folding at a space keeps that space as the fold's whitespace, so the
+            # unfolded field reads as sent ("required=6 tests=…"); only a forced
+            # split inside an overlong word adds whitespace of its own.
+            line = (" " if spaced else "\t") + text
         else:
             line = f"{line}{sep}{text}"
     lines.append(line)

@@ -5,6 +5,9 @@ A real loopback DNS server publishes the sender domains; keys are made at test t
 
 from __future__ import annotations
 
+import email
+import email.policy
+import re
 from collections.abc import Iterator
 
 import dkim
@@ -104,6 +107,9 @@ def test_aligned_pass_is_delivered_with_one_trustworthy_header(
     assert b"dmarc=pass" in ours[0] and b"header.from=good.test" in ours[0]
     assert b"arc=none" in ours[0]
     assert b"X-Spam-Status: No" in head
+    # The contract's form, read as a mail reader unfolds it (CRLFs removed, nothing else)
+    status = email.message_from_bytes(delivered, policy=email.policy.default)["X-Spam-Status"]
+    assert re.fullmatch(r"No, score=-?[0-9.]+ required=6(\.0)? tests=[A-Z_,]+", status), status
 
 
 def test_spoofed_p_reject_domain_is_refused_after_data(
