@@ -161,23 +161,18 @@ _DNSBL_CHECKS = ("dnsbl", "dnsbl_domain")
 def _check_results(outcome: DryRun) -> dict[str, object]:
     """Each check's RFC 8601 word; spf, dkim, dmarc and dnsbl always present.
 
-    A disabled check reports "none", the word it gives when run disabled; a check
-    that did not run (a trusted client runs none) is null: "none" has a meaning.
+    A disabled check reports "none", the word it gives when run disabled (so a
+    trusted client, whose checks run here for information, gets words as well).
     """
     words = _result_words(outcome.results)
-    results: dict[str, object] = {k: words.get(k, _not_run(outcome, k)) for k in _AUTH_CHECKS}
+    results: dict[str, object] = {k: words.get(k, "none") for k in _AUTH_CHECKS}
     if any(r.check in _DNSBL_CHECKS for r in outcome.results):
         listed = [s.name for r in outcome.results if r.check in _DNSBL_CHECKS for s in r.symbols]
         results["dnsbl"] = list(dict.fromkeys(listed))
     else:
-        results["dnsbl"] = None if _not_run(outcome, "dnsbl") is None else []
+        results["dnsbl"] = []
     results.update({k: w for k, w in words.items() if k not in results})
     return results
-
-
-def _not_run(outcome: DryRun, check: str) -> str | None:
-    """The word of a check without a result: "none" if the policy disables it, else null."""
-    return "none" if not outcome.trusted and check not in outcome.enabled else None
 
 
 def _result_words(results: list[CheckResult]) -> dict[str, str]:
@@ -227,14 +222,17 @@ def _print_check(outcome: DryRun, envelope: dict[str, object]) -> None:
     if v.reason:
         print(f"reason:  {v.reason}")
     if outcome.trusted:
-        print("client is in server.trusted_networks: no checks run, no headers added")
+        print(
+            "client is in server.trusted_networks: a live session runs no checks and adds"
+            " no header; shown below is what the checks say"
+        )
     ran = sorted({r.check for r in outcome.results})
     print(f"checks:  {', '.join(ran) or '(none run)'}")
     words = []
     for name, word in _check_results(outcome).items():
         if isinstance(word, list):
             word = ",".join(word) or "-"
-        words.append(f"{name}={'(not run)' if word is None else word}")
+        words.append(f"{name}={word}")
     print(f"results: {' '.join(words)}")
     if outcome.authentication_results:
         print(outcome.authentication_results)

@@ -14,7 +14,7 @@ explain all of them, while the verdict, reply and stage stay those of that refus
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from filter import authresults, replies
 from filter.checks import Context
@@ -26,7 +26,8 @@ from filter.policy.schema import Policy
 from filter.replies import Reply
 from filter.resolver import Resolver
 from filter.results import Action, CheckResult
-from filter.session import common_override_domain
+from filter.session import common_override_domain, content_refusal
+from filter.smtpdata import CRLF, DataReader, stuff
 from filter.store import Store
 from filter.verdict import Verdict, decide
 
@@ -39,7 +40,8 @@ class DryRun:
     the verdict after DATA). ``results`` holds every check of every stage, also those
     a refusal made moot; ``complete`` is the after-DATA verdict over all of them (every
     symbol, as if nothing had refused). ``authentication_results`` is the header field
-    the session adds to the message, unfolded ("" for a trusted client: it adds none).
+    the session adds to the message, unfolded (for a trusted client, the one its
+    checks would make: the session runs none and adds none).
     ``enabled`` names the checks the policy runs (a disabled check is not among them).
     """
 
@@ -69,8 +71,6 @@ async def evaluate(
     client.trusted = ip_in(client.ip, policy.server.trusted_networks)
     envelope = Envelope(mail_from=mail_from, message_id="CHECK.1")
     enabled = tuple(c.name for c in pipeline.checks)
-    if client.trusted:
-        return _trusted(enabled)
     walk = _Walk(policy, pipeline, client, envelope, resolver, store)
     message = MessageBuffer()
     try:
@@ -80,7 +80,8 @@ async def evaluate(
         await walk.data(message)
     finally:
         message.close()
-    return walk.outcome(enabled)
+    found = walk.outcome(enabled)
+    return _trusted(found) if client.trusted else found
 
 
 class _Walk:
@@ -147,7 +148,16 @@ class _Walk:
         """
         self.all_rcpts = rcpts
         targets: list[Recipient | None] = list(rcpts) or [None]
+        limit = self.policy.server.max_recipients
         for rcpt in targets:
+            if rcpt is not None and len(self.envelope.recipients) >= limit:
+                # answered before any check, as the session does; the others go on
+                too_many = f"more than server.max_recipients ({limit}) recipients"
+                self._refuse(
+                    Verdict(Action.TEMPFAIL, 0.0, (), replies.TOO_MANY_RECIPIENTS, too_many),
+                    Stage.RCPT,
+                )
+                continue
             got = await self.run(Stage.RCPT, rcpt) if rcpt is not None else []
             domain = rcpt.address.rpartition("@")[2].lower() if rcpt is not None else None
             verdict = decide([*self.kept, *got], self.policy, Stage.RCPT, domain)
@@ -160,7 +170,17 @@ class _Walk:
                 self.envelope.recipients.append(rcpt)
 
     async def data(self, message: MessageBuffer) -> None:
-        """The DATA checks, and the session's verdict after DATA (if nothing refused)."""
+        """The DATA checks, and the session's verdict after DATA (if nothing refused).
+
+        A message the session refuses for its bytes (over ``max_message_size``, a line
+        over 998 octets, a header block over its limit, a folded first line) gets that
+        refusal, before the verdict; its checks still run, for the explanation.
+        """
+        content_refused = self._content_refusal(message)
+        if content_refused is not None:
+            self._refuse(
+                Verdict(Action.REJECT, 0.0, (), content_refused, content_refused.text), Stage.DATA
+            )
         accepted = self.envelope.recipients
         self.envelope.recipients = list(self.all_rcpts)  # what the checks see: all of them
         self.kept.extend(await self.run(Stage.DATA, message=message))
@@ -168,6 +188,20 @@ class _Walk:
         self.final = decide(self.kept, self.policy, Stage.DATA, domain)
         if self.final.refuses and self.final.reply is not None:
             self._refuse(self.final, Stage.DATA)
+
+    def _content_refusal(self, message: MessageBuffer) -> Reply | None:
+        """What the session's DATA reader and message buffer would refuse the content for."""
+        reader = DataReader(self.policy.server.max_message_size)
+        content = message.content()
+        if content and not content.endswith(CRLF):
+            content += CRLF
+        reader.feed(stuff(content) + b".\r\n")
+        refusal = content_refusal(reader.problems)
+        if refusal is None and message.header_overflow:
+            refusal = replies.HEADER_TOO_BIG
+        if refusal is None and message.starts_folded:
+            refusal = replies.FOLDED_FIRST_LINE
+        return refusal
 
     def _refuse(self, verdict: Verdict, stage: Stage) -> None:
         """Remember the first refusal: the one the client would hear."""
@@ -189,10 +223,15 @@ class _Walk:
         return DryRun(verdict, reply, stage, self.everything, False, ar, complete, enabled)
 
 
-def _trusted(enabled: tuple[str, ...]) -> DryRun:
-    """A trusted client: the session runs no check and adds no header of its own."""
+def _trusted(found: DryRun) -> DryRun:
+    """A trusted client: a live session runs no check, adds no header and accepts.
+
+    The checks still ran here, for the admin's information: their results, symbols and
+    the header they would make are shown (``trusted`` says none of it applies), while
+    the verdict and the reply are the live session's.
+    """
     v = Verdict(Action.ACCEPT, 0.0, (), None, "trusted client")
-    return DryRun(v, _accepted(), Stage.DATA, [], True, "", v, enabled)
+    return replace(found, verdict=v, reply=_accepted(), stage=Stage.DATA, trusted=True)
 
 
 def _accepted() -> Reply:

@@ -517,7 +517,7 @@ class Session:
         verdict: Verdict | None = None
         try:
             self.metrics.message_size.observe(message.size)
-            refusal = _content_problem(problems)
+            refusal = content_refusal(problems)
             if refusal is None and message.header_overflow:
                 refusal = replies.HEADER_TOO_BIG  # fields past the limit would go unseen
             if refusal is None and message.starts_folded:
@@ -1011,7 +1011,8 @@ def common_override_domain(policy: Policy, recipients: Iterable[Recipient]) -> s
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _content_problem(problems: DataProblems) -> Reply | None:
+def content_refusal(problems: DataProblems) -> Reply | None:
+    """The reply to a message whose bytes break a limit or the line rules, if any."""
     if problems.bare_newline:
         return replies.BARE_NEWLINE
     if problems.oversized:

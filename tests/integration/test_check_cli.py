@@ -161,17 +161,63 @@ def test_dnsbl_listing_is_refused_at_rcpt_after_spf(
         assert "spf=pass smtp.mailfrom=alice@example.test" in data["authentication_results"]
 
 
-def test_trusted_client_runs_nothing_and_adds_no_header(
-    tmp_path: Path, redis_url: str, dns_zone: ZoneDNSServer, eml: Path
+def test_trusted_client_is_accepted_and_its_checks_still_explained(
+    tmp_path: Path, redis_url: str, dns_zone: ZoneDNSServer, raw: redis.Redis
 ) -> None:
+    """A live session runs no check for a trusted client and accepts; the dry run gives
+    that verdict, and still shows what the checks say (RFC 8601 words, never null)."""
+    pem = publish_sender(dns_zone)
+    msg = signed_message(tmp_path, pem)
     config = write_policy(tmp_path / "p.toml", redis_url, dns_zone)  # 127.0.0.1 is trusted
-    data = check_json(str(eml), "--ip", "127.0.0.1", "--config", str(config))
+    args = (str(msg), "--ip", "127.0.0.1", "--mail-from", SENDER, "--rcpt", RCPT)
+    data = check_json(*args, "--config", str(config))
     assert (data["action"], data["stage"], data["trusted"]) == ("accept", "data", True)
-    assert data["results"] == {"spf": None, "dkim": None, "dmarc": None, "dnsbl": None}
-    assert data["checks_run"] == [] and data["symbols"] == []
-    assert data["authentication_results"] == ""  # the live session adds none either
-    text = cli("check", str(eml), "--ip", "127.0.0.1", "--config", str(config))
-    assert "spf=(not run)" in text.stdout and "no headers added" in text.stdout
+    assert data["reason"] == "trusted client" and data["score"] == 0.0
+    assert data["smtp_reply"].startswith("250 ")
+    results = data["results"]
+    assert results["dkim"] == "pass" and results["dnsbl"] == []  # DNSBL disabled here
+    assert results["spf"] in ("fail", "softfail", "neutral", "none")  # 127.0.0.1 is no MX
+    assert {"spf", "dkim", "dmarc", "greylist"} <= set(data["checks_run"])
+    assert "DKIM_PASS" in {s["name"] for s in data["symbols"]}
+    assert data["authentication_results"].startswith("Authentication-Results: mx.mailgate.test;")
+    assert "dkim=pass header.d=example.test" in data["authentication_results"]
+    assert raw.keys(f"{PREFIX}*") == []  # greylisting asked, but nothing written
+    text = cli("check", *args, "--config", str(config)).stdout
+    assert "action:  accept" in text and "dkim=pass" in text
+    assert "a live session runs no checks and adds no header" in text
+
+
+def test_session_limits_are_answered_as_the_session_would(
+    tmp_path: Path, redis_url: str, dns_zone: ZoneDNSServer
+) -> None:
+    """max_recipients and max_message_size: the extra recipient gets 452 4.5.3 before
+    any check, an oversized message 552 5.3.4; the checks still run, for the record."""
+    publish_sender(dns_zone)
+    config = write_policy(tmp_path / "p.toml", redis_url, dns_zone, "[greylist]\nenabled = false\n")
+    (tmp_path / "local.d").mkdir()
+    limits = '[server]\nmax_recipients = 2\nmax_message_size = "4KiB"\n'
+    (tmp_path / "local.d" / "10-limits.toml").write_text(limits)
+    base = ("--ip", CLIENT, "--mail-from", SENDER, "--config", str(config))
+    small = tmp_path / "small.eml"
+    small.write_bytes(MESSAGE)
+    big = tmp_path / "big.eml"
+    big.write_bytes(MESSAGE + b"x" * 70 + (b"\r\n" + b"x" * 70) * 80 + b"\r\n")
+
+    data = check_json(str(small), *base, "--rcpt", "a@example.org", "b@example.org")
+    assert (data["action"], data["stage"]) == ("accept", "data")
+    data = check_json(str(small), *base, "--rcpt", "a@example.org", "b@example.org", "c@x.org")
+    assert (data["action"], data["stage"]) == ("tempfail", "rcpt")
+    assert data["smtp_reply"] == str(replies.TOO_MANY_RECIPIENTS)
+    assert "max_recipients (2)" in data["reason"]
+    assert data["results"]["spf"] == "pass"  # every check still ran
+    data = check_json(str(big), *base, "--rcpt", "a@example.org")
+    assert (data["action"], data["stage"]) == ("reject", "data")
+    assert data["smtp_reply"] == str(replies.MESSAGE_TOO_BIG)
+    assert "dkim" in data["checks_run"]
+    long_line = tmp_path / "long.eml"
+    long_line.write_bytes(MESSAGE + b"y" * 1200 + b"\r\n")
+    data = check_json(str(long_line), *base, "--rcpt", "a@example.org")
+    assert data["smtp_reply"] == str(replies.DATA_LINE_TOO_LONG)
 
 
 def test_disabled_checks_report_their_own_none(
