@@ -342,12 +342,25 @@ class Session:
         self.txn = txn
         if not self.client.trusted and self.pipeline.has_stage(Stage.MAIL):
             txn.results += await self.pipeline.run(Stage.MAIL, self._context(envelope=envelope))
-        reply = await self._upstream_call("mail", lambda up: up.mail(path.address, path.raw_params))
+        reply = await self._upstream_call("mail", lambda up: self._send_mail(up, path))
         if reply.code != 250:
             self.txn = None
             if reply.code >= 400:
                 self.errors += 1
         return reply
+
+    async def _send_mail(self, up: UpstreamPort, path: PathArg) -> Reply:
+        """MAIL to the upstream, unless its connection, just opened, took away a parameter.
+
+        EHLO was answered from what the upstream offered last time (its connection
+        opens only at MAIL); if it stopped offering SMTPUTF8 or DSN meanwhile (a Postfix
+        reconfigured), the parameter is refused here as the upstream would refuse it,
+        not sent to a server that never offered it. One session late at most.
+        """
+        problem = self._check_mail_params(path)
+        if problem is not None:
+            return problem
+        return await up.mail(path.address, path.raw_params)
 
     def _check_mail_params(self, path: PathArg) -> Reply | None:
         upstream = self._upstream_extensions()

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import AUTH_CHECKS_OFF, StartMailgate, message
 from tests.rig.client import RawSMTP, smtp_client
 from tests.rig.mailgate import MailgateProcess
-from tests.rig.upstream import Raw, ScriptedUpstream
+from tests.rig.upstream import DEFAULT_EXTENSIONS, Raw, ScriptedUpstream
 
 
 def test_message_is_relayed_with_the_upstreams_own_reply(
@@ -85,6 +85,34 @@ def test_mail_and_rcpt_parameters_reach_the_upstream(
     [txn] = upstream.wait_for_transactions(1)
     assert txn.mail_params == ["SIZE=100", "BODY=8BITMIME", "RET=HDRS", "ENVID=x1"]
     assert txn.rcpt_params == [["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob@example.test"]]
+
+
+def test_an_extension_the_upstream_withdrew_is_refused_not_sent(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """EHLO is answered from what the upstream offered last time; when its connection,
+    opened at MAIL, no longer offers SMTPUTF8 or DSN, the parameter is refused here as
+    the upstream would, never sent to it. The next session advertises neither."""
+    mg = mailgate()
+    with smtp_client("127.0.0.1", mg.smtp_port) as c:
+        assert c.ehlo("client.example.org")[0] == 250  # the capabilities are learnt
+        assert c.mail("alice@example.org")[0] == 250
+    upstream.script(extensions=[e for e in DEFAULT_EXTENSIONS if e not in ("SMTPUTF8", "DSN")])
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    r.banner()
+    assert "SMTPUTF8" in r.cmd("EHLO client.example.org").text  # still the old answer
+    refused = r.cmd("MAIL FROM:<a@b\u00fccher.example> SMTPUTF8")
+    assert (refused.code, refused.text.split()[0]) == (555, "5.5.4")
+    refused = r.cmd("MAIL FROM:<a@example.org> RET=HDRS")
+    assert (refused.code, refused.text.split()[0]) == (555, "5.5.4")
+    assert r.cmd("MAIL FROM:<a@example.org>").code == 250  # the session goes on
+    r.cmd("QUIT")
+    assert not any(b"SMTPUTF8" in c or b"RET=" in c for c in upstream.commands())
+    r = RawSMTP("127.0.0.1", mg.smtp_port).connect()
+    r.banner()
+    ehlo = r.cmd("EHLO client.example.org").text
+    assert "SMTPUTF8" not in ehlo and "DSN" not in ehlo
+    r.cmd("QUIT")
 
 
 def test_pipelined_transactions_and_dot_stuffing(
