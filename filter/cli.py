@@ -297,6 +297,11 @@ def cmd_greylist(args: argparse.Namespace) -> int:
                     f"forgot {target.value}: {r.triplets} triplets, {r.awl} auto-allowlist "
                     f"entries, {r.allow} allow entries"
                 )
+                for wider in r.wider_allow:
+                    print(
+                        f"still allowed by the wider entry {wider} (kept: it covers other"
+                        f" hosts too; `greylist forget {wider}` removes it)"
+                    )
 
     try:
         asyncio.run(run())

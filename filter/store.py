@@ -59,6 +59,7 @@ from filter.metrics import Metrics
 from filter.policy.schema import GreylistPolicy, RedisPolicy
 from filter.redisscripts import ConnectParams, ScriptRunner
 from filter.storeurl import StoreURL, parse_store_url
+from filter.units import Network
 
 __all__ = [
     "KEYS",
@@ -492,6 +493,9 @@ class ForgetReport:
     triplets: int
     awl: int
     allow: int
+    # Allow entries of wider networks that cover the target: an admin's decision about
+    # other hosts too, so kept, and named for the admin to forget by name if meant.
+    wider_allow: tuple[str, ...] = ()
 
 
 #: What a store operation can raise that means "the store failed": redis-py's own
@@ -896,19 +900,29 @@ class Store:
         """Delete what the store holds about a network (or an SPF-passing domain).
 
         A network: triplets first seen from a network overlapping it, AWL entries of
-        overlapping networks, and allow entries of overlapping networks. A domain: the
+        overlapping networks, and allow entries of networks inside it. An allow entry
+        of a wider network (``allow 192.0.2.0/24``, then ``forget 192.0.2.7``) is kept
+        and reported: it was made for its other hosts as well. A domain: the
         pool-aware triplets (origin ``spf:…``) and allow entries of it and of its
         subdomains, as ``allow DOMAIN`` covers them (a parent domain's are kept).
         """
         if target.kind == "net":
             net = target.network
 
-            def hit(text: str) -> bool:
+            def parsed(text: str) -> Network | None:
                 try:
                     other = ipaddress.ip_network(text, strict=False)
                 except ValueError:
-                    return False
-                return other.version == net.version and other.overlaps(net)
+                    return None
+                return other if other.version == net.version else None
+
+            def hit(text: str) -> bool:
+                other = parsed(text)
+                return other is not None and other.overlaps(net)
+
+            def inside(text: str) -> bool:
+                other = parsed(text)
+                return other is not None and other.subnet_of(net)  # type: ignore[arg-type]
 
             triplet_match = hit
         else:
@@ -922,6 +936,8 @@ class Store:
 
             def hit(text: str) -> bool:
                 return False
+
+            inside = hit
 
         doomed: list[str] = []
         batch: list[str] = []
@@ -945,9 +961,14 @@ class Store:
             a.field
             for a in allow
             if a.field == target.field
-            or (a.field.startswith("net:") and hit(a.field[4:]))
+            or (a.field.startswith("net:") and inside(a.field[4:]))
             or (target.kind == "domain" and a.field.startswith("domain:") and under(a.field[7:]))
         ]
+        wider = tuple(
+            a.field[4:]
+            for a in allow
+            if a.field.startswith("net:") and a.field not in allow_doomed and hit(a.field[4:])
+        )
 
         async def delete() -> None:
             pipe = self.client.pipeline(transaction=False)
@@ -959,7 +980,7 @@ class Store:
 
         if doomed or awl_doomed or allow_doomed:
             await self._call("forget", delete, bounded=False)  # any number of keys
-        return ForgetReport(len(doomed), len(awl_doomed), len(allow_doomed))
+        return ForgetReport(len(doomed), len(awl_doomed), len(allow_doomed), wider)
 
 
 def _glob_escape(text: str) -> str:

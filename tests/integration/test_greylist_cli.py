@@ -158,6 +158,23 @@ async def test_forget_deletes_triplets_awl_and_allow_entries_of_a_network(
     assert r.data["outcome"] == "new"
 
 
+async def test_forget_a_host_keeps_a_wider_allow_entry_and_says_so(
+    config: Path, raw: redis.Redis
+) -> None:
+    """``allow 192.0.2.0/24`` was made for 256 hosts: forgetting one of them keeps it
+    (and names it), forgetting the /24 itself or a wider network removes it."""
+    assert mailgate(config, "allow", "192.0.2.0/24").returncode == 0
+    assert mailgate(config, "allow", "192.0.2.7").returncode == 0
+    out = mailgate(config, "forget", "192.0.2.7")
+    assert out.returncode == 0, out.stderr
+    assert "1 allow entries" in out.stdout
+    assert "still allowed by the wider entry 192.0.2.0/24" in out.stdout
+    assert raw.hkeys("mailgate:gl:allow") == ["net:192.0.2.0/24"]
+    out = mailgate(config, "forget", "192.0.2.0/24")
+    assert "1 allow entries" in out.stdout and "still allowed" not in out.stdout
+    assert raw.hkeys("mailgate:gl:allow") == []
+
+
 async def test_forget_a_domain_removes_its_pool_triplets_and_allow_entry(
     config: Path, store: Store, policy: Policy, raw: redis.Redis
 ) -> None:
