@@ -31,6 +31,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from filter.domains import to_a_label
 from filter.netaddr import parse_ip
 from filter.units import Network, is_hostname
 
@@ -281,7 +282,8 @@ def parse_allow_target(text: str) -> AllowTarget:
             limit = MIN_ALLOW_PREFIX[net.version]
             raise ValueError(f"{net} is wider than /{limit}; allow narrower networks")
         return AllowTarget("net", str(net))
-    domain = normalise_domain(raw)
+    # an internationalised name is kept as its A-label, the form SPF reports
+    domain = to_a_label(raw) or normalise_domain(raw)
     if not is_hostname(domain) or "." not in domain:
         raise ValueError(f"{raw!r} is not an IP address, CIDR network or domain name")
     return AllowTarget("domain", domain)

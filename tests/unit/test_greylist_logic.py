@@ -151,6 +151,7 @@ def test_triplet_digest_is_stable_and_separates_parts() -> None:
         ("2001:db8::/48", "net", "2001:db8::/48"),
         ("2001:DB8::1", "net", "2001:db8::1/128"),
         ("Example.ORG.", "domain", "example.org"),
+        ("B\u00fccher.example", "domain", "xn--bcher-kva.example"),  # as SPF reports it
     ],
 )
 def test_allow_targets(text: str, kind: str, value: str) -> None:
