@@ -227,6 +227,7 @@ def _spf(domain: str, res: dict[str, Any], problems: list[dict[str, str]]) -> di
 
 # checkdmarc's MultipleDMARCRecords text: it raises instead of walking on, as receivers do.
 _MULTIPLE_RECORDS = "Multiple DMARC policy records"
+_UNRELATED_RECORDS = "Unrelated TXT records were discovered"
 
 
 def _dmarc_lookup(name: str, kw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, int]]]:
@@ -238,12 +239,17 @@ def _dmarc_lookup(name: str, kw: dict[str, Any]) -> tuple[dict[str, Any], list[t
     rules, so the audit shows the record receivers will actually use.
     """
     res = dict(checkdmarc.dmarc.check_dmarc(name, **kw))
-    if res.get("record") is not None or _MULTIPLE_RECORDS not in str(res.get("error") or ""):
+    error = str(res.get("error") or "")
+    unrelated = _UNRELATED_RECORDS in error
+    if res.get("record") is not None or not (_MULTIPLE_RECORDS in error or unrelated):
         return res, []
+    # checkdmarc also stops at a DMARC record that shares its name with other TXT
+    # records (site verifications, say); receivers skip those (§4.10 step 2) and use it.
     try:
-        return _walk_as_receivers_do(name, kw)
+        walked, duplicates = _walk_as_receivers_do(name, kw)
     except dns.exception.DNSException as exc:
         return {"record": None, "location": None, "valid": False, "error": str(exc)}, []
+    return (walked | {"unrelated": error}) if unrelated else walked, duplicates
 
 
 def _walk_as_receivers_do(
@@ -320,6 +326,18 @@ def _dmarc(
         "duplicates": [{"name": n, "records": c} for n, c in duplicates],
     }
     _duplicate_problems(duplicates, view["location"], problems)
+    if res.get("unrelated"):
+        at = re.search(r"at (_dmarc\.[^\s:]+)", str(res["unrelated"]))
+        where = at.group(1).rstrip(".") if at else f"_dmarc.{domain}"
+        _problem(
+            problems,
+            "warning",
+            "dmarc",
+            f"TXT records other than DMARC at {where}: receivers skip them, but"
+            " some DMARC parsers do not",
+            f"publish only the DMARC record at {where}; move verification tokens to"
+            " their own names",
+        )
     if view["record"] is None:
         error = str(res.get("error") or "")
         if duplicates and not error:

@@ -474,3 +474,24 @@ def test_domain_accepts_a_trailing_dot_and_idn(config: Path, dns_zone: ZoneDNSSe
     r = mailgate("domain", "Bücher.example.test.", "--json", "--config", str(config))
     assert r.returncode == 1, r.stderr  # a real audit: no records, so errors
     assert json.loads(r.stdout)["domain"] == "xn--bcher-kva.example.test"
+
+
+def test_domain_dmarc_record_beside_other_txt_records_is_the_one_receivers_use(
+    config: Path, dns_zone: ZoneDNSServer
+) -> None:
+    """checkdmarc stops at a DMARC record sharing its name with other TXT records;
+    receivers skip those (RFC 9989 §4.10 step 2): the audit shows the record and warns."""
+    dns_zone.add("mixed.test", "TXT", txt("v=spf1 -all"))
+    dns_zone.add("_dmarc.mixed.test", "TXT", txt("v=DMARC1; p=reject; rua=mailto:d@mixed.test"))
+    dns_zone.add("_dmarc.mixed.test", "TXT", txt("google-site-verification=abc"))
+    data = json.loads(mailgate("domain", "mixed.test", "--json", "--config", str(config)).stdout)
+    dmarc = data["dmarc"]
+    assert (dmarc["record"], dmarc["location"], dmarc["valid"]) == (
+        "v=DMARC1; p=reject; rua=mailto:d@mixed.test",
+        "mixed.test",
+        True,
+    )
+    problems = [p for p in data["problems"] if p["area"] == "dmarc"]
+    assert [p["severity"] for p in problems] == ["warning"]
+    assert problems[0]["problem"].startswith("TXT records other than DMARC at _dmarc.mixed.test")
+    assert not any("no DMARC record" in p["problem"] for p in data["problems"])
