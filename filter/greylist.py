@@ -13,7 +13,10 @@ would be greylisted again and a legitimate message delayed twice.
   really ``user@domain``) and a ``+extension`` (never ``-``: it is part of many real
   names). These change on every message (or every retry, for BATV), which would
   otherwise make every retry a new triplet. A quoted local part that needs no quotes
-  is the same mailbox unquoted (RFC 5321 4.1.2); any other is kept whole.
+  is the same mailbox unquoted (RFC 5321 4.1.2); any other is kept whole. In the
+  triplet (not in list matching) each standalone run of digits in the local part is
+  ``#``, as postgrey does: VERP bounce addresses (``bounce-12345-678@lists``) number
+  every message, and a retry of one would otherwise never meet its first attempt.
 * Recipient: lower-cased; its ``+extension`` kept (it may be a different mailbox).
 
 The store keys a triplet by a one-way hash of these three strings (fixed length,
@@ -52,6 +55,7 @@ __all__ = [
     "rdns_matches",
     "recipient_matches",
     "triplet_digest",
+    "triplet_sender",
 ]
 
 # The widest networks an admin may allowlist by `mailgate greylist allow`: wider would
@@ -145,6 +149,28 @@ def normalise_sender(address: str) -> str:
     local, domain = _strip_tags(local, domain)
     local = local.split("+", 1)[0] if not local.startswith("+") else local
     return f"{local}@{domain.rstrip('.')}"
+
+
+# A run of digits standing alone between non-word characters (postgrey's \b\d+\b):
+# VERP's message and subscriber numbers, not the digits inside a name like "user42".
+_VERP_NUMBER = re.compile(r"(?<![0-9A-Za-z_])[0-9]+(?![0-9A-Za-z_])")
+
+
+def triplet_sender(address: str) -> str:
+    """The sender as a greylist triplet holds it: ``normalise_sender`` with VERP numbers
+    folded to ``#`` in the local part (``bounce-123-45@l.example`` -> ``bounce-#-#@…``).
+
+    Only here, not in ``normalise_sender``: list entries name real addresses, and an
+    allow entry for ``bounces-123@`` must not also match ``bounces-456@``. The folding
+    loses no protection worth having: the triplet still pins the client network (or
+    SPF-verified domain) and the recipient, and a spammer who varies digits per
+    message gains nothing over one who keeps them fixed.
+    """
+    text = normalise_sender(address)
+    local, at, domain = text.rpartition("@")
+    if not at or local.startswith('"'):
+        return text  # the bare "postmaster" form, or a quoted local part kept whole
+    return f"{_VERP_NUMBER.sub('#', local)}@{domain}"
 
 
 def normalise_recipient(address: str) -> str:

@@ -49,9 +49,9 @@ from filter.greylist import (
     client_network,
     domain_matches,
     normalise_recipient,
-    normalise_sender,
     rdns_matches,
     recipient_matches,
+    triplet_sender,
 )
 from filter.model import Stage
 from filter.netaddr import ip_in
@@ -196,7 +196,7 @@ class GreylistCheck:
         network = client_network(ctx.client.ip, gl.ipv4_prefix, gl.ipv6_prefix)
         domain = spf_domain(ctx)
         origin = f"spf:{domain}" if gl.pool_aware and domain else network
-        triplet = Triplet(origin, normalise_sender(ctx.envelope.mail_from), recipient)
+        triplet = Triplet(origin, triplet_sender(ctx.envelope.mail_from), recipient)
         if store is None:
             return self._store_failed(ctx, triplet, "no store configured")
         try:

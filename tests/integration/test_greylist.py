@@ -319,6 +319,22 @@ async def test_batv_and_srs_tags_do_not_make_a_new_triplet(gl: Harness, clock: C
     ).decision is None
 
 
+async def test_verp_numbers_do_not_make_a_new_triplet(
+    gl: Harness, clock: Clock, raw: redis.Redis
+) -> None:
+    """A list server numbers each bounce address; its retry keeps the triplet (postgrey)."""
+    assert greylisted(await gl.rcpt(mail_from="bounce-1234-77@lists.example.org"))
+    clock.now += DELAY
+    r = await gl.rcpt(mail_from="bounce-1299-78@lists.example.org")
+    assert r.decision is None and r.data["outcome"] == "passed"
+    (key,) = triplet_keys(raw)
+    assert raw.hget(key, "sender") == "bounce-#-#@lists.example.org"
+    # Digits inside a name are part of it: user42 and user43 are two senders.
+    assert greylisted(await gl.rcpt(mail_from="user42@example.org"))
+    clock.now += DELAY
+    assert greylisted(await gl.rcpt(mail_from="user43@example.org"))
+
+
 async def test_null_sender_is_greylisted_like_any_sender(
     gl: Harness, clock: Clock, raw: redis.Redis
 ) -> None:

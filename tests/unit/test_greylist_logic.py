@@ -19,6 +19,7 @@ from filter.greylist import (
     rdns_matches,
     recipient_matches,
     triplet_digest,
+    triplet_sender,
 )
 from filter.policy.schema import policy_from_dict
 from filter.store import KEYS, Store, parse_store_url
@@ -69,6 +70,31 @@ from tests.rig.workers import TEST_REDIS_URL
 )
 def test_sender_normalisation(raw: str, expected: str) -> None:
     assert normalise_sender(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("bounce-12345-678@lists.example.org", "bounce-#-#@lists.example.org"),
+        ("Bounces+alice=example.test@lists.example.org", "bounces@lists.example.org"),
+        ("123@example.org", "#@example.org"),
+        ("news.2026.11@example.org", "news.#.#@example.org"),
+        # Digits that belong to a word stay: user42 is not user43.
+        ("user42@example.org", "user42@example.org"),
+        ("a_1@example.org", "a_1@example.org"),
+        ("prvs=1234abcdef=bounce-99@example.org", "bounce-#@example.org"),
+        ('"john 1 doe"@example.org', '"john 1 doe"@example.org'),
+        ("", ""),
+        ("postmaster", "postmaster"),
+    ],
+)
+def test_triplet_sender_folds_verp_numbers(raw: str, expected: str) -> None:
+    assert triplet_sender(raw) == expected
+
+
+def test_list_matching_keeps_the_digits() -> None:
+    """normalise_sender (list entries) must not fold: bounces-1@ is not bounces-2@."""
+    assert normalise_sender("bounces-1@example.org") == "bounces-1@example.org"
 
 
 def test_recipient_keeps_its_extension() -> None:
