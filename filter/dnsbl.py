@@ -300,6 +300,10 @@ def tally(
     masked zones that sum came from, for the reason). ``threshold`` 0
     turns the sum rule off. An allowlist hit never rejects, and does not cancel a
     ``reject`` zone either: the admin asked for that zone alone to decide.
+
+    ``allowlisted`` (which spares the client greylisting) needs a hit that lowers the
+    score: a code scored 0 is a listing the admin does not trust, such as dnswl.org's
+    trust level "none" (127.0.x.0), which covers whole ISP pools.
     """
     hits = list(hits)
     total = prior + sum(h.score for h in hits)
@@ -316,4 +320,4 @@ def tally(
             sorted({mask_zone(h.zone) for h in hits if not h.allow} | set(prior_zones))
         )
         reason = f"DNSBL score {total:g} >= threshold {threshold:g} ({zones})"
-    return Tally(total, reason, any(h.allow for h in hits), listed)
+    return Tally(total, reason, any(h.allow and h.score < 0 for h in hits), listed)

@@ -245,6 +245,26 @@ async def test_dnswl_hit_scores_negative_and_allowlists(
     assert r.data["allowlisted"] is False and r.data["blocked"] == ["wl.bl.test"]
 
 
+async def test_dnswl_code_scored_zero_is_no_allowlisting(
+    dns_zone: ZoneDNSServer, health: ZoneHealth
+) -> None:
+    """dnswl.org's trust level "none" (127.0.x.0) mapped to 0: shown, but not trusted."""
+    wl = DNSBLZone(
+        "wl.bl.test",
+        -3.0,
+        name="WL",
+        allow=True,
+        codes=(DNSBLCode("127.0.10.0", "NONE", 0.0), DNSBLCode("127.0.10.3", "HI", -5.0)),
+    )
+    list_ip(dns_zone, "wl.bl.test", CLIENT, "127.0.10.0")
+    r = await run_ip(dns_zone, policy(wl), health)
+    assert symbols(r) == {"DNSWL_WL_NONE": 0.0}
+    assert r.data["allowlisted"] is False
+    list_ip(dns_zone, "wl.bl.test", CLIENT, "127.0.10.3")
+    r = await run_ip(dns_zone, policy(wl), health)
+    assert symbols(r) == {"DNSWL_WL_HI": -5.0} and r.data["allowlisted"] is True
+
+
 # -- failures and zone health ------------------------------------------------------------
 
 

@@ -248,6 +248,8 @@ def test_allowlist_lowers_the_sum_but_never_rejects() -> None:
     assert tally([wl], threshold=0.5).reject_reason == ""
     # a zone's own reject flag is not cancelled by an allowlist hit
     assert tally([_hit(1.0, reject=True), wl], threshold=0.0).reject_reason
+    # an allowlist hit scored 0 (an untrusted code) spares nothing
+    assert not tally([_hit(0.0, allow=True, zone="wl.example")], threshold=0.0).allowlisted
 
 
 # --- probes ---------------------------------------------------------------------------
