@@ -17,6 +17,16 @@ NXDOMAIN/NODATA, ``spf.TempError`` for a lookup that may work later, and the RFC
 7208 4.6.4 void-lookup count (the ten-term limit stays with pyspf's
 ``check_lookups``, which counts terms, not queries).
 
+Where the subclass corrects pyspf 2.0.14 against RFC 7208:
+
+- the sender is split at its last "@" (a quoted local part may hold "@");
+- a void lookup is counted once per term whose own lookup is void (a, mx, ptr,
+  exists, include, redirect), not for the address lookups of MX or PTR names;
+- modifier names are case-insensitive ("REDIRECT=", "Exp=");
+- the exp= text explains a fail only, never a softfail;
+- ptr skips a name whose address lookup fails instead of giving temperror;
+- a macro expansion over 253 characters loses labels from the left until it fits.
+
 What it must not do: decide on temperror (DMARC and the verdict do), reject unless
 ``spf.reject_on_fail`` is set (a DKIM signature may still align for DMARC), or let a
 DNS timeout look like fail or none.
@@ -29,6 +39,7 @@ Result ``data`` keys (the Authentication-Results builder reads them): ``identity
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -57,8 +68,10 @@ __all__ = [
     "evaluate",
     "helo_domain",
     "helo_symbol",
+    "normalise_modifier_names",
     "result_word",
     "select_identity",
+    "split_sender",
     "symbol_name",
     "time_budget",
     "truncate_name",
@@ -69,6 +82,8 @@ SPF_WORDS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permer
 
 # RFC 7208 4.6.4: at most two void lookups (NXDOMAIN or empty answer).
 MAX_VOID_LOOKUPS = 2
+# RFC 7208 4.6.4: an mx term with more MX records than this is a permerror.
+MAX_MX_NAMES = 10
 # RFC 7208 5.5: at most ten PTR names are validated.
 MAX_PTR_NAMES = 10
 
@@ -130,7 +145,9 @@ def helo_domain(helo: str | None) -> str | None:
 class Identity:
     """The identity one SPF evaluation checks and how it is reported.
 
-    ``sender`` is what pyspf gets as <sender> (local-part @ A-label domain);
+    ``sender`` is what pyspf gets as <sender> (local-part @ A-label domain; the
+    local part may hold "@", so the domain is what follows the last one, see
+    :func:`split_sender`);
     ``address`` is what Authentication-Results shows as ``smtp.mailfrom``;
     ``domain`` is None when RFC 7208 4.3 makes the result "none" without DNS.
     """
@@ -158,6 +175,41 @@ def select_identity(mail_from: str, helo: str | None) -> Identity:
         return Identity("mailfrom", mail_from, "", None, f"malformed domain {raw_domain!r}")
     # RFC 7208 4.3: an empty local-part is "postmaster".
     return Identity("mailfrom", mail_from, f"{local or 'postmaster'}@{domain}", domain)
+
+
+def split_sender(sender: str) -> tuple[str, str]:
+    """(local-part, domain) of ``sender``, split at the *last* "@".
+
+    RFC 5321's Mailbox is Local-part "@" Domain and a quoted local part may itself
+    hold "@" (``"x@y"@victim.example``), while a domain never does. pyspf splits at
+    the first "@", which made it check ``y"@victim.example`` instead of
+    ``victim.example``: a way around the victim's -all. An empty local part is
+    "postmaster" (RFC 7208 4.3); a sender without "@" is all domain, as in pyspf.
+    """
+    local, at, domain = sender.rpartition("@")
+    if not at:
+        return "postmaster", sender
+    return local or "postmaster", domain
+
+
+# RFC 7208 12: modifier = name "=" macro-string; name = ALPHA *( ALPHA / DIGIT / "-" / "_" / "." )
+_MODIFIER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*(?==)")
+
+
+def normalise_modifier_names(record: str) -> str:
+    """``record`` with every modifier name lower-cased, all else untouched.
+
+    RFC 7208 12 (ABNF strings are case-insensitive, RFC 5234 2.3): "REDIRECT=" and
+    "Exp=" are redirect= and exp=. pyspf compares modifier names case-sensitively,
+    so it ignored them as unknown modifiers. A term is a modifier exactly when
+    pyspf's own ``RE_MODIFIER`` says so (a name then "="), so mechanisms, and the
+    values (where "%{L}" and "%{l}" differ, RFC 7208 7.3), are left as they are.
+    Terms are split on single spaces, as pyspf splits them, so spacing survives.
+    """
+    return " ".join(
+        _MODIFIER_NAME.sub(lambda m: m.group(0).lower(), term, count=1)
+        for term in record.split(" ")
+    )
 
 
 def helo_identity(helo: str | None) -> Identity | None:
@@ -279,6 +331,13 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]  # pyspf ships no types
         self._lookup = lookup
         self._deadline = deadline
         self._answers: dict[tuple[str, str], list[Any]] = {}
+        # pyspf split <sender> at its first "@"; RFC 5321 puts the domain after the
+        # last. Re-split, keeping RFC 7208 7.3's macros exact: %{s} stays the whole
+        # sender, %{l} the whole local part (quoted, "@" and all: it is the
+        # attacker's own text either way), %{o} and %{d} the real domain.
+        if self.s:
+            self.l, self.o = split_sender(str(self.s))
+            self.d = self.o
 
     def expand(self, s: str, stripdot: bool = True) -> str:
         """pyspf's macro expansion, truncated as RFC 7208 7.3 says.
@@ -289,6 +348,61 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]  # pyspf ships no types
         """
         expanded = str(super().expand(s, stripdot))
         return truncate_name(expanded) if stripdot else expanded
+
+    def set_explanation(self, exp: str) -> None:
+        """Use the exp= text for fail only (RFC 7208 6.2).
+
+        pyspf also put it on softfail (and permerror, whose text it never shows),
+        so a softfail read as the domain's rejection notice; the others keep
+        pyspf's default texts.
+        """
+        self.exps["fail"] = exp
+
+    def dns_spf(self, domain: str) -> str | None:
+        """pyspf's SPF record lookup, with modifier names made case-insensitive.
+
+        Every record pyspf evaluates (the sender's, include: and redirect= targets)
+        comes through here, so normalising the text once here is enough.
+        """
+        record = super().dns_spf(domain)
+        return None if record is None else normalise_modifier_names(str(record))
+
+    def dns_mx(self, domainname: str) -> list[Any]:
+        """Addresses of the MX hosts of ``domainname``, for the mx mechanism.
+
+        As pyspf's, except for RFC 7208 4.6.4's void count: the term's lookup is
+        the MX query, counted when it is void; the address lookups of its hosts are
+        not terms (an IPv6 client asks AAAA of hosts that often only have A, and
+        three such hosts made pyspf's count a permerror).
+        """
+        names = self.dns(domainname, "MX")
+        if len(names) > MAX_MX_NAMES:
+            raise spf.PermError(f"More than {MAX_MX_NAMES} MX records returned")
+        return [
+            address
+            for _preference, host in sorted(names)
+            for address in self.dns(host, self.A, ignore_void=True)
+        ]
+
+    def getp(self) -> str:
+        """The %{p} macro (RFC 7208 7.3), as pyspf computes it.
+
+        Its PTR lookups serve a macro inside some term, not a term of their own, so
+        they are not void lookups; the term's own lookup is counted as usual.
+        """
+        known: str | None = getattr(self, "p", None)
+        if known:
+            return known
+        names = self._validated_ptrs(count_void=False)
+        domain = str(self.d)
+        if not names:
+            known = "unknown"
+        elif domain in names:
+            known = domain
+        else:
+            known = next((n for n in names if n.endswith("." + domain)), names[0])
+        self.p = known
+        return known
 
     def dns(
         self,
@@ -302,6 +416,8 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]  # pyspf ships no types
         CNAMEs are followed by the resolver, so ``cnames`` is unused. A name that
         no query could carry is an empty answer without a void count (as pyspf
         itself does); a name the resolver refuses otherwise counts as nonexistent.
+        Each call counts at most one void lookup; callers that are not a term's own
+        lookup pass ``ignore_void`` (RFC 7208 4.6.4 counts terms, not queries).
         """
         key = (str(name).rstrip(".").lower(), qtype)
         if not _is_valid_query_name(key[0]):
@@ -336,15 +452,23 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]  # pyspf ships no types
         one name's A/AAAA lookup made the whole evaluation temperror; the RFC says
         to skip that name, and that an error on the PTR lookup itself is no match.
         """
+        return self._validated_ptrs(count_void=True)
+
+    def _validated_ptrs(self, count_void: bool) -> list[str]:
+        """validated_ptrs(); ``count_void`` for the ptr term's own PTR lookup.
+
+        The names' address lookups are never void lookups (RFC 7208 4.6.4 counts
+        terms): an IPv6 client whose PTR names have only A records is no error.
+        """
         reverse = f"{spf.reverse_dots(self.i)}.{self.v}.arpa"
         try:
-            names = self.dns(reverse, "PTR")[:MAX_PTR_NAMES]
+            names = self.dns(reverse, "PTR", ignore_void=not count_void)[:MAX_PTR_NAMES]
         except spf.TempError:
             return []
         valid = []
         for host in names:
             try:
-                addresses = self.dns_a(host, self.A)
+                addresses = self.dns(host, self.A, ignore_void=True)
             except spf.TempError:
                 continue
             if self.cidrmatch(addresses, self.cidrmax):

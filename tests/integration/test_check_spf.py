@@ -21,7 +21,7 @@ from filter.checks import Context
 from filter.checks.spf import SPFCheck, _ResolverQuery, evaluate, select_identity
 from filter.model import ClientInfo, Envelope
 from filter.policy.schema import DEFAULT_POLICY, DNSPolicy, Policy, SPFPolicy
-from filter.resolver import Resolver
+from filter.resolver import Resolver, reverse_name
 from filter.results import Action, CheckResult
 from filter.units import Address
 from tests.rig.dnsserver import ZoneDNSServer, soa
@@ -611,3 +611,145 @@ async def test_query_subclass_keeps_per_query_state(dns_zone: ZoneDNSServer) -> 
     await asyncio.to_thread(q1.dns, "void.iso.spf.test", "A")
     assert (q1.void_lookups, q2.void_lookups) == (1, 0)
     assert q2._answers == {}
+
+
+# -- RFC 7208 audit edges -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mail_from", ['"x@y"@victim.example', '"a@b.spf.test"@Victim.Example'])
+async def test_quoted_local_part_with_at_checks_the_domain_after_the_last_at(
+    dns_zone: ZoneDNSServer, mail_from: str
+) -> None:
+    """RFC 5321 Mailbox: the domain follows the last "@". pyspf split at the first one,
+    so a quoted local part holding "@" had another name checked (none, not -all's fail)."""
+    dns_zone.set_records("victim.example", "SOA", [soa("victim.example")[2]])
+    publish(dns_zone, [("victim.example", "TXT", "v=spf1 -all")])
+    r = await check(dns_zone, "192.0.2.7", mail_from, helo=None)
+    assert (r.result, r.data["domain"]) == ("fail", "victim.example")
+    assert r.data["smtp.mailfrom"] == mail_from
+    assert [n for n, _, _ in dns_zone.query_log()] == ["victim.example"]
+
+
+async def test_quoted_local_part_keeps_the_sender_macros(dns_zone: ZoneDNSServer) -> None:
+    """RFC 7208 7.3 macros of such a sender: %{l} is the whole local part (quotes and "@"
+    included), %{s} the whole sender, %{o} and %{d} the domain after the last "@"."""
+    publish(
+        dns_zone,
+        [
+            ("mac.spf.test", "TXT", "v=spf1 exists:%{o}.ok.spf.test -all exp=why.mac.spf.test"),
+            ("mac2.spf.test", "TXT", "v=spf1 ip4:192.0.2.8 -all exp=why.mac.spf.test"),
+            ("mac.spf.test.ok.spf.test", "A", "127.0.0.2"),
+            ("why.mac.spf.test", "TXT", "l=%{l} s=%{s} o=%{o} d=%{d}"),
+        ],
+    )
+    r = await check(dns_zone, "192.0.2.7", '"x@y"@mac.spf.test', helo=None)
+    assert r.result == "pass", r.data["reason"]
+    r = await check(dns_zone, "192.0.2.7", '"x@y"@mac2.spf.test', helo=None)
+    assert r.result == "fail"
+    assert r.data["reason"] == 'l="x@y" s="x@y"@mac2.spf.test o=mac2.spf.test d=mac2.spf.test'
+
+
+async def test_void_lookups_count_terms_not_mx_host_address_lookups(
+    dns_zone: ZoneDNSServer,
+) -> None:
+    """RFC 7208 4.6.4 counts terms whose lookup is void. An IPv6 client's AAAA lookups
+    of A-only MX hosts belong to one mx term whose MX lookup answered: no void at all
+    (pyspf counted each empty AAAA answer and gave permerror)."""
+    publish(
+        dns_zone,
+        [
+            ("v6mx.spf.test", "TXT", "v=spf1 mx ip6:2001:db8:5::/48 -all"),
+            ("v6mx2.spf.test", "TXT", "v=spf1 a:nx1.spf.test a:nx2.spf.test mx:v6mx.spf.test -all"),
+            *[("v6mx.spf.test", "MX", f"{10 * n} h{n}.v6mx.spf.test") for n in (1, 2, 3)],
+            *[(f"h{n}.v6mx.spf.test", "A", f"192.0.2.{n}") for n in (1, 2, 3)],
+            ("mxvoid.spf.test", "TXT", "v=spf1 mx:nx1.spf.test mx:nx2.spf.test mx:nx3.spf.test"),
+        ],
+    )
+    assert (await check(dns_zone, "2001:db8:5::1", "u@v6mx.spf.test")).result == "pass"
+    assert (await check(dns_zone, "2001:db8:6::1", "u@v6mx.spf.test")).result == "fail"
+    # Two void a: terms plus the mx term: still exactly at the limit.
+    assert (await check(dns_zone, "2001:db8:6::1", "u@v6mx2.spf.test")).result == "fail"
+    assert (await check(dns_zone, "192.0.2.2", "u@v6mx2.spf.test")).result == "pass"
+    # Three mx terms whose MX lookups are void are three void lookups.
+    r = await check(dns_zone, "192.0.2.7", "u@mxvoid.spf.test")
+    assert r.result == "permerror"
+    assert "Void lookup limit of 2 exceeded" in r.symbols[0].detail
+
+
+async def test_void_lookups_do_not_count_ptr_name_address_lookups(
+    dns_zone: ZoneDNSServer,
+) -> None:
+    """The ptr term's own PTR lookup answered; its names' empty AAAA answers are no voids."""
+    client = "2001:db8:7::1"
+    reverse = reverse_name(client)
+    publish(
+        dns_zone,
+        [
+            ("v6ptr.spf.test", "TXT", "v=spf1 ptr ip6:2001:db8:7::/48 -all"),
+            *[(reverse, "PTR", f"n{n}.v6ptr.spf.test") for n in (1, 2, 3)],
+            *[(f"n{n}.v6ptr.spf.test", "A", f"192.0.2.{n}") for n in (1, 2, 3)],
+        ],
+    )
+    assert (await check(dns_zone, client, "u@v6ptr.spf.test")).result == "pass"
+
+
+async def test_p_macro_lookups_are_not_void_lookups(dns_zone: ZoneDNSServer) -> None:
+    """%{p}'s PTR and address lookups serve a macro inside a term; only the term's own
+    lookup can be void (pyspf counted both unvalidated names here: three voids)."""
+    publish(
+        dns_zone,
+        [
+            ("pmac.spf.test", "TXT", "v=spf1 a:nx1.spf.test exists:%{p}.pmac.spf.test -all"),
+            ("21.113.0.203.in-addr.arpa", "PTR", "gone1.pmac.spf.test"),
+            ("21.113.0.203.in-addr.arpa", "PTR", "gone2.pmac.spf.test"),
+            ("unknown.pmac.spf.test", "A", "127.0.0.2"),
+        ],
+    )
+    r = await check(dns_zone, "203.0.113.21", "u@pmac.spf.test")
+    assert r.result == "pass", r.data["reason"]
+
+
+async def test_modifier_names_are_case_insensitive(dns_zone: ZoneDNSServer) -> None:
+    """RFC 7208 4.6.1/12: "REDIRECT=" and "Exp=" are redirect= and exp= (pyspf ignored
+    them as unknown modifiers, so the record fell through to neutral)."""
+    publish(
+        dns_zone,
+        [
+            ("target.mod.spf.test", "TXT", "v=spf1 ip4:203.0.113.0/25 -all"),
+            ("up.mod.spf.test", "TXT", "v=spf1 REDIRECT=target.mod.spf.test"),
+            ("mixed.mod.spf.test", "TXT", "V=SPF1 Redirect=target.mod.spf.test"),
+            ("inc.mod.spf.test", "TXT", "v=spf1 include:up.mod.spf.test -all"),
+            ("twice.mod.spf.test", "TXT", "v=spf1 Redirect=a.spf.test redirect=b.spf.test"),
+            ("exp.mod.spf.test", "TXT", "v=spf1 -all Exp=why.mod.spf.test"),
+            ("why.mod.spf.test", "TXT", "%{d} never sends from %{i}"),
+        ],
+    )
+    for domain in ("up", "mixed", "inc"):
+        sender = f"u@{domain}.mod.spf.test"
+        assert (await check(dns_zone, "203.0.113.5", sender)).result == "pass", domain
+        assert (await check(dns_zone, "192.0.2.7", sender)).result == "fail", domain
+    r = await check(dns_zone, "192.0.2.7", "u@twice.mod.spf.test")
+    assert r.result == "permerror"
+    assert "redirect= MUST appear at most once" in r.symbols[0].detail
+    r = await check(dns_zone, "192.0.2.7", "u@exp.mod.spf.test")
+    assert (r.result, r.data["reason"]) == ("fail", "exp.mod.spf.test never sends from 192.0.2.7")
+
+
+async def test_exp_explains_only_a_fail(dns_zone: ZoneDNSServer) -> None:
+    """RFC 7208 6.2: exp= is the explanation of a fail; pyspf also used it for softfail."""
+    publish(
+        dns_zone,
+        [
+            ("soft.exp.spf.test", "TXT", "v=spf1 ip4:198.51.100.1 ~all exp=why.exp.spf.test"),
+            ("neut.exp.spf.test", "TXT", "v=spf1 ip4:198.51.100.1 ?all exp=why.exp.spf.test"),
+            ("hard.exp.spf.test", "TXT", "v=spf1 ip4:198.51.100.1 -all exp=why.exp.spf.test"),
+            ("why.exp.spf.test", "TXT", "go away %{i}"),
+        ],
+    )
+    r = await check(dns_zone, "192.0.2.7", "u@soft.exp.spf.test")
+    assert r.result == "softfail"
+    assert r.data["reason"] == r.symbols[0].detail == "domain owner discourages use of this host"
+    r = await check(dns_zone, "192.0.2.7", "u@neut.exp.spf.test")
+    assert (r.result, r.data["reason"]) == ("neutral", "access neither permitted nor denied")
+    r = await check(dns_zone, "192.0.2.7", "u@hard.exp.spf.test")
+    assert (r.result, r.data["reason"]) == ("fail", "go away 192.0.2.7")

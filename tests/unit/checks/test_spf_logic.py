@@ -21,14 +21,17 @@ from filter.checks.spf import (
     SPFCheck,
     Verdict,
     _pyspf_value,
+    _ResolverQuery,
     a_label_domain,
     build_result,
     decision_for,
     helo_domain,
     helo_identity,
     helo_symbol,
+    normalise_modifier_names,
     result_word,
     select_identity,
+    split_sender,
     symbol_name,
     time_budget,
     truncate_name,
@@ -137,6 +140,53 @@ def test_sender_edge_cases() -> None:
     idn = select_identity("jürgen@München.example", None)
     assert (idn.sender, idn.domain) == ("jürgen@xn--mnchen-3ya.example", "xn--mnchen-3ya.example")
     assert idn.address == "jürgen@München.example"  # reported as sent
+
+
+@pytest.mark.parametrize(
+    ("sender", "expected"),
+    [
+        ("u@example.com", ("u", "example.com")),
+        ('"x@y"@victim.example', ('"x@y"', "victim.example")),
+        ('"a@b@c"@victim.example', ('"a@b@c"', "victim.example")),
+        ("@example.net", ("postmaster", "example.net")),
+        ("example.net", ("postmaster", "example.net")),
+    ],
+)
+def test_split_sender_takes_the_domain_after_the_last_at(
+    sender: str, expected: tuple[str, str]
+) -> None:
+    assert split_sender(sender) == expected
+
+
+def test_quoted_local_part_with_at_keeps_the_domain() -> None:
+    ident = select_identity('"x@y"@Victim.Example', None)
+    assert (ident.sender, ident.domain) == ('"x@y"@victim.example', "victim.example")
+
+
+def test_pyspf_query_gets_the_domain_after_the_last_at() -> None:
+    """pyspf split at the first "@": <domain> was 'y"@victim.example'. No DNS is asked
+    while a query is built, so this needs no server."""
+    q = _ResolverQuery(None, 0.0, i="192.0.2.1", s='"x@y"@victim.example', h="mx.example")
+    assert (q.l, q.o, q.d, q.s) == ('"x@y"', "victim.example", "victim.example", q.s)
+    assert q.s == '"x@y"@victim.example'
+    assert q.expand("%{l}.%{o}", stripdot=False) == '"x@y".victim.example'
+    plain = _ResolverQuery(None, 0.0, i="192.0.2.1", s="@example.net", h="mx.example")
+    assert (plain.l, plain.d) == ("postmaster", "example.net")
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ("v=spf1 REDIRECT=_spf.example", "v=spf1 redirect=_spf.example"),
+        ("V=SPF1 -all Exp=Why.%{D}.Example", "v=SPF1 -all exp=Why.%{D}.Example"),
+        ("v=spf1  Foo.Bar_9-x=Baz  -ALL", "v=spf1  foo.bar_9-x=Baz  -ALL"),
+        # Mechanisms are no modifiers, even with "=" in their argument.
+        ("v=spf1 exists:%{L}.Foo=1.example include:A=B.example", None),
+        ("v=spf1 +Redirect=x.example -9x=y", None),
+    ],
+)
+def test_normalise_modifier_names_lowercases_names_only(record: str, expected: str | None) -> None:
+    assert normalise_modifier_names(record) == (record if expected is None else expected)
 
 
 def test_helo_identity() -> None:
