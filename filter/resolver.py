@@ -609,7 +609,9 @@ class BlockingResolver:
         self.resolver = resolver
         self.loop = loop
 
-    def _run(self, coro: Coroutine[Any, Any, _T], name: str, rtype: str) -> _T:
+    def _run(
+        self, coro: Coroutine[Any, Any, _T], name: str, rtype: str, wait: float | None = None
+    ) -> _T:
         running: asyncio.AbstractEventLoop | None
         try:
             running = asyncio.get_running_loop()
@@ -620,15 +622,18 @@ class BlockingResolver:
             raise RuntimeError("BlockingResolver called on its event loop's thread")
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
-            return future.result(self.resolver.timeout + 1.0)
+            limit = self.resolver.timeout + 1.0
+            return future.result(limit if wait is None else max(0.0, min(wait, limit)))
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise DNSTempError(name, rtype, "timeout") from None
         except concurrent.futures.CancelledError:
             raise DNSTempError(name, rtype, "cancelled") from None
 
-    def resolve(self, name: str, rtype: str = "A") -> DNSResult:
-        return self._run(self.resolver.resolve(name, rtype), name, rtype)
+    def resolve(self, name: str, rtype: str = "A", wait: float | None = None) -> DNSResult:
+        """``wait``: give up (``DNSTempError`` "timeout") sooner than the resolver's
+        own timeout, for a caller with a deadline of its own (an SPF evaluation)."""
+        return self._run(self.resolver.resolve(name, rtype), name, rtype, wait)
 
     def txt(self, name: str) -> list[bytes]:
         return self._run(self.resolver.txt(name), name, "TXT")

@@ -292,7 +292,7 @@ def build_result(
 class BlockingLookup(Protocol):
     """What the evaluation needs from ``Resolver.blocking(loop)``."""
 
-    def resolve(self, name: str, rtype: str) -> DNSResult: ...
+    def resolve(self, name: str, rtype: str, wait: float | None = None) -> DNSResult: ...
 
 
 #: RFC 7208 7.3 / RFC 1035: the longest domain name, in text form without the final dot.
@@ -433,11 +433,19 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]  # pyspf ships no types
         return answers
 
     def _query(self, name: str, qtype: str) -> list[Any]:
-        if time.monotonic() > self._deadline:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
             raise spf.TempError("DNS time budget for the SPF evaluation exhausted")
         try:
-            result = self._lookup.resolve(name, qtype)
+            # The query in flight ends with the budget too: otherwise the last one
+            # could run a whole DNS timeout past it, and a tight check_timeout would
+            # fire first and leave a temperror without the SPF identity in it.
+            result = self._lookup.resolve(name, qtype, wait=left)
         except DNSTempError as exc:
+            if time.monotonic() >= self._deadline:
+                raise spf.TempError(
+                    f"DNS time budget for the SPF evaluation exhausted ({exc})"
+                ) from exc
             raise spf.TempError(f"DNS {exc}") from exc
         except (DNSError, UnicodeError, ValueError):
             return []  # a name DNS cannot hold does not exist (RFC 7208 4.3 by analogy)

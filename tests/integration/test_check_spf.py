@@ -330,6 +330,21 @@ async def test_time_budget_ends_a_slow_evaluation(dns_zone: ZoneDNSServer) -> No
     assert time.monotonic() - t0 < 1.0
 
 
+async def test_time_budget_also_ends_the_query_in_flight(dns_zone: ZoneDNSServer) -> None:
+    """One slow answer cannot carry the evaluation a whole DNS timeout past its budget:
+    a tight check_timeout then gets SPF's own temperror, identity and all."""
+    publish(dns_zone, [("late.spf.test", "TXT", "v=spf1 +all")])
+    dns_zone.set_delay(2.0)
+    resolver = Resolver([Address(dns_zone.host, dns_zone.port)], timeout=3.0)
+    lookup = resolver.blocking(asyncio.get_running_loop())
+    ident = select_identity("u@late.spf.test", HELO)
+    t0 = time.monotonic()
+    v = await asyncio.to_thread(evaluate, lookup, "192.0.2.7", ident, HELO, "mx.test", 0.4)
+    elapsed = time.monotonic() - t0
+    assert v.word == "temperror" and "budget" in v.explanation
+    assert elapsed < 1.2, elapsed  # the budget, not the 2 s answer or the 3 s timeout
+
+
 # -- identities ---------------------------------------------------------------------------
 
 
