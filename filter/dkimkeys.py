@@ -9,8 +9,9 @@ errors into a plain ``False``, so the seam raises :class:`KeyTempError` (deliber
 not a ``DKIMException``), which dkimpy lets through.
 
 Key records are also parsed here (RFC 6376 3.6.1) because dkimpy ignores the key's
-``h=`` and ``t=s`` tags and does not report RSA key sizes; both DKIM and ARC apply the
-same key rules (RFC 8301 minimum size, sha256 only).
+``h=`` and ``t=s`` tags, misreads an ``s=`` list and does not report RSA key sizes;
+both DKIM and ARC apply the same key rules (RFC 8301 minimum size, sha256 only), and
+dkimpy's own key evaluation is rebuilt on the same parser (``evaluate_pk``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any
 
 import dkim
 import dkim.canonicalization
+import nacl.exceptions
+import nacl.signing
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
@@ -55,8 +58,11 @@ def _rsa_verify(hasher: Any, signature: bytes, public_key: Mapping[str, int]) ->
     algorithm = _HASHES.get(getattr(hasher, "name", ""))
     try:
         key = _rsa_public_key(public_key["modulus"], public_key["publicExponent"])
-    except ValueError:  # a key OpenSSL refuses: let dkimpy judge it as before
-        return bool(_dkimpy_rsa_verify(hasher, signature, public_key))
+    except ValueError:
+        # Numbers OpenSSL refuses (e=1, even e, e >= n) are no RSA key; dkimpy's own
+        # arithmetic would "verify" forged signatures with some of them (e=1).
+        # ``parse_key_record`` refuses such keys first; this is the backstop.
+        return False
     if algorithm is None:
         return bool(_dkimpy_rsa_verify(hasher, signature, public_key))
     try:
@@ -134,19 +140,26 @@ def parse_tag_list(tag_list: bytes) -> dict[bytes, bytes]:
 
 dkim.parse_tag_value = parse_tag_list
 
-#: dkimpy's key evaluation is a pure function of the key name and record (the key
-#: object it builds is immutable, the RSA numbers come from the memoised parser
-#: above), but it re-decodes and re-parses the record on every signature.
+#: dkimpy's key evaluation; replaced by ``evaluate_pk`` below (after the key parser).
 DKIMPY_EVALUATE_PK = dkim.evaluate_pk
-dkim.evaluate_pk = functools.lru_cache(maxsize=1024)(DKIMPY_EVALUATE_PK)
 
 #: dkimpy's header parser with its two patterns compiled once instead of looked up
 #: in the ``re`` cache per line; the same steps otherwise (a randomised comparison in
-#: tests/unit/checks keeps the two equal), except that a message starting with a
-#: continuation line is a ``MessageFormatError`` here, not an ``IndexError``.
+#: tests/unit/checks keeps the two equal), except that:
+#:
+#: - a message starting with a continuation line is a ``MessageFormatError`` here,
+#:   not an ``IndexError``;
+#: - a field with whitespace between its name and the colon (``X-Legacy : 1``, RFC
+#:   5322 4.1 obs-optional, which receivers must accept) is a field here. dkimpy
+#:   refused the whole header, so every signature of such a message was a permerror.
+#:   The name is kept *with* that whitespace: simple header canonicalisation (RFC
+#:   6376 3.4.1) hashes the field unchanged; relaxed (3.4.2) strips it from the
+#:   name; ``select_headers`` below matches names without it.
 DKIMPY_RFC822_PARSE = dkim.rfc822_parse
 _LINE_BREAK = re.compile(b"\r?\n")
-_FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
+# dkimpy's pattern (the shortest run of printable characters before a colon) with
+# the obsolete WSP before the colon allowed.
+_FIELD_NAME = re.compile(rb"([\x21-\x7e]+?[ \t]*):")
 
 
 def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
@@ -173,6 +186,42 @@ def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
 
 dkim.rfc822_parse = rfc822_parse
 
+
+def field_name(name: bytes) -> bytes:
+    """A parsed field's name as it is compared: lower case, without the whitespace
+    obsolete syntax allows before the colon (see ``rfc822_parse``)."""
+    return bytes(name).rstrip(b" \t").lower()
+
+
+DKIMPY_SELECT_HEADERS = dkim.select_headers
+
+
+def select_headers(
+    headers: Sequence[Sequence[bytes]], include_headers: Iterable[bytes]
+) -> list[Sequence[bytes]]:
+    """dkimpy's choice of the fields h= signs (RFC 6376 5.4.2: the last instance of a
+    name first), comparing names as ``field_name`` does.
+
+    dkimpy compared the raw name, so under simple canonicalisation ``From : x`` was
+    no From field: a signature whose h= lists from hashed no From at all, and still
+    verified with that field added. dkimpy looks this name up at call time.
+    """
+    names = [field_name(h[0]) for h in headers]
+    signed: list[Sequence[bytes]] = []
+    last: dict[bytes, int] = {}
+    for want in include_headers:
+        i = last.get(want, len(headers))
+        while i > 0:
+            i -= 1
+            if names[i] == want:
+                signed.append(headers[i])
+                break
+        last[want] = i
+    return signed
+
+
+dkim.select_headers = select_headers
+
 __all__ = [
     "DKIMPY_LOG",
     "KeyLookup",
@@ -181,6 +230,7 @@ __all__ = [
     "KeyTempError",
     "TagListError",
     "fetch_keys",
+    "field_name",
     "key_name",
     "key_names",
     "make_dnsfunc",
@@ -293,9 +343,12 @@ def parse_key_record(raw: bytes) -> KeyRecord:
         raise KeyRecordError(f"key record v= is not DKIM1 ({version!r:.40})")
     if "p" not in tags:
         raise KeyRecordError("key record has no p= tag")
-    key_type = tags.get("k", b"rsa").strip().lower().decode("ascii", "replace")
+    # Case-sensitive: RFC 6376 3.2 makes values case-sensitive unless the tag says
+    # otherwise, and k= does not; "k=RSA" is an unknown type, whose record 3.6.1 says
+    # to ignore (6.1.2: a permerror). dkimpy refuses it too.
+    key_type = tags.get("k", b"rsa").strip().decode("ascii", "replace")
     if key_type not in ("rsa", "ed25519"):
-        raise KeyRecordError(f"unknown key type k={key_type:.20}")
+        raise KeyRecordError(f"unknown key type k={key_type:.20} (key types are case-sensitive)")
     hashes = _colon_list(tags["h"]) if "h" in tags else None
     services = _colon_list(tags["s"]) if "s" in tags else ("*",)
     flags = frozenset(_colon_list(tags.get("t", b"")))
@@ -314,11 +367,61 @@ def parse_key_record(raw: bytes) -> KeyRecord:
         try:
             # dkimpy's own parser: accepts exactly what its verifier will accept
             # (SubjectPublicKeyInfo or a bare RSAPublicKey).
-            modulus = _parse_public_key(public)["modulus"]
-        except (UnparsableKeyError, IndexError, TypeError, ValueError):
+            numbers = _parse_public_key(public)
+            modulus, exponent = int(numbers["modulus"]), int(numbers["publicExponent"])
+        except (UnparsableKeyError, IndexError, KeyError, TypeError, ValueError):
             raise KeyRecordError("RSA key p= does not parse") from None
-        bits = int(modulus).bit_length()
+        try:
+            # Numbers that are no RSA public key (RFC 8017 3.1: e odd, 3 <= e < n; with
+            # e=1 the padded digest itself is a valid "signature"): the key cannot be
+            # used. OpenSSL checks these; before, dkimpy's own arithmetic judged them.
+            _rsa_public_key(modulus, exponent)
+        except ValueError as e:
+            raise KeyRecordError(f"RSA key p= is not a usable RSA public key: {e!s:.80}") from None
+        bits = modulus.bit_length()
     return KeyRecord(key_type, public, bits, hashes, services, flags)
+
+
+@functools.lru_cache(maxsize=1024)
+def evaluate_pk(name: bytes, record: bytes | str | None) -> tuple[Any, int, bytes, bool]:
+    """dkimpy's ``evaluate_pk(name, record)`` (key object, bits, k= tag, tlsrpt-only),
+    built on ``parse_key_record`` so that dkimpy accepts exactly the keys mailgate does.
+
+    dkimpy compared the whole s= with "*", "email" and "tlsrpt", but s= is a colon-
+    separated list (RFC 6376 3.6.1): a key with ``s=email:tlsrpt`` got no key object
+    and the signature a permerror. A key for tlsrpt only is flagged, as dkimpy does,
+    so that it refuses the key for ordinary mail; a key for neither is a
+    ``KeyFormatError`` (dkimpy returned no key object, which failed later as "unknown
+    key type None"). Memoised: a pure function of its inputs, and the same key signs
+    message after message.
+    """
+    if not record:
+        raise dkim.KeyFormatError(f"missing public key: {name!r:.120}")
+    raw = record.encode("ascii") if isinstance(record, str) else record
+    try:
+        key = parse_key_record(raw)
+    except KeyRecordError as e:
+        raise dkim.KeyFormatError(str(e)) from None
+    if key.revoked:
+        raise dkim.KeyFormatError("key revoked (empty p=)")
+    pk: Any
+    if key.key_type == "ed25519":
+        try:
+            pk = nacl.signing.VerifyKey(key.public)
+        except nacl.exceptions.ValueError as e:  # parse_key_record checked the length
+            raise dkim.KeyFormatError(f"ed25519 key p= is not usable: {e}") from None
+        ktag = b"ed25519"
+    else:
+        pk = _parse_public_key(key.public)
+        ktag = b"rsa"
+    if key.for_email:
+        return pk, key.bits, ktag, False
+    if "tlsrpt" in key.services:
+        return pk, key.bits, ktag, True
+    raise dkim.KeyFormatError("key s= lists neither email nor tlsrpt")
+
+
+dkim.evaluate_pk = evaluate_pk
 
 
 def select_record(records: Iterable[bytes]) -> bytes | None:

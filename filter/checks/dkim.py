@@ -9,15 +9,25 @@ open is decided here, before it runs, from the parsed signature and key record:
 - key tags dkimpy ignores: ``h=`` without sha256, ``t=s`` with an i= subdomain, ``s=``
   without email, a key type that does not match ``a=``: permerror.
 - From not in ``h=`` (RFC 6376 5.4 / 6.1.1 "From field not signed"): permerror.
+- ``i=`` without "@" (RFC 6376 3.5: ``[ Local-part ] "@" domain-name``): permerror.
+- ``q=`` (a colon-separated list, 3.5) without "dns/txt", the only method: permerror.
 - ``x=`` in the past: permerror "signature expired" (RFC 6376 6.1.1 lists it with the
   other PERMFAIL reasons found before any crypto; a signature the signer declared
   dead is not a *bad* signature, so not "fail"). Checked against ``ctx.clock``
   without dkimpy's 10 hour grace. ``x=`` not later than ``t=``: permerror (3.5).
 - ``l=`` larger than the canonicalised body: permerror (RFC 6376 3.5 "MUST NOT be
   larger"; dkimpy hashes the whole body then). Measured only for signatures with l=.
-- no key (NXDOMAIN/NODATA) or a revoked key (empty p=): permerror (RFC 6376 6.1.2).
+- no key (NXDOMAIN/NODATA), a revoked key (empty p=) or a key record that is no
+  usable key (syntax, unknown or upper-case k=, bad p=): permerror (RFC 6376 6.1.2).
+  Keys are judged before dkimpy runs, and dkimpy's own key errors are permerrors too:
+  its ``verify`` turns them into a plain False, which read as "fail".
 - a DNS timeout or SERVFAIL on the key: temperror, never "fail".
-- bad signature or body hash mismatch: fail.
+- bad signature or body hash mismatch: fail; nothing else is.
+
+Header fields with whitespace before the colon (RFC 5322 obsolete syntax) are fields
+like any other: ``From : x`` is the From field that h= must cover (see
+``filter.dkimkeys.rfc822_parse``). ``header.b`` (RFC 6008) is the shortest prefix of
+b=, at least 8 characters, that no other signature of the message shares.
 
 Keys are fetched first, concurrently, through the shared resolver (``filter.dkimkeys``);
 the crypto then runs without DNS, on the event loop for small messages and in a
@@ -36,8 +46,9 @@ header and for DMARC alignment (which skips testing ones too).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -53,6 +64,7 @@ from filter.dkimkeys import (
     KeyTempError,
     TagListError,
     fetch_keys,
+    field_name,
     key_name,
     make_dnsfunc,
     parse_key_record,
@@ -66,6 +78,7 @@ __all__ = [
     "OFFLOAD_BYTES",
     "DKIMCheck",
     "SignatureResult",
+    "b_prefixes",
     "check_key",
     "check_signature_tags",
     "overall_result",
@@ -140,7 +153,7 @@ def signature_fields(header_block: bytes, headers: list[list[bytes]] | None = No
     """
     if headers is None:
         headers = parse_header(header_block)
-    return [bytes(v) for n, v in headers if bytes(n).lower() == b"dkim-signature"]
+    return [bytes(v) for n, v in headers if field_name(n) == b"dkim-signature"]
 
 
 def _body_if_crlf(content: bytes, header_block: bytes) -> bytes | None:
@@ -157,8 +170,55 @@ def _body_if_crlf(content: bytes, header_block: bytes) -> bytes | None:
     return content[start + 2 :]
 
 
+#: RFC 6008 4: header.b carries at least this many characters of b=.
+B_PREFIX_MIN = 8
+
+
+def _b_value(value: bytes) -> bytes:
+    """The b= of a signature field without its whitespace; cheap and lenient (no
+    tag-list parse), for every signature of a message, even those past the limit."""
+    for spec in value.split(b";"):
+        name, eq, tag_value = spec.partition(b"=")
+        if eq and name.strip() == b"b":
+            return b"".join(tag_value.split())
+    return b""
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def b_prefixes(values: Sequence[bytes], minimum: int = B_PREFIX_MIN) -> list[str]:
+    """For each b= value, the header.b that names it: its shortest prefix of at least
+    ``minimum`` characters that no *other* value starts with (RFC 6008 4).
+
+    Why: two signatures whose b= share the first 8 characters (a forged copy of a good
+    signature's start is enough) got the same header.b, so a reader of the
+    Authentication-Results could not tell which one passed. Identical values (a
+    repeated field) cannot be told apart by any length and are not compared. Sorted,
+    the longest prefix a value shares is with a neighbour, so this is n log n even for
+    a hostile number of signatures.
+    """
+    distinct = sorted(set(values))
+    named: dict[bytes, bytes] = {}
+    for k, value in enumerate(distinct):
+        length = minimum
+        for j in (k - 1, k + 1):
+            if 0 <= j < len(distinct):
+                length = max(length, _common_prefix(value, distinct[j]) + 1)
+        named[value] = value[:length]
+    return [named[v].decode("ascii", "replace") for v in values]
+
+
 def _describe(index: int, value: bytes) -> SignatureResult:
-    """The reportable fields of one signature, or a permerror if its tags do not parse."""
+    """The reportable fields of one signature, or a permerror if its tags do not parse.
+
+    ``b`` is the whole b= here; ``DKIMCheck.run`` shortens it with ``b_prefixes``.
+    """
     try:
         tags = parse_tags(value)
     except TagListError as e:
@@ -169,7 +229,7 @@ def _describe(index: int, value: bytes) -> SignatureResult:
         d=_text(tags.get("d")).lower(),
         s=_text(tags.get("s")),
         a=_text(tags.get("a")).lower(),
-        b=b[:8].decode("ascii", "replace"),
+        b=b.decode("ascii", "replace"),
         i=_text(tags.get("i")),
         tags=tags,
         index=index,
@@ -207,7 +267,13 @@ def check_signature_tags(tags: Mapping[str, bytes], now: float) -> str | None:
     signed = {h.strip().lower() for h in tags["h"].split(b":")}
     if b"from" not in signed:
         return "From header field not signed (h= lacks from)"
+    if "q" in tags:
+        methods = [m.strip() for m in tags["q"].split(b":")]
+        if b"dns/txt" not in methods:  # case-sensitive, as RFC 6376 3.2 makes values
+            return "q= does not list dns/txt, the only key query method (RFC 6376 3.5)"
     if "i" in tags:
+        if b"@" not in tags["i"]:
+            return 'i= has no "@" (RFC 6376 3.5: i= is [local-part] "@" domain)'
         idom = _identity_domain(tags["i"])
         if not (idom == d or idom.endswith(b"." + d)):
             return "i= domain is not d= or a subdomain of it"
@@ -278,6 +344,59 @@ def _length_beyond_body(body: bytes, sig: SignatureResult, lengths: dict[str, in
     return None
 
 
+class _Verifier(dkim.DKIM):  # type: ignore[misc]  # dkimpy is untyped
+    """dkimpy's verifier, with three steps done the way mailgate's own checks do them.
+
+    - Signature fields are found by ``field_name``, as ``signature_fields`` finds them,
+      so a ``DKIM-Signature :`` field (obsolete syntax) has the same index on both
+      sides, and an index dkimpy cannot find is an error, not a quiet False ("fail").
+    - A q= list that ``check_signature_tags`` accepted (it lists dns/txt) is not
+      refused again: dkimpy wanted q= to be exactly "dns/txt".
+    - Key errors propagate: dkimpy's ``verify_sig`` turned every ``KeyFormatError``
+      (and a bad p= base64) into a plain False, reported as "fail" although RFC 8601
+      2.7.1 keeps fail for signatures that did not verify. As a ``DKIMException``
+      it is a permerror.
+    """
+
+    def verify_headerprep(
+        self, idx: int = 0
+    ) -> tuple[dict[bytes, bytes], list[bytes], list[tuple[bytes, bytes]]]:
+        sigheaders = [(n, v) for n, v in self.headers if field_name(n) == b"dkim-signature"]
+        if idx >= len(sigheaders):
+            raise dkim.MessageFormatError(f"no DKIM-Signature number {idx + 1}")
+        try:
+            sig = dkim.parse_tag_value(sigheaders[idx][1])
+        except dkim.util.InvalidTagValueList as e:
+            raise dkim.MessageFormatError(e) from None
+        self.signature_fields = sig
+        checked = dict(sig)
+        if b"q" in sig and b"dns/txt" in (m.strip() for m in sig[b"q"].split(b":")):
+            checked[b"q"] = b"dns/txt"
+        dkim.validate_signature_fields(checked)
+        self.domain = sig[b"d"]
+        self.selector = sig[b"s"]
+        include_headers = [x.lower() for x in _H_SPLIT.split(sig[b"h"])]
+        self.include_headers = tuple(include_headers)
+        return sig, include_headers, sigheaders
+
+    def verify_sig(
+        self,
+        sig: dict[bytes, bytes],
+        include_headers: list[bytes],
+        sig_header: tuple[bytes, bytes],
+        dnsfunc: Callable[..., bytes | None],
+    ) -> bool:
+        name = sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
+        self.pk, self.keysize, self.ktag, self.seqtlsrpt = dkim.load_pk_from_dns(
+            name, dnsfunc, timeout=self.timeout
+        )
+        return bool(self.verify_sig_process(sig, include_headers, sig_header, dnsfunc))
+
+
+#: dkimpy's split of h= into field names.
+_H_SPLIT = re.compile(rb"\s*:\s*")
+
+
 def _verify_all(
     message: bytes,
     sigs: list[SignatureResult],
@@ -296,9 +415,9 @@ def _verify_all(
         return
     try:
         if parsed is None:
-            verifier = dkim.DKIM(message, logger=DKIMPY_LOG, minkey=min_bits)
+            verifier = _Verifier(message, logger=DKIMPY_LOG, minkey=min_bits)
         else:
-            verifier = dkim.DKIM(None, logger=DKIMPY_LOG, minkey=min_bits)
+            verifier = _Verifier(None, logger=DKIMPY_LOG, minkey=min_bits)
             verifier.headers, verifier.body = parsed
     except dkim.DKIMException as e:
         for sig in pending:
@@ -323,7 +442,7 @@ def _verify_all(
                 sig.result, sig.reason = "fail", "body hash mismatch"
             else:
                 sig.result, sig.reason = "permerror", f"{e!s:.200}"
-        except dkim.DKIMException as e:
+        except dkim.DKIMException as e:  # key and syntax problems (RFC 8601 2.7.1)
             sig.result, sig.reason = "permerror", f"{e!s:.200}"
         except Exception as e:  # hostile input must cost one signature, not the check
             sig.result, sig.reason = "permerror", f"{type(e).__name__}: {e!s:.160}"
@@ -362,6 +481,12 @@ class DKIMCheck:
             return self._result(ctx, sigs, max(0, len(values) - len(sigs)), False, start)
         limit = ctx.policy.dkim.max_signatures
         sigs = [_describe(i, v) for i, v in enumerate(values[:limit])]
+        if sigs:
+            # Unique among all the message's signatures, even those past the limit.
+            named = b_prefixes([_b_value(v) for v in values])
+            for sig in sigs:
+                if sig.b:
+                    sig.b = named[sig.index]
         ignored = max(0, len(values) - limit)
         now = ctx.clock()
         for sig in sigs:

@@ -142,8 +142,12 @@ def sign_custom(
     pem: bytes,
     include: list[bytes],
     extra: Sequence[tuple[bytes, bytes]] = (),
+    private: dict[str, int] | None = None,
 ) -> bytes:
-    """An rsa-sha256 signature with exactly these h= and extra tags (dkimpy refuses some)."""
+    """An rsa-sha256 signature with exactly these h= and extra tags (dkimpy refuses some).
+
+    ``private`` replaces the key parsed from ``pem`` (numbers no PEM can hold).
+    """
     d = dkim.DKIM(msg)
     d.hasher = hashlib.sha256
     canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
@@ -159,7 +163,8 @@ def sign_custom(
         (b"bh", bh),
         (b"b", b"0" * 60),
     ]
-    value = d.gen_header(fields, include, canon, b"DKIM-Signature", parse_pem_private_key(pem))
+    key = private if private is not None else parse_pem_private_key(pem)
+    value = d.gen_header(fields, include, canon, b"DKIM-Signature", key)
     return b"DKIM-Signature: " + bytes(value) + msg
 
 
@@ -609,3 +614,197 @@ async def test_small_message_verifies_on_the_loop(
     res = await run(sign(MESSAGE, b"sel", rsa_key.pem))
     assert res.result == "pass" and res.data["offloaded"] is False
     assert not [label for label, _ in tracing.ran if label == "_verify_all"]
+
+
+# -- audit fixes: obsolete header syntax (RFC 5322 4.1, RFC 6376 3.4) ----------------------
+LEGACY = MESSAGE.replace(b"Subject:", b"X-Legacy: 1\r\nSubject:")
+
+
+async def test_whitespace_before_colon_verifies_under_relaxed(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey
+) -> None:
+    """Relaxed header canonicalisation deletes WSP before the colon (RFC 6376 3.4.2),
+    so adding it after signing keeps the signature. dkimpy's parser refused such a
+    field: every signature of the message was a permerror. The signature is made on
+    the message without the obsolete syntax, so the signer does not share our parser."""
+    publish(dns_zone, "sel", rsa_key.record)
+    include = [b"from", b"x-legacy", b"subject", b"to"]
+    signed = sign(
+        LEGACY, b"sel", rsa_key.pem, canonicalize=(b"relaxed", b"relaxed"), include_headers=include
+    )
+    obsolete = signed.replace(b"X-Legacy:", b"X-Legacy :").replace(b"\nFrom:", b"\nFrom\t:")
+    assert obsolete != signed
+    res = await run(obsolete)
+    assert res.result == "pass", sigs(res)
+    # The covered fields are still covered: a changed From : value breaks it.
+    changed = obsolete.replace(b"From\t: Alice <alice@", b"From\t: Alice <mallory@")
+    assert (await run(changed)).result == "fail"
+
+
+async def test_whitespace_before_colon_is_hashed_under_simple(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey
+) -> None:
+    """Simple header canonicalisation hashes a field unchanged (RFC 6376 3.4.1): the
+    WSP before the colon is signed, and removing it breaks the signature."""
+    publish(dns_zone, "sel", rsa_key.record)
+    msg = LEGACY.replace(b"X-Legacy:", b"X-Legacy :").replace(b"From:", b"From :")
+    include = [b"from", b"x-legacy", b"subject", b"to"]
+    signed = sign(
+        msg, b"sel", rsa_key.pem, canonicalize=(b"simple", b"simple"), include_headers=include
+    )
+    res = await run(signed)
+    assert res.result == "pass", sigs(res)
+    assert (await run(signed.replace(b"X-Legacy :", b"X-Legacy:"))).result == "fail"
+    assert (await run(signed.replace(b"From :", b"From:"))).result == "fail"
+
+
+@pytest.mark.parametrize("canon", [b"simple", b"relaxed"])
+async def test_from_with_whitespace_before_colon_counts_for_h(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey, canon: bytes
+) -> None:
+    """h= lists from, so the From field is covered, however its name is spelled. A
+    signature over a message without From must not verify once ``From : x`` is added:
+    dkimpy matched the raw name, so under simple canonicalisation it hashed no From
+    and the added one rode along unsigned."""
+    publish(dns_zone, "sel", rsa_key.record)
+    no_from = MESSAGE.replace(b"From: Alice <alice@example.test>\r\n", b"")
+    signed = sign(
+        no_from,
+        b"sel",
+        rsa_key.pem,
+        canonicalize=(canon, canon),
+        include_headers=[b"from", b"to", b"subject"],
+    )
+    assert (await run(signed)).result == "pass"  # signed as it is: no From
+    forged = signed.replace(b"To:", b"From : Mallory <ceo@example.test>\r\nTo:")
+    res = await run(forged)
+    assert res.result == "fail" and sigs(res)[0]["result"] == "fail", sigs(res)
+
+
+async def test_signature_field_with_whitespace_before_colon_is_verified(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey
+) -> None:
+    """A ``DKIM-Signature :`` field is a signature like any other (relaxed: the WSP
+    is not part of the hashed name); it is found at the same index by mailgate and
+    by dkimpy, beside an ordinary one."""
+    publish(dns_zone, "sel", rsa_key.record)
+    publish(dns_zone, "other", rsa_key.record)
+    once = sign(MESSAGE, b"sel", rsa_key.pem, canonicalize=(b"relaxed", b"relaxed"))
+    once = once.replace(b"DKIM-Signature:", b"DKIM-Signature :", 1)
+    twice = sign(once, b"other", rsa_key.pem)
+    res = await run(twice)
+    assert [(s["s"], s["result"]) for s in sigs(res)] == [("other", "pass"), ("sel", "pass")]
+
+
+# -- audit fixes: key records (RFC 6376 3.6.1, RFC 8601 2.7.1) -----------------------------
+@pytest.mark.parametrize("services", ["email:tlsrpt", "tlsrpt:email", "tlsrpt : *", "email"])
+async def test_key_service_list_with_email_passes(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey, services: str
+) -> None:
+    """s= is a colon-separated list; dkimpy compared the whole value with "email"
+    and gave no key for s=email:tlsrpt (a permerror)."""
+    publish(dns_zone, "svc", f"v=DKIM1; k=rsa; s={services}; p={rsa_key.p}")
+    res = await run(sign(MESSAGE, b"svc", rsa_key.pem))
+    assert res.result == "pass", sigs(res)
+
+
+async def test_key_for_tlsrpt_only_is_permerror(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey
+) -> None:
+    publish(dns_zone, "svc", f"v=DKIM1; k=rsa; s=tlsrpt; p={rsa_key.p}")
+    res = await run(sign(MESSAGE, b"svc", rsa_key.pem))
+    assert res.result == "permerror" and "s= does not include email" in sigs(res)[0]["reason"]
+
+
+async def test_upper_case_key_type_is_permerror_not_fail(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey
+) -> None:
+    """RFC 6376 3.2: values are case-sensitive unless the tag says otherwise, and k=
+    does not: "RSA" is an unknown key type, a key record to ignore (permerror, 6.1.2).
+    mailgate accepted it, dkimpy refused it inside ``verify`` and returned False,
+    which read as "fail" (RFC 8601 2.7.1 keeps fail for signatures that did not
+    verify)."""
+    publish(dns_zone, "upper", f"v=DKIM1; k=RSA; p={rsa_key.p}")
+    res = await run(sign(MESSAGE, b"upper", rsa_key.pem))
+    assert res.result == "permerror", sigs(res)
+    assert "unknown key type k=RSA" in sigs(res)[0]["reason"]
+
+
+async def test_rsa_key_with_exponent_one_is_permerror_not_a_forgery(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey
+) -> None:
+    """With e=1 the padded digest itself is a valid "signature": anyone could sign for
+    the domain. OpenSSL refuses such a key and the verification fell back to dkimpy's
+    arithmetic, which passed the forgery. RFC 8017 3.1 (3 <= e): no RSA key at all."""
+    real = serialization.load_pem_private_key(rsa_key.pem, None)
+    assert isinstance(real, rsa.RSAPrivateKey)
+    nums = real.private_numbers()
+    n, p, q = nums.public_numbers.n, nums.p, nums.q
+    # A bare RSAPublicKey (n, 1); cryptography will not encode e=1 itself.
+    ints = b"".join(_der(0x02, x.to_bytes(x.bit_length() // 8 + 1, "big")) for x in (n, 1))
+    publish(dns_zone, "e1", "v=DKIM1; k=rsa; p=" + base64.b64encode(_der(0x30, ints)).decode())
+    # "Signing" with exponent 1 (dkimpy signs by CRT): the signature is the encoding.
+    identity = {"modulus": n, "prime1": p, "prime2": q, "exponent1": 1, "exponent2": 1}
+    identity["coefficient"] = pow(q, -1, p)
+    forged = sign_custom(MESSAGE, b"e1", b"", [b"from", b"to", b"subject"], private=identity)
+    res = await run(forged)
+    assert res.result == "permerror", sigs(res)
+    assert "not a usable RSA public key" in sigs(res)[0]["reason"]
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 128:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+# -- audit fixes: signature tags (RFC 6376 3.5) --------------------------------------------
+async def test_identity_without_at_is_permerror_with_a_reason(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey
+) -> None:
+    """i= is [local-part] "@" domain; without "@" dkimpy raised IndexError, which
+    became the reason."""
+    publish(dns_zone, "sel", rsa_key.record)
+    signed = sign_custom(MESSAGE, b"sel", rsa_key.pem, [b"from", b"to"], [(b"i", DOMAIN)])
+    res = await run(signed)
+    assert res.result == "permerror"
+    reason = sigs(res)[0]["reason"]
+    assert 'i= has no "@"' in reason and "IndexError" not in reason
+
+
+async def test_query_method_list_with_dns_txt_passes(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey
+) -> None:
+    """q= is a colon-separated list (RFC 6376 3.5); dkimpy wanted exactly "dns/txt"."""
+    publish(dns_zone, "sel", rsa_key.record)
+    ok = sign_custom(MESSAGE, b"sel", rsa_key.pem, [b"from", b"to"], [(b"q", b"dns/txt:x-new")])
+    assert (await run(ok)).result == "pass"
+    bad = sign_custom(MESSAGE, b"sel", rsa_key.pem, [b"from", b"to"], [(b"q", b"x-new")])
+    res = await run(bad)
+    assert res.result == "permerror" and "dns/txt" in sigs(res)[0]["reason"]
+
+
+# -- audit fixes: header.b (RFC 6008 4) ----------------------------------------------------
+async def test_header_b_tells_signatures_with_a_common_prefix_apart(
+    dns_zone: ZoneDNSServer, run: Run, rsa_key: RSAKey
+) -> None:
+    """A forged field copying the first characters of a good signature's b= got the
+    same header.b (b[:8]), so the Authentication-Results could not say which passed."""
+    publish(dns_zone, "sel", rsa_key.record)
+    signed = sign(MESSAGE, b"sel", rsa_key.pem)
+    field = signed.split(b"\r\n\r\n", 1)[0].split(b"\r\nFrom:", 1)[0] + b"\r\n"
+    good_b = b"".join(dkim.util.parse_tag_value(field.partition(b":")[2])[b"b"].split())
+    flipped = b"A" if good_b[12:13] != b"A" else b"B"
+    fake_b = good_b[:12] + flipped + good_b[13:]
+    head, _, _ = field.partition(b" b=")
+    forged = head + b" b=" + fake_b + b"\r\n" + signed
+    res = await run(forged)
+    assert [s["result"] for s in sigs(res)] == ["fail", "pass"]
+    fake, good = (s["b"] for s in sigs(res))
+    assert fake != good and len(fake) == len(good) == 13
+    assert fake_b.decode().startswith(fake) and good_b.decode().startswith(good)
+    header = build({"dkim": res}, "mx.example.net").decode()
+    for value in (fake, good):
+        assert f"header.b={value}" in header or f'header.b="{value}"' in header

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import random
+import re
 
 import dkim
 import pytest
@@ -17,8 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from filter.checks.arc import ARCSealError, authserv_id, seal
 from filter.checks.dkim import (
     SignatureResult,
+    _b_value,
     _body_if_crlf,
     _describe,
+    b_prefixes,
     check_key,
     check_signature_tags,
     overall_result,
@@ -31,17 +34,20 @@ from filter.dkimkeys import (
     DKIMPY_RE_BTAG,
     DKIMPY_RELAXED_HEADERS,
     DKIMPY_RFC822_PARSE,
+    DKIMPY_SELECT_HEADERS,
     RE_BTAG,
     KeyLookup,
     KeyRecordError,
     KeyTempError,
     TagListError,
+    field_name,
     key_name,
     make_dnsfunc,
     parse_key_record,
     parse_tags,
     relaxed_headers,
     rfc822_parse,
+    select_headers,
     select_record,
 )
 from filter.policy.schema import ARCPolicy
@@ -153,6 +159,9 @@ def test_parse_tags_unfolds_and_rejects_garbage() -> None:
 # -- signature tags ------------------------------------------------------------------------
 def test_acceptable_signature_has_no_problem() -> None:
     assert check_signature_tags(sig_tags(), NOW) is None
+    for q in (b"dns/txt", b"dns/txt:x-future", b"x-future : dns/txt"):
+        assert check_signature_tags(sig_tags(q=q), NOW) is None
+    assert check_signature_tags(sig_tags(i=b"@example.test"), NOW) is None
     assert (
         check_signature_tags(sig_tags(a=b"ed25519-sha256", i=b"u@mail.example.test"), NOW) is None
     )
@@ -172,6 +181,12 @@ def test_acceptable_signature_has_no_problem() -> None:
         ({"t": str(NOW).encode(), "x": str(NOW - 5).encode()}, "not later than t="),
         ({"t": str(NOW + 9).encode(), "x": str(NOW + 9).encode()}, "not later than t="),
         ({"x": b"soon"}, "decimal"),
+        # RFC 6376 3.5: i= is [local-part] "@" domain; dkimpy raised IndexError.
+        ({"i": b"example.test"}, '"@"'),
+        ({"i": b"test"}, '"@"'),
+        # q= is a colon-separated list that must hold dns/txt (case-sensitive, 3.2).
+        ({"q": b"x-future"}, "dns/txt"),
+        ({"q": b"DNS/TXT"}, "dns/txt"),
         ({"l": b"-1"}, "l="),
         # RFC 6376 3.5's digit limits; 5,000 digits made int() raise (a temperror).
         ({"l": b"9" * 77}, "at most 76 digits"),
@@ -317,19 +332,48 @@ def test_faster_relaxed_header_canonicalisation_equals_dkimpys_own() -> None:
     assert Relaxed.canonicalize_headers is relaxed_headers  # dkimpy uses ours
 
 
+# The field name as dkimpy matches it, then the WSP it does not allow before the colon.
+_OBS_LINE = re.compile(rb"([\x21-\x7e]+?)([ \t]*):")
+
+
+def _dkimpy_parse_with_obsolete_names(sample: bytes) -> tuple[list[list[bytes]], bytes]:
+    """dkimpy's parser, plus RFC 5322 obs-optional names (WSP before the colon).
+
+    The reference for ``rfc822_parse``: in header lines (up to the first empty line)
+    the WSP before the colon is spelled ``~s``/``~t`` so dkimpy's pattern takes the
+    field, then spelled back in the names. No fuzz piece contains "~".
+    """
+    lines = re.split(rb"(\r?\n)", sample)
+    for k in range(0, len(lines), 2):
+        if not lines[k]:
+            break
+        m = _OBS_LINE.match(lines[k])
+        if m is not None and m.group(2):
+            wsp = m.group(2).replace(b" ", b"~s").replace(b"\t", b"~t")
+            lines[k] = m.group(1) + wsp + lines[k][m.end(2) :]
+    headers, body = DKIMPY_RFC822_PARSE(b"".join(lines))
+    for h in headers:
+        h[0] = h[0].replace(b"~s", b" ").replace(b"~t", b"\t")
+    return headers, body
+
+
 def test_faster_header_parser_equals_dkimpys_own() -> None:
     """Random header blocks over the characters the parser decides on; dkimpy's own
-    parser fails with IndexError on a leading continuation line, ours says why."""
+    parser fails with IndexError on a leading continuation line, ours says why, and
+    ours takes fields with whitespace before the colon (obsolete syntax), which
+    dkimpy refuses."""
     rnd = random.Random(20261127)
     pieces = [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"a", b"X-Y", b"\x7f", b"\xc3\xa9"]
     pieces += [b"From ", b"\r\n\r\n", b"Subject: s", b"\r\n ", b"=", b";"]
+    pieces += [b" :", b"\t:", b"From :", b"X-Y \t :"]
     samples = [b"From: a@a.test\r\nSubject: x\r\n\r\nbody\r\n", b"", b"\r\n", b"a:b"]
     samples += [
         b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 30))) for _ in range(20000)
     ]
+    assert not any(b"~" in x for x in pieces)
     for sample in samples:
         try:
-            expected: object = DKIMPY_RFC822_PARSE(sample)
+            expected: object = _dkimpy_parse_with_obsolete_names(sample)
         except IndexError:
             with pytest.raises(dkim.MessageFormatError, match="continuation"):
                 rfc822_parse(sample)
@@ -346,6 +390,49 @@ def test_faster_header_parser_equals_dkimpys_own() -> None:
         else:
             assert got == expected, sample
     assert dkim.rfc822_parse is rfc822_parse  # dkimpy uses ours
+
+
+def test_header_parser_takes_whitespace_before_the_colon() -> None:
+    """RFC 5322 4.1 obs-optional: ``X-Legacy : 1`` is a field; dkimpy refused the
+    header (every signature a permerror). The name keeps the WSP for simple
+    canonicalisation; ``field_name`` is the name compared."""
+    block = b"X-Legacy : 1\r\nFrom\t: a@a.test\r\nSubject: s\r\n\r\nbody\r\n"
+    with pytest.raises(dkim.MessageFormatError):
+        DKIMPY_RFC822_PARSE(block)
+    headers, body = rfc822_parse(block)
+    assert headers == [
+        [b"X-Legacy ", b" 1\r\n"],
+        [b"From\t", b" a@a.test\r\n"],
+        [b"Subject", b" s\r\n"],
+    ]
+    assert body == b"body\r\n"
+    assert [field_name(h[0]) for h in headers] == [b"x-legacy", b"from", b"subject"]
+    # Still no field: WSP inside a name, or no colon.
+    for bad in (b"X Legacy: 1\r\n", b"X-Legacy \r\n", b"X-Legacy \t\r\n"):
+        with pytest.raises(dkim.MessageFormatError):
+            rfc822_parse(b"From: a@a.test\r\n" + bad)
+
+
+def test_select_headers_ignores_whitespace_before_the_colon() -> None:
+    """h= lists "from": ``From : x`` is the From it covers (dkimpy skipped it, so a
+    signature over an absent From verified with this one added)."""
+    headers = [[b"From ", b" a\r\n"], [b"Subject", b" s\r\n"], [b"FROM\t", b" b\r\n"]]
+    assert select_headers(headers, [b"from", b"subject", b"from", b"from"]) == [
+        headers[2],
+        headers[1],
+        headers[0],
+    ]
+    assert DKIMPY_SELECT_HEADERS(headers, [b"from"]) == []
+    assert dkim.select_headers is select_headers  # dkimpy uses ours
+
+
+def test_select_headers_equals_dkimpys_own_for_ordinary_names() -> None:
+    rnd = random.Random(2026_11_28)
+    names = [b"From", b"from", b"To", b"Subject", b"DKIM-Signature", b"X-A"]
+    for _ in range(3000):
+        headers = [[rnd.choice(names), b" v\r\n"] for _ in range(rnd.randint(0, 6))]
+        want = [rnd.choice(names).lower() for _ in range(rnd.randint(0, 6))]
+        assert select_headers(headers, want) == DKIMPY_SELECT_HEADERS(headers, want)
 
 
 def test_faster_tag_list_parser_equals_dkimpys_own() -> None:
@@ -370,13 +457,68 @@ def test_faster_tag_list_parser_equals_dkimpys_own() -> None:
 
 
 def test_memoised_key_evaluation_gives_dkimpys_answer(p1024: bytes) -> None:
-    record = b"v=DKIM1; k=rsa; p=" + p1024
-    assert dkim.evaluate_pk(b"s._domainkey.a.test.", record) == DKIMPY_EVALUATE_PK(
-        b"s._domainkey.a.test.", record
-    )
+    name = b"s._domainkey.a.test."
+    ed = b"k=ed25519; p=" + base64.b64encode(b"\x01" * 32)
+    for record in (b"v=DKIM1; k=rsa; p=" + p1024, b"s=email; p=" + p1024, b"s=tlsrpt; p=" + p1024):
+        assert dkim.evaluate_pk(name, record) == DKIMPY_EVALUATE_PK(name, record)
+    assert dkim.evaluate_pk(name, ed)[1:] == DKIMPY_EVALUATE_PK(name, ed)[1:]
     assert dkim.evaluate_pk is not DKIMPY_EVALUATE_PK
+    for bad in (b"v=DKIM1; k=rsa; p=AAAA", b"p=", b"", b"k=RSA; p=" + p1024):
+        with pytest.raises(dkim.KeyFormatError):
+            dkim.evaluate_pk(name, bad)
+
+
+def test_key_evaluation_reads_s_as_a_list(p1024: bytes) -> None:
+    """RFC 6376 3.6.1: s= is a colon-separated list; "*" or "email" in it serves
+    email. dkimpy compared the whole value, so s=email:tlsrpt gave no key."""
+    name = b"s._domainkey.a.test."
+    assert DKIMPY_EVALUATE_PK(name, b"s=email:tlsrpt; p=" + p1024)[0] is None
+    for services in (b"email:tlsrpt", b"tlsrpt : email", b"*:tlsrpt", b"email:x-future"):
+        pk, bits, ktag, tlsrpt_only = dkim.evaluate_pk(name, b"s=" + services + b"; p=" + p1024)
+        assert pk is not None and (bits, ktag, tlsrpt_only) == (1024, b"rsa", False), services
+        assert parse_key_record(b"s=" + services + b"; p=" + p1024).for_email
+    assert dkim.evaluate_pk(name, b"s=tlsrpt:x-future; p=" + p1024)[3] is True
+    with pytest.raises(dkim.KeyFormatError, match="neither email nor tlsrpt"):
+        dkim.evaluate_pk(name, b"s=x-future; p=" + p1024)
+    assert not parse_key_record(b"s=tlsrpt; p=" + p1024).for_email
+
+
+def test_key_type_is_case_sensitive(p1024: bytes) -> None:
+    """RFC 6376 3.2: values are case-sensitive unless the tag says otherwise; k= does
+    not, so "RSA" is an unknown key type (dkimpy refuses it as well). mailgate used
+    to accept it, and dkimpy's refusal then read as a failed signature."""
+    with pytest.raises(KeyRecordError, match="unknown key type k=RSA"):
+        parse_key_record(b"k=RSA; p=" + p1024)
     with pytest.raises(dkim.KeyFormatError):
-        dkim.evaluate_pk(b"s._domainkey.a.test.", b"v=DKIM1; k=rsa; p=AAAA")
+        DKIMPY_EVALUATE_PK(b"s._domainkey.a.test.", b"k=RSA; p=" + p1024)
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    length = bytes([n]) if n < 128 else bytes([0x80 | ((n.bit_length() + 7) // 8)])
+    if n >= 128:
+        length += n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + content
+
+
+def _rsa_public_key_der(modulus: int, exponent: int) -> bytes:
+    """A bare RSAPublicKey (which p= may carry), with numbers cryptography refuses."""
+    ints = [_der(0x02, x.to_bytes(x.bit_length() // 8 + 1, "big")) for x in (modulus, exponent)]
+    return _der(0x30, b"".join(ints))
+
+
+def test_rsa_numbers_that_are_no_public_key_are_refused() -> None:
+    """e=1 makes the padded digest itself a valid "signature"; an even exponent or
+    one not below the modulus is no RSA key either (RFC 8017 3.1)."""
+    n = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    modulus = n.public_numbers().n
+    for m, e in ((modulus, 1), (modulus, 65536), (modulus, modulus + 2)):
+        record = b"p=" + base64.b64encode(_rsa_public_key_der(m, e))
+        with pytest.raises(KeyRecordError, match="not a usable RSA public key"):
+            parse_key_record(record)
+    assert (
+        parse_key_record(b"p=" + base64.b64encode(_rsa_public_key_der(modulus, 65537))).bits == 1024
+    )
 
 
 # -- the dnsfunc seam ----------------------------------------------------------------------
@@ -426,3 +568,39 @@ def test_huge_length_is_described_not_raised() -> None:
     assert described.l is None
     why = check_signature_tags(described.tags, NOW)
     assert why is not None and "l=" in why
+
+
+# -- header.b (RFC 6008) -------------------------------------------------------------------
+def test_b_prefixes_are_unique_and_at_least_eight_characters() -> None:
+    """RFC 6008 4: header.b is long enough to tell the message's signatures apart."""
+    a = b"ABCDEFGHijklmnop"
+    b = b"ABCDEFGHijkXmnop"
+    c = b"ZZZZZZZZZZZZZZZZ"
+    assert b_prefixes([a, b, c]) == ["ABCDEFGHijkl", "ABCDEFGHijkX", "ZZZZZZZZ"]
+    assert b_prefixes([a]) == ["ABCDEFGH"]
+    assert b_prefixes([a, b, a]) == ["ABCDEFGHijkl", "ABCDEFGHijkX", "ABCDEFGHijkl"]
+    assert b_prefixes([a, a]) == ["ABCDEFGH", "ABCDEFGH"]  # a repeated field: no length helps
+    assert b_prefixes([b"short", b"short+more"]) == ["short", "short+mo"]
+    assert b_prefixes([]) == []
+
+
+def test_b_prefixes_match_a_quadratic_reference() -> None:
+    rnd = random.Random(6008)
+    for _ in range(2000):
+        values = [
+            "".join(rnd.choice("ab") for _ in range(rnd.randint(0, 14))).encode()
+            for _ in range(rnd.randint(1, 6))
+        ]
+        got = b_prefixes(values)
+        for v, p in zip(values, got, strict=True):
+            others = [o for o in values if o != v]
+            n = 8
+            while n < len(v) and any(o.startswith(v[:n]) for o in others):
+                n += 1
+            assert p == v[:n].decode(), (values, got)
+
+
+def test_b_value_is_read_like_the_tag_list() -> None:
+    value = b" v=1; bh=AAAA;\r\n b=ab/c\r\n +d=; d=x"
+    assert _b_value(value) == parse_tags(value)["b"].replace(b"\r\n", b"").replace(b" ", b"")
+    assert _b_value(b"v=1; bh=AAAA") == b""
