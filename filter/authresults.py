@@ -1,15 +1,17 @@
 """The Authentication-Results header (RFC 8601): build ours, recognise forged ones (L1).
 
 Built with authres from the checks' ``data`` (keys documented in each check module),
-so quoting follows RFC 8601's grammar. Incoming fields that claim our authserv-id
-(in any letter case) are forgeries from outside our trust boundary and are removed
-before ours is added (RFC 8601 section 5).
+so quoting follows RFC 8601's grammar. The field is pure ASCII: domain names in
+A-labels (see :func:`ascii_domain`), so it parses everywhere, survives a downgrade
+of an SMTPUTF8 message and can be sealed (ARC copies it into a signed field).
+Incoming fields that claim our authserv-id (in any letter case) are forgeries from
+outside our trust boundary and are removed before ours is added (RFC 8601 section 5).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.header import decode_header, make_header
 from typing import Any
 
@@ -23,6 +25,7 @@ from authres import (
 from authres.arc import ARCAuthenticationResult
 from authres.dmarc import DMARCAuthenticationResult
 
+from filter.domains import to_a_label
 from filter.headers import field_value
 from filter.results import CheckResult
 
@@ -40,11 +43,11 @@ def build(results: Mapping[str, CheckResult], authserv_id: str) -> bytes:
     if spf is not None:
         d = spf.data
         if d.get("identity") == "helo":
-            out.append(SPFAuthenticationResult(result=spf.result, smtp_helo=_p(d, "smtp.helo")))
+            helo = _p(d, "smtp.helo", ascii_domain)
+            out.append(SPFAuthenticationResult(result=spf.result, smtp_helo=helo))
         else:
-            out.append(
-                SPFAuthenticationResult(result=spf.result, smtp_mailfrom=_p(d, "smtp.mailfrom"))
-            )
+            mailfrom = _p(d, "smtp.mailfrom", ascii_mailbox)
+            out.append(SPFAuthenticationResult(result=spf.result, smtp_mailfrom=mailfrom))
     dkim = results.get("dkim")
     if dkim is not None:
         sigs = dkim.data.get("signatures") or []
@@ -53,10 +56,12 @@ def build(results: Mapping[str, CheckResult], authserv_id: str) -> bytes:
         for sig in sigs:  # type: ignore[attr-defined]
             # Properties in the contract's order (header.d, header.s), then header.b.
             props = [
-                AuthenticationResultProperty("header", tag, pvalue(str(sig[tag])))
-                for tag in ("d", "s", "b")
+                AuthenticationResultProperty("header", tag, _p(sig, tag, ascii_domain))
+                for tag in ("d", "s")
                 if sig.get(tag)
             ]
+            if sig.get("b"):
+                props.append(AuthenticationResultProperty("header", "b", _p(sig, "b")))
             # A key in testing mode (t=y) keeps its clause for the signer's tracking, but
             # the check scored it as unsigned (RFC 6376 3.6.1); the comment says why.
             comment = "key in testing mode" if sig.get("testing") is True else None
@@ -72,20 +77,18 @@ def build(results: Mapping[str, CheckResult], authserv_id: str) -> bytes:
         d = dmarc.data
         props = []  # header.from first, as the contract shows it
         if d.get("from_domain"):
-            props.append(AuthenticationResultProperty("header", "from", _p(d, "from_domain")))
+            from_domain = _p(d, "from_domain", ascii_domain)
+            props.append(AuthenticationResultProperty("header", "from", from_domain))
         # policy.dmarc is the policy applied after sp/np and t=y or pct (RFC 7489 11.2:
         # "after policy options including pct: and sp: have been processed"): the
         # check's "requested", not the published "policy".
         applied = d.get("requested")
         if applied:
-            props.append(AuthenticationResultProperty("policy", "dmarc", pvalue(str(applied))))
+            props.append(AuthenticationResultProperty("policy", "dmarc", _p(d, "requested")))
         out.append(DMARCAuthenticationResult(result=dmarc.result, properties=props))
     arc = results.get("arc")
     if arc is not None:
-        # RFC 8617 registers only none/pass/fail for arc=; a chain that could not be
-        # validated (DNS trouble) is reported as fail, as its cv would be.
-        word = arc.result if arc.result in ("none", "pass", "fail") else "fail"
-        out.append(ARCAuthenticationResult(result=word))
+        out.append(_arc_result(arc))
     if not out:
         out.append(NoneAuthenticationResult())
     # One result per line: folded here between the clauses authres renders, never
@@ -95,9 +98,77 @@ def build(results: Mapping[str, CheckResult], authserv_id: str) -> bytes:
     return f"{name}: {authserv_id.lower()};\r\n\t{clauses}\r\n".encode()
 
 
-def _p(data: Mapping[str, object], key: str) -> str:
+def _arc_result(arc: CheckResult) -> ARCAuthenticationResult:
+    """The arc= clause, with RFC 8617's registered properties where they apply.
+
+    The word: RFC 8617 registers only none, pass and fail for arc= (and the contract
+    fixes ``arc=pass|fail|none``), so a chain that could not be validated because of
+    DNS trouble is written ``fail``, as its cv= would be; the check's ``temperror``
+    stays in its data and log line. Such a message gets no ARC set of ours: a
+    cv=fail seal would end a chain that may validate for every later hop (the
+    session declines to seal it, see ``Session._arc_seal``).
+
+    ``smtp.remote-ip`` (the client that handed us the chain) whenever there was a
+    chain to judge, and ``header.oldest-pass`` when the chain passes though not every
+    ARC-Message-Signature validates (0, all of them, is left out).
+    """
+    word = arc.result if arc.result in ("none", "pass", "fail") else "fail"
+    d = arc.data
+    props = []
+    oldest = d.get("oldest_pass")
+    if word == "pass" and isinstance(oldest, int) and oldest > 0:
+        props.append(AuthenticationResultProperty("header", "oldest-pass", str(oldest)))
+    # Last: an IPv6 address is quoted, and authres's parser (dkimpy's too) keeps a
+    # quoted value only at the end of its clause.
+    if word != "none" and d.get("remote_ip"):
+        props.append(AuthenticationResultProperty("smtp", "remote-ip", _p(d, "remote_ip")))
+    return ARCAuthenticationResult(result=word, properties=props)
+
+
+def _p(data: Mapping[str, object], key: str, form: Callable[[str], str] | None = None) -> str:
+    """``data[key]`` as a pvalue, first put in its ASCII ``form`` ('' when empty)."""
     value = data.get(key)
-    return pvalue(str(value)) if value else ""
+    if not value:
+        return ""
+    text = str(value)
+    return pvalue(form(text) if form is not None else _ascii(text))
+
+
+def _ascii(text: str) -> str:
+    """``text`` with each non-ASCII character as "?": a value nothing better fits.
+
+    "?" is an RFC 2045 tspecial, so the value is then always written quoted.
+    """
+    return text if text.isascii() else "".join(c if c.isascii() else "?" for c in text)
+
+
+def ascii_domain(name: str) -> str:
+    """A domain value (header.d, header.from, smtp.helo) in A-labels (IDNA 2008).
+
+    A U-label made authres's parser fail on our own field (RFC 8601's grammar is
+    ASCII; UTF-8 values exist only under RFC 6532), which skipped the ARC seal. An
+    ASCII value is left alone (address literals, HELO text that is no domain);
+    non-ASCII text that IDNA refuses gets "?" for each such character.
+    """
+    if name.isascii():
+        return name
+    a_label = to_a_label(name)
+    return a_label if a_label is not None else _ascii(name)
+
+
+def ascii_mailbox(address: str) -> str:
+    """smtp.mailfrom in ASCII: the domain as an A-label, the local part kept if ASCII.
+
+    A non-ASCII (SMTPUTF8) local part has no ASCII form. RFC 8601 would take it only
+    as UTF-8 in a quoted-string under RFC 6532: valid in this SMTPUTF8 message, but
+    it breaks parsers and any downgrade, and ARC signs it in for good. The safe
+    choice is to leave it out: ``@<a-label domain>``, which RFC 8601's pvalue
+    (``[ [ local-part ] "@" ] domain-name``) allows; SPF and DMARC judge the domain.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return ascii_domain(address)
+    return f"{local if local.isascii() else ''}@{ascii_domain(domain)}"
 
 
 # RFC 5322 atext, plus any non-ASCII character (RFC 6532: UTF-8 in SMTPUTF8 mail).
@@ -117,14 +188,15 @@ def pvalue(text: str) -> str:
     an "@", which it writes as it is, assuming a valid address. A MAIL FROM such as
     ``<x;dmarc=pass@evil.example>`` (which lenient parsers accept) would then inject
     a result into our own trusted header. So a value with an "@" stays bare only when
-    it is ``local-part "@" domain-name`` with a dot-atom or quoted-string local part;
+    it is ``[local-part] "@" domain-name`` with a dot-atom or quoted-string local part;
     anything else becomes one quoted-string (which authres also leaves alone, it
     contains an "@"). Values without "@" are left to authres's own quoting.
     """
     if "@" not in text:
         return text
     local, _, domain = text.rpartition("@")
-    local_ok = _DOT_ATOM.fullmatch(local) or _QUOTED.fullmatch(local)
+    # RFC 8601's pvalue is [ [ local-part ] "@" ] domain-name: "@domain" is one too.
+    local_ok = not local or _DOT_ATOM.fullmatch(local) or _QUOTED.fullmatch(local)
     if local_ok and _DOMAIN.fullmatch(domain) and ".." not in domain:
         return text
     escaped = _CONTROL.sub("?", text).replace("\\", "\\\\").replace('"', '\\"')

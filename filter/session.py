@@ -547,6 +547,7 @@ class Session:
                 self._log_message(txn, message, None, refusal, "refused", t_checks)
                 self.metrics.count_message(Action.REJECT.value)
                 return refusal
+            arc_result: str | None = None  # the ARC check's word, which may be temperror
             if self.client.trusted:
                 verdict = Verdict(Action.ACCEPT, 0.0, (), None, "trusted client")
                 headers = b""  # trusted clients are not judged; nothing of ours is added
@@ -558,6 +559,8 @@ class Session:
                 verdict = self._data_verdict(domain)
                 self._count_would(verdict)
                 final = {r.check: r for r in self._all_results([])}
+                if "arc" in final:
+                    arc_result = final["arc"].result
                 headers = authresults.build(final, self.policy.authserv_id)
                 headers += self._spam_headers(verdict, domain)
                 # The id of our log line and of `mailgate explain`, for following one
@@ -579,7 +582,7 @@ class Session:
                 return not self.client.trusted and name in OWN_HEADERS
 
             if not self.client.trusted and self.policy.arc.enabled and self.policy.arc.seal:
-                headers = await self._arc_seal(message, drop, headers) + headers
+                headers = await self._arc_seal(message, drop, headers, arc_result) + headers
             if txn.phantoms:
                 replayed = await self._replay_without_phantoms(txn)
                 if replayed is not None:
@@ -649,13 +652,30 @@ class Session:
         return replies.UPSTREAM_UNAVAILABLE
 
     async def _arc_seal(
-        self, message: MessageBuffer, drop: Callable[[bytes, bytes], bool], headers: bytes
+        self,
+        message: MessageBuffer,
+        drop: Callable[[bytes, bytes], bool],
+        headers: bytes,
+        arc_result: str | None,
     ) -> bytes:
-        """Our ARC set (RFC 8617) over the message as it will be relayed; b"" if it fails.
+        """Our ARC set (RFC 8617) over the message as it will be relayed; b"" if none.
 
         ``headers`` starts with our Authentication-Results field, which the seal records
-        as ARC-Authentication-Results. A sealing problem never blocks delivery.
+        verbatim as ARC-Authentication-Results. A sealing problem never blocks
+        delivery. No set where RFC 8617 says to add none (the ARC check's
+        ``arc_result`` is temperror, a chain whose newest seal says cv=fail, a full
+        chain): that is logged at info, as an expected outcome; a real sealing error
+        (key, syntax) at warning. The temperror is decided here, not from the header:
+        Authentication-Results writes it ``arc=fail`` (the contract's word), and a
+        cv=fail set would end a chain that may still validate for every later hop.
         """
+        if arc_result == "temperror":
+            log.info(
+                "session=%s ARC set not added: the chain could not be validated now "
+                "(arc temperror); a cv=fail seal would end it",
+                self.client.session_id,
+            )
+            return b""
         ar_end = headers.find(b"\r\n", headers.find(b"Authentication-Results:"))
         while ar_end >= 0 and headers[ar_end + 2 : ar_end + 3] in (b" ", b"\t"):
             ar_end = headers.find(b"\r\n", ar_end + 2)  # folded continuation lines
@@ -664,7 +684,10 @@ class Session:
         try:
             return b"".join(await seal_message(content, ar_header, self.policy.arc))
         except (ARCSealError, ValueError) as exc:
-            log.warning("session=%s ARC sealing skipped: %s", self.client.session_id, exc)
+            if isinstance(exc, ARCSealError) and exc.declined:  # ARCSealDeclined
+                log.info("session=%s ARC set not added: %s", self.client.session_id, exc)
+            else:
+                log.warning("session=%s ARC sealing skipped: %s", self.client.session_id, exc)
             return b""
 
     async def rset(self) -> Reply:

@@ -14,25 +14,34 @@ the set they sign does not validate. Results:
   enforces the limit only when sealing, and skips fields without a usable i=).
 - ``temperror``: a key lookup timed out or failed temporarily. ``data["cv"]`` is
   then "fail" (the chain could not be validated) but the word says it may validate
-  later; do not seal such a message (see ``seal``).
+  later; such a message is not sealed (see ``seal``).
+
+``data["remote_ip"]`` is the SMTP client's address and ``data["oldest_pass"]`` the
+instance of the oldest ARC-Message-Signature from which every newer one validates
+(0 when all do, or when the chain does not pass): Authentication-Results reports
+them as ``smtp.remote-ip`` and ``header.oldest-pass`` (RFC 8617 registry entries).
 
 ``data["trusted"]`` is True only when the chain passes and its latest sealer (d= of
 the highest-instance ARC-Seal) is in ``[arc] trusted_sealers``: DMARC reads it to
 let that sealer's chain override a reject or quarantine (RFC 7489 7.2 local policy).
 
-Sealing: ``seal()`` wraps ``dkim.arc_sign`` (RSA only; see its docstring for the
-exact input), ``seal_key()`` loads the configured key once per file version.
+Sealing: ``seal()`` decides whether RFC 8617 lets us add a set and signs it with
+dkimpy's primitives (RSA only; see its docstring for the exact input); the
+ARC-Authentication-Results it signs is our Authentication-Results payload byte for
+byte. ``seal_key()`` loads the configured key once per file version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import authres
 import dkim
@@ -58,12 +67,14 @@ from filter.results import CheckResult, Symbol
 __all__ = [
     "OFFLOAD_BYTES",
     "ARCCheck",
+    "ARCSealDeclined",
     "ARCSealError",
     "arc_headers",
     "authserv_id",
     "seal",
     "seal_key",
     "seal_message",
+    "sign_set",
 ]
 
 #: Messages larger than this are verified (and sealed by ``seal_message``) in a thread.
@@ -83,12 +94,61 @@ MAX_INSTANCE = 50
 class ARCSealError(Exception):
     """The message cannot be sealed (bad key, A-R header or chain state); relay unsealed."""
 
+    #: True for ``ARCSealDeclined``: callers log it at info, not as a fault.
+    declined: bool = False
+
+
+class ARCSealDeclined(ARCSealError):
+    """RFC 8617 says not to add a set to this message; an expected outcome, not a fault.
+
+    The chain state is unknown (arc=temperror), the chain is already dead (the newest
+    ARC-Seal says cv=fail) or full (i=50). A separate class so the session can log it
+    at info while a real sealing error stays a warning.
+    """
+
+    declined = True
+
 
 # -- verification ------------------------------------------------------------------------
 _ARC_LINE = re.compile(rb"(?:^|\n)arc-", re.IGNORECASE)
-# RFC 8617 4.1.1: an ARC-Authentication-Results value starts "i=<instance>;", then an
-# A-R payload that is no tag-list. The value runs to the ";" or a comment.
-_AAR_INSTANCE = re.compile(rb"\s*i\s*=([^;(]*)")
+
+
+def _aar_instance(value: bytes) -> bytes | None:
+    """The i= value of an ARC-Authentication-Results field, comments skipped.
+
+    RFC 8617 4.1.1: the value starts with the instance, then ";" and an A-R payload
+    that is no tag-list. CFWS may surround the instance ("(via list) i=1;"), and
+    comments nest (RFC 5322 3.2.2), so a regular expression anchored at "i=" failed
+    such a chain. Everything outside comments up to the first ";" must be
+    ``i = <value>``; None if it is not, or if a comment is left open.
+    """
+    head = bytearray()
+    depth = 0
+    escaped = False
+    for byte in value:
+        if depth:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash: quoted-pair inside a comment
+                escaped = True
+            elif byte == 0x28:
+                depth += 1
+            elif byte == 0x29:
+                depth -= 1
+            continue
+        if byte == 0x28:  # "(" opens a comment; it separates like whitespace
+            depth = 1
+            head += b" "
+        elif byte == 0x3B:  # ";" ends the instance
+            break
+        else:
+            head.append(byte)
+    if depth:
+        return None
+    name, eq, rest = bytes(head).partition(b"=")
+    if not eq or name.strip() != b"i":
+        return None
+    return rest.strip()
 
 
 def arc_headers(header_block: bytes) -> list[tuple[bytes, dict[str, bytes]]]:
@@ -107,8 +167,8 @@ def arc_headers(header_block: bytes) -> list[tuple[bytes, dict[str, bytes]]]:
             continue
         tags: dict[str, bytes]
         if lname == b"arc-authentication-results":
-            m = _AAR_INSTANCE.match(bytes(value))
-            tags = {"i": m.group(1).strip()} if m else {}
+            instance = _aar_instance(bytes(value))
+            tags = {"i": instance} if instance is not None else {}
         else:
             try:
                 tags = parse_tags(bytes(value))
@@ -172,26 +232,45 @@ def _key_veto(min_bits: int, refused: list[str]) -> Callable[[bytes, bytes], str
     return veto
 
 
-def _verify(message: bytes, keys: Mapping[bytes, KeyLookup], min_bits: int) -> tuple[str, str]:
-    """(result word, reason) from dkimpy; runs without DNS, possibly in a thread."""
+def _oldest_pass(sets: list[dict[str, Any]]) -> int:
+    """RFC 8617 header.oldest-pass for a passing chain: 0 when every AMS validates.
+
+    Else the lowest instance from which every newer ARC-Message-Signature validates
+    (the walk from the newest down stops at the first one that does not): how far
+    back the message is still what that sealer signed. dkimpy reports ``ams-valid``
+    for every instance it checked.
+    """
+    valid = {int(s["instance"]): bool(s.get("ams-valid")) for s in sets if "instance" in s}
+    if not valid:
+        return 0
+    oldest = max(valid)
+    if not valid[oldest]:
+        return 0  # the newest AMS fails: the chain fails, nothing to report
+    while valid.get(oldest - 1):
+        oldest -= 1
+    return 0 if oldest == 1 else oldest
+
+
+def _verify(message: bytes, keys: Mapping[bytes, KeyLookup], min_bits: int) -> tuple[str, str, int]:
+    """(result word, reason, oldest-pass) from dkimpy; no DNS, possibly in a thread."""
     refused: list[str] = []
     dnsfunc = make_dnsfunc(keys, _key_veto(min_bits, refused))
     try:
-        cv, _sets, why = dkim.arc_verify(
+        cv, sets, why = dkim.arc_verify(
             message, logger=DKIMPY_LOG, dnsfunc=dnsfunc, minkey=min_bits
         )
     except KeyTempError as e:
-        return "temperror", str(e)
+        return "temperror", str(e), 0
     except Exception as e:  # dkimpy trips over some malformed sets; that is a fail
-        return "fail", f"{type(e).__name__}: {e!s:.160}"
+        return "fail", f"{type(e).__name__}: {e!s:.160}", 0
     reason = str(why)
     if refused:
         reason += " (" + "; ".join(refused) + ")"
     if cv == dkim.CV_Pass:
-        return "pass", reason
+        return "pass", reason, _oldest_pass(list(sets or []))
     if cv == dkim.CV_None:
-        return "none", reason
-    return "fail", reason
+        return "none", reason, 0
+    return "fail", reason, 0
 
 
 @dataclass
@@ -249,13 +328,20 @@ class ARCCheck:
         content = msg.content()
         min_bits = ctx.policy.dkim.min_key_bits
         if msg.size > self.offload_bytes:
-            word, reason = await asyncio.to_thread(_verify, content, keys, min_bits)
+            word, reason, oldest = await asyncio.to_thread(_verify, content, keys, min_bits)
         else:
-            word, reason = _verify(content, keys, min_bits)
-        return self._result(ctx, word, sealer, instance, reason, start)
+            word, reason, oldest = _verify(content, keys, min_bits)
+        return self._result(ctx, word, sealer, instance, reason, start, oldest)
 
     def _result(
-        self, ctx: Context, word: str, sealer: str, instance: int, reason: str, start: float
+        self,
+        ctx: Context,
+        word: str,
+        sealer: str,
+        instance: int,
+        reason: str,
+        start: float,
+        oldest_pass: int = 0,
     ) -> CheckResult:
         cv = word if word in ("pass", "none") else "fail"
         trusted_names = {t.lower().rstrip(".") for t in ctx.policy.arc.trusted_sealers}
@@ -272,6 +358,8 @@ class ARCCheck:
                 "instance": instance,
                 "trusted": trusted,
                 "reason": reason,
+                "remote_ip": ctx.client.ip,
+                "oldest_pass": oldest_pass,
             },
             elapsed=time.perf_counter() - start,
         )
@@ -331,49 +419,187 @@ def authserv_id(ar_header: bytes) -> tuple[str, list[tuple[str, str]]]:
     return str(parsed.authserv_id), results
 
 
+#: What our Authentication-Results may say for arc= when we seal (RFC 8617 registers
+#: none, pass and fail; temperror is ours and means "do not seal").
+_SEALABLE = ("pass", "fail", "none")
+
+
 def seal(message: bytes, ar_header: bytes, policy: ARCPolicy, key: bytes) -> list[bytes]:
     """The next ARC set for ``message``: [ARC-Seal, ARC-Message-Signature, ARC-A-R].
 
-    Input contract (what ``dkim.arc_sign`` needs):
+    Input contract:
 
     - ``message``: the message as it will be relayed, CRLF line ends, *without*
-      ``ar_header`` and without any Authentication-Results field carrying our
-      authserv-id (strip forged ones first: dkimpy would merge them into the seal).
+      ``ar_header``. Other Authentication-Results fields are neither read nor signed
+      (only ``ar_header`` says what we concluded).
     - ``ar_header``: mailgate's own complete Authentication-Results field
       (``Authentication-Results: <authserv-id>; dkim=pass ...; arc=<result>``, CRLF at
-      the end optional). Its authserv-id becomes the ARC srv_id. When the message
-      arrived with an ARC chain it MUST contain ``arc=pass`` or ``arc=fail`` (the
-      ARCCheck result), else dkimpy ends the chain and nothing is returned; without
-      a chain it must contain no arc= result or ``arc=none``. An ``arc=temperror`` is
-      refused: sealing a transient as cv=fail would break the chain for good.
+      the end optional). It must parse (RFC 8601). Its payload, everything after the
+      field name's colon and leading whitespace, becomes the ARC-Authentication-Results
+      value after ``i=N; `` byte for byte: dkimpy's ``arc_sign`` re-rendered it through
+      authres, which drops comments and writes a quoted value holding "@" bare, so a
+      HELO of ``x;dmarc=pass@evil.example`` became a ``dmarc=pass`` in the signed AAR.
+      Its arc= result is the new ARC-Seal's cv=: ``pass`` or ``fail`` when the message
+      arrived with a chain, none (or no arc= at all) without one.
     - ``key``: a PEM RSA private key (``seal_key(policy)``); ARC is RSA-only.
 
-    The caller prepends the returned lines (each ends in CRLF) and ``ar_header``
-    to the message, in any order relative to each other. Returns [] when dkimpy
-    declines to seal (no matching A-R, chain already terminated). Pure CPU work
-    proportional to the body: use ``seal_message`` from async code.
+    Raises ``ARCSealDeclined`` (nothing to add, by RFC 8617) when arc= is temperror
+    (the chain state is unknown: a cv=fail would kill a chain that may be valid for
+    every later hop), when the newest incoming ARC-Seal already says cv=fail (RFC
+    8617 5.1: the chain has ended, no further sets), when the chain already has 50
+    sets (4.2.1), or when a chain is present but arc= is missing. ``ARCSealError``
+    for anything else. The caller prepends the returned lines (each ends in CRLF)
+    and ``ar_header`` to the message, in any order relative to each other. Pure CPU
+    work proportional to the body: use ``seal_message`` from async code.
     """
     if not (policy.seal_domain and policy.seal_selector):
         raise ARCSealError("[arc] seal_domain and seal_selector are required to seal")
-    srv_id, results = authserv_id(ar_header)
+    _, results = authserv_id(ar_header)
     arc = [res for method, res in results if method == "arc"]
-    if len(arc) > 1 or any(res not in ("pass", "fail", "none") for res in arc):
-        raise ARCSealError(f"Authentication-Results arc= must be pass, fail or none, not {arc}")
-    # dkimpy finds the A-R by this exact spelling; the field name is case-insensitive.
-    value = ar_header.partition(b":")[2].rstrip(b"\r\n")
-    ar = b"Authentication-Results:" + value + b"\r\n"
-    try:
-        sealed = dkim.arc_sign(
-            ar + message,
-            policy.seal_selector.encode("ascii"),
-            policy.seal_domain.encode("ascii"),
-            key,
-            srv_id.encode("utf-8"),
-            logger=DKIMPY_LOG,
+    if arc == ["temperror"]:
+        raise ARCSealDeclined(
+            "arc=temperror: the chain could not be validated now, and a set with cv=fail "
+            "would end it for every later hop; seal only when arc= is pass, fail or none"
         )
+    if len(arc) > 1 or any(res not in _SEALABLE for res in arc):
+        raise ARCSealError(f"Authentication-Results arc= must be pass, fail or none, not {arc}")
+    cv = arc[0].encode("ascii") if arc else dkim.CV_None
+    payload = ar_header.partition(b":")[2].lstrip(b" \t").rstrip(b"\r\n")
+    try:
+        signer = dkim.ARC(message, logger=DKIMPY_LOG, signature_algorithm=b"rsa-sha256")
+        newest, fields = signer.sorted_arc_headers()
     except dkim.DKIMException as e:
         raise ARCSealError(f"{type(e).__name__}: {e!s:.200}") from None
-    return [bytes(h) for h in sealed]
+    why = _no_new_set(newest, fields, cv)
+    if why is not None:
+        raise ARCSealDeclined(why)
+    instance = newest + 1
+    aar_value = b" i=%d; " % instance + payload + b"\r\n"
+    return sign_set(
+        signer,
+        instance,
+        cv,
+        aar_value,
+        policy.seal_selector.encode("ascii"),
+        policy.seal_domain.encode("ascii"),
+        key,
+    )
+
+
+def _no_new_set(
+    newest: int, fields: list[tuple[int, tuple[bytes, bytes]]], cv: bytes
+) -> str | None:
+    """Why RFC 8617 forbids adding instance ``newest + 1`` with ``cv``, or None.
+
+    ``fields`` is dkimpy's ``sorted_arc_headers`` list, the numbering every verifier
+    downstream of us (dkimpy-based or not) reads the chain with.
+    """
+    if newest == 0:
+        if cv != dkim.CV_None:  # instance 1 always says cv=none; no numbered set to fail
+            return f"arc={cv.decode()} but the message has no numbered ARC set to seal over"
+        return None
+    for i, (name, value) in fields:
+        if i != newest or name.lower() != b"arc-seal":
+            continue
+        try:
+            said = parse_tags(value).get("cv", b"").strip().lower()
+        except TagListError:
+            continue  # a seal that does not parse failed verification: we seal cv=fail
+        if said == dkim.CV_Fail:
+            return (
+                f"the newest ARC-Seal (i={newest}) already says cv=fail: the chain has ended "
+                "and no further sets are added (RFC 8617 5.1)"
+            )
+    if newest >= MAX_INSTANCE:
+        return f"the chain already has {newest} sets, the most RFC 8617 4.2.1 allows"
+    if cv == dkim.CV_None:
+        return "the message has an ARC chain but our Authentication-Results has no arc= result"
+    return None
+
+
+def sign_set(
+    signer: Any,
+    instance: int,
+    cv: bytes,
+    aar_value: bytes,
+    selector: bytes,
+    domain: bytes,
+    key: bytes,
+    timestamp: int | None = None,
+) -> list[bytes]:
+    """Sign ARC set ``instance`` over ``signer`` (a ``dkim.ARC`` of the message, used up:
+    its header list is changed).
+
+    ``aar_value`` is the whole ARC-Authentication-Results value after the colon,
+    written as given (``seal`` passes `` i=N; <our A-R payload>``). No chain rules
+    are applied here, which lets tests build unusual but valid chains too.
+
+    Why not ``dkim.arc_sign``: it builds the AAR itself from authres's re-rendering
+    of the A-R fields (see ``seal``). This is its algorithm with the AAR given,
+    made of dkimpy's own primitives, so the result verifies as dkimpy's would:
+    AMS over the message's default header set (relaxed/relaxed, rsa-sha256), then
+    AS over every ARC field bottom-up, or only the new set when ``cv`` is fail
+    (RFC 8617 5.1.2). Returns [ARC-Seal, ARC-Message-Signature, ARC-A-R], CRLF-ended.
+    """
+    try:
+        pk = parse_pem_private_key(key)
+    except UnparsableKeyError as e:
+        raise ARCSealError(f"seal key: {e}") from None
+    if not aar_value.endswith(b"\r\n"):
+        aar_value += b"\r\n"
+    try:
+        include = tuple(h.lower() for h in signer.default_sign_headers())
+        if b"from" not in include:
+            raise ARCSealError("the message has no From field (an AMS must sign it)")
+        canon = dkim.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+        _, numbered = signer.sorted_arc_headers()
+        # Newest first, as dkimpy keeps them; a failed chain's earlier sets stay out.
+        chain = [] if cv == dkim.CV_Fail else [field for _, field in numbered]
+        chain.insert(0, (b"ARC-Authentication-Results", aar_value))
+        signer.headers = canon.canonicalize_headers(chain[:1]) + signer.headers
+
+        signer.hasher = dkim.HASH_ALGORITHMS[signer.signature_algorithm]
+        body_hash = dkim.HashThrough(signer.hasher(), signer.debug_content)
+        body_hash.update(canon.canonicalize_body(signer.body))
+        stamp = str(timestamp or int(time.time())).encode("ascii")
+        number = str(instance).encode("ascii")
+        ams_fields = [
+            (b"i", number),
+            (b"a", signer.signature_algorithm),
+            (b"c", b"relaxed/relaxed"),
+            (b"d", domain),
+            (b"s", selector),
+            (b"t", stamp),
+            (b"h", b" : ".join(include)),
+            (b"bh", base64.b64encode(body_hash.digest())),
+            (b"b", b"0" * 60),  # b= on a line of its own: folding it later moves nothing
+        ]
+        ams = signer.gen_header(ams_fields, include, canon, b"ARC-Message-Signature", pk)
+        chain.insert(0, (b"ARC-Message-Signature", ams))
+        signer.headers = canon.canonicalize_headers(chain[:1]) + signer.headers
+
+        as_fields = [
+            (b"i", number),
+            (b"cv", cv),
+            (b"a", signer.signature_algorithm),
+            (b"d", domain),
+            (b"s", selector),
+            (b"t", stamp),
+            (b"b", b"0" * 60),
+        ]
+        as_include = [name.lower() for name, _ in reversed(chain)]
+        if cv == dkim.CV_Fail:
+            # Header selection takes the last instance of each name: reversed, those
+            # are the new set's, as if it were the only set (RFC 8617 5.1.2).
+            signer.headers.reverse()
+        seal_value = signer.gen_header(as_fields, as_include, canon, b"ARC-Seal", pk)
+    except dkim.DKIMException as e:
+        raise ARCSealError(f"{type(e).__name__}: {e!s:.200}") from None
+    return [
+        b"ARC-Seal: " + bytes(seal_value),
+        b"ARC-Message-Signature: " + bytes(ams),
+        b"ARC-Authentication-Results:" + aar_value,
+    ]
 
 
 async def seal_message(

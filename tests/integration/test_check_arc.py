@@ -20,13 +20,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import authres
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from filter.authresults import build
 from filter.checks import Context
-from filter.checks.arc import ARCCheck, ARCSealError, seal, seal_key, seal_message
+from filter.checks.arc import (
+    ARCCheck,
+    ARCSealDeclined,
+    ARCSealError,
+    arc_headers,
+    seal,
+    seal_key,
+    seal_message,
+    sign_set,
+)
 from filter.message import MessageBuffer
 from filter.model import ClientInfo
 from filter.policy.schema import ARCPolicy, DKIMPolicy, Policy
@@ -182,6 +193,8 @@ async def test_valid_chain_passes_and_names_the_sealer(chain: bytes, run: Run) -
         "instance": 1,
         "trusted": False,
         "reason": "success",
+        "remote_ip": "192.0.2.1",
+        "oldest_pass": 0,
     }
     assert [s.name for s in res.symbols] == ["ARC_PASS"]
 
@@ -208,6 +221,8 @@ async def test_no_arc_headers_is_none(run: Run) -> None:
         "instance": 0,
         "trusted": False,
         "reason": "no ARC header fields",
+        "remote_ip": "192.0.2.1",
+        "oldest_pass": 0,
     }
     assert [s.name for s in res.symbols] == ["ARC_NONE"]
 
@@ -303,6 +318,61 @@ async def test_a_field_without_an_instance_from_1_to_50_fails(
     assert [s.name for s in res.symbols] == ["ARC_FAIL"]
 
 
+@pytest.mark.parametrize(
+    ("value", "instance"),
+    [
+        (b" (forwarded by the list) i=1; lists.example.org; arc=none", b"1"),
+        (b" (a (nested) \\) comment)i = 2 (two); mx.example; arc=pass", b"2"),
+        (b"\r\n\t(folded)\r\n\ti=3;\r\n\tmx.example; arc=pass", b"3"),
+        (b" (i=9; a comment is no instance) i=4; mx.example; arc=pass", b"4"),
+    ],
+)
+def test_a_comment_around_the_aar_instance_is_cfws(value: bytes, instance: bytes) -> None:
+    """RFC 8617 4.1.1 allows CFWS around the AAR's i=; the old pattern, anchored at
+    "i=", read "(comment) i=1;" as a field without an instance: the chain failed."""
+    fields = arc_headers(b"ARC-Authentication-Results:" + value + b"\r\n")
+    assert fields == [(b"arc-authentication-results", {"i": instance})]
+
+
+def test_an_unclosed_comment_before_the_aar_instance_is_no_instance() -> None:
+    fields = arc_headers(b"ARC-Authentication-Results: (open i=1; mx.example; arc=none\r\n")
+    assert fields == [(b"arc-authentication-results", {})]
+
+
+async def test_a_chain_whose_aar_starts_with_a_comment_passes(
+    dns_zone: ZoneDNSServer, list_key: RSAKey, run: Run
+) -> None:
+    dns_zone.add("arc._domainkey.lists.example.org", "TXT", list_key.record)
+    aar = b" (forwarded by the list) i=1; lists.example.org; dkim=pass header.d=example.test"
+    arc_set = sign_set(
+        dkim.ARC(MESSAGE), 1, b"none", aar, b"arc", b"lists.example.org", list_key.pem
+    )
+    msg = b"".join(arc_set) + MESSAGE
+    zone = {b"arc._domainkey.lists.example.org": list_key.record}
+    assert dkim.arc_verify(msg, dnsfunc=dnsfunc_for(zone))[0] == b"pass"  # as dkimpy reads it
+    res = await run(msg)
+    assert (res.result, res.data["instance"], res.data["reason"]) == ("pass", 1, "success")
+
+
+async def test_oldest_pass_names_the_oldest_signature_still_valid(
+    dns_zone: ZoneDNSServer, chain: bytes, run: Run, our_key: RSAKey
+) -> None:
+    """RFC 8617 header.oldest-pass: a list tagged the Subject after hop 1 signed it;
+    hop 2 sealed that. The chain passes (seals are intact), AMS 1 no longer
+    validates, AMS 2 does: oldest-pass=2. Without the edit every AMS passes: 0."""
+    dns_zone.add("fwd._domainkey.example.org", "TXT", our_key.record)
+    ar2 = b"Authentication-Results: fwd.example.org; arc=pass\r\n"
+    edited = chain.replace(b"Subject: meeting notes", b"Subject: [list] meeting notes")
+    assert edited != chain
+    res = await run(hop(edited, ar2, b"fwd", b"example.org", our_key.pem))
+    assert (res.result, res.data["instance"], res.data["oldest_pass"]) == ("pass", 2, 2)
+    field = build({"arc": res}, "mx.example.test")
+    assert field.endswith(b"\tarc=pass header.oldest-pass=2 smtp.remote-ip=192.0.2.1\r\n")
+    res = await run(hop(chain, ar2, b"fwd", b"example.org", our_key.pem))
+    assert (res.result, res.data["oldest_pass"]) == ("pass", 0)
+    assert build({"arc": res}, "mx").endswith(b"\tarc=pass smtp.remote-ip=192.0.2.1\r\n")
+
+
 # -- sealing -------------------------------------------------------------------------------
 async def test_seal_output_verifies(
     tmp_path: Path, our_key: RSAKey, run: Run, dns_zone: ZoneDNSServer
@@ -337,12 +407,77 @@ async def test_seal_extends_an_incoming_chain(
     assert cv == b"pass" and len(results) == 2
 
 
-def test_seal_without_arc_result_on_a_chain_returns_nothing(
+def test_seal_without_arc_result_on_a_chain_is_declined(
     tmp_path: Path, chain: bytes, our_key: RSAKey
 ) -> None:
     policy = our_policy(tmp_path, our_key)
     ar = b"Authentication-Results: mx.example.test; dkim=pass header.d=example.test\r\n"
-    assert seal(chain, ar, policy, seal_key(policy)) == []  # documented input contract
+    with pytest.raises(ARCSealDeclined, match="no arc= result"):  # documented contract
+        seal(chain, ar, policy, seal_key(policy))
+
+
+def test_seal_declines_a_chain_it_could_not_validate(
+    tmp_path: Path, chain: bytes, our_key: RSAKey
+) -> None:
+    """RFC 8617: a sealer must not record a chain state it could not determine. Our
+    A-R said arc=fail for a DNS temperror and the seal said cv=fail, which ends the
+    chain for every later hop; now arc=temperror is declined (logged at info)."""
+    policy = our_policy(tmp_path, our_key)
+    ar = b"Authentication-Results: mx.example.test; arc=temperror smtp.remote-ip=192.0.2.1\r\n"
+    with pytest.raises(ARCSealDeclined, match="temperror") as caught:
+        seal(chain, ar, policy, seal_key(policy))
+    assert caught.value.declined is True
+
+
+def test_seal_adds_no_set_after_a_seal_that_said_cv_fail(
+    tmp_path: Path, chain: bytes, our_key: RSAKey
+) -> None:
+    """RFC 8617 5.1: once the newest ARC-Seal says cv=fail the chain has ended; no
+    further sets. A chain that is merely broken (no cv=fail yet) is still sealed
+    cv=fail, over our own set only (5.1.2)."""
+    policy = our_policy(tmp_path, our_key)
+    failed_ar = b"Authentication-Results: fwd.example.org; arc=fail\r\n"
+    dead = hop(chain, failed_ar, b"fwd", b"example.org", our_key.pem)
+    assert b"ARC-Seal: i=2; cv=fail;" in dead
+    ar = b"Authentication-Results: mx.example.test; arc=fail\r\n"
+    with pytest.raises(ARCSealDeclined, match=r"i=2\) already says cv=fail"):
+        seal(dead, ar, policy, seal_key(policy))
+    broken = chain.replace(b"Notes attached.", b"Invoice attached.")
+    arc_set = seal(broken, ar, policy, seal_key(policy))
+    assert arc_set[0].startswith(b"ARC-Seal: i=2; cv=fail;")
+
+
+def test_seal_signs_our_authentication_results_verbatim(
+    tmp_path: Path, chain: bytes, our_key: RSAKey, list_key: RSAKey
+) -> None:
+    """The AAR is our A-R payload byte for byte after "i=N; ". dkimpy's arc_sign
+    re-rendered it through authres, which writes a quoted value holding "@" bare:
+    a null sender's HELO ``x;dmarc=pass@evil.example`` turned into a dmarc=pass
+    clause in the signed AAR, and comments were dropped."""
+    policy = our_policy(tmp_path, our_key)
+    helo = "x;dmarc=pass@evil.example"
+    spf = {"identity": "helo", "smtp.helo": helo, "smtp.mailfrom": f"postmaster@{helo}"}
+    sigs = [{"result": "fail", "d": "example.test", "s": "sel", "testing": True}]
+    results = {
+        "spf": CheckResult("spf", "none", data=spf),
+        "dkim": CheckResult("dkim", "none", data={"signatures": sigs}),
+        "arc": CheckResult("arc", "pass", data={"remote_ip": "2001:db8::25"}),
+    }
+    ar = build(results, "mx.example.test")
+    assert f'smtp.helo="{helo}"'.encode() in ar and b"(key in testing mode)" in ar
+    payload = ar.split(b":", 1)[1].lstrip(b" ")
+    arc_set = seal(chain, ar, policy, seal_key(policy))
+    assert arc_set[2] == b"ARC-Authentication-Results: i=2; " + payload
+    zone = {
+        b"seal._domainkey.mx.example.test": our_key.record,
+        b"arc._domainkey.lists.example.org": list_key.record,
+    }
+    cv, sets, why = dkim.arc_verify(b"".join(arc_set) + ar + chain, dnsfunc=dnsfunc_for(zone))
+    assert (cv, why, len(sets)) == (b"pass", "success", 2)
+    aar = arc_set[2].decode().replace("\r\n", "").split(";", 1)[1]
+    parsed = authres.AuthenticationResultsHeader.parse("Authentication-Results:" + aar)
+    assert [r.method for r in parsed.results] == ["spf", "dkim", "arc"]  # no dmarc clause
+    assert parsed.results[0].properties[0].value == helo
 
 
 def test_seal_key_is_cached_until_the_file_changes(tmp_path: Path, our_key: RSAKey) -> None:

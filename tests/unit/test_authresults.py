@@ -229,3 +229,75 @@ def test_lenient_readings_of_a_malformed_id_count_as_ours(raw: bytes) -> None:
 def test_a_foreign_field_that_mentions_our_id_in_a_comment_is_kept() -> None:
     raw = b"Authentication-Results: other.example (relayed by mx.example.net); spf=pass\r\n"
     assert not is_forged(b"authentication-results", raw, "mx.example.net")
+
+
+# -- arc= (RFC 8617) -----------------------------------------------------------------------
+def test_an_arc_temperror_is_written_fail_with_the_client() -> None:
+    """RFC 8617 registers only none/pass/fail for arc= (the contract's words too): a
+    chain whose keys could not be fetched is written fail. Not sealing it is the
+    session's job (tests/integration/test_arc_seal_edges.py)."""
+    arc = CheckResult("arc", "temperror", data={"cv": "fail", "remote_ip": "192.0.2.1"})
+    field = build({"arc": arc}, "mx.example.net")
+    assert b"arc=fail smtp.remote-ip=192.0.2.1\r\n" in field
+    assert b"temperror" not in field
+    assert [(r.method, r.result) for r in _parse(field).results] == [("arc", "fail")]
+
+
+def test_arc_clause_names_the_client_and_the_oldest_passing_signature() -> None:
+    """RFC 8617's registered arc properties: smtp.remote-ip (quoted when IPv6: ":" is
+    no token character) and header.oldest-pass, left out when 0 (every AMS passes)."""
+    data = {"remote_ip": "2001:db8::25", "oldest_pass": 2}
+    field = build({"arc": CheckResult("arc", "pass", data=data)}, "mx.example.net")
+    assert b'arc=pass header.oldest-pass=2 smtp.remote-ip="2001:db8::25"\r\n' in field
+    (result,) = _parse(field).results
+    props = {(p.type, p.name): p.value for p in result.properties}
+    assert props == {("smtp", "remote-ip"): "2001:db8::25", ("header", "oldest-pass"): "2"}
+
+    data = {"remote_ip": "192.0.2.1", "oldest_pass": 0}
+    field = build({"arc": CheckResult("arc", "pass", data=data)}, "mx.example.net")
+    assert field.endswith(b"\tarc=pass smtp.remote-ip=192.0.2.1\r\n")
+    data = {"remote_ip": "192.0.2.1", "oldest_pass": 3}  # only a passing chain has one
+    field = build({"arc": CheckResult("arc", "fail", data=data)}, "mx.example.net")
+    assert field.endswith(b"\tarc=fail smtp.remote-ip=192.0.2.1\r\n")
+    # No chain, no connection it arrived over: arc=none stays bare (as the contract shows).
+    field = build({"arc": CheckResult("arc", "none", data=data)}, "mx.example.net")
+    assert field.endswith(b"\tarc=none\r\n")
+
+
+def test_internationalised_domains_are_written_as_a_labels() -> None:
+    """U-labels (SMTPUTF8 mail) made authres's parser fail on our own field, and the
+    ARC seal was skipped. Domains become A-labels; a non-ASCII local part, which has
+    no ASCII form, is left out ("@domain" is an RFC 8601 pvalue)."""
+    spf = {"identity": "mailfrom", "smtp.mailfrom": "alice@b\u00fccher.test"}
+    sigs = [{"result": "pass", "d": "B\u00fccher.test", "s": "s\u00e9l"}]
+    dmarc = {"from_domain": "b\u00fccher.test", "requested": "none"}
+    field = build(
+        {
+            "spf": CheckResult("spf", "pass", data=spf),
+            "dkim": CheckResult("dkim", "pass", data={"signatures": sigs}),
+            "dmarc": CheckResult("dmarc", "pass", data=dmarc),
+        },
+        "mx.example.net",
+    )
+    assert field.isascii()
+    text = field.decode()
+    assert "spf=pass smtp.mailfrom=alice@xn--bcher-kva.test;" in text
+    assert "dkim=pass header.d=xn--bcher-kva.test header.s=xn--sl-bja;" in text
+    assert "dmarc=pass header.from=xn--bcher-kva.test policy.dmarc=none" in text
+    assert [r.method for r in _parse(field).results] == ["spf", "dkim", "dmarc"]
+
+    utf8_local = {
+        "identity": "mailfrom",
+        "smtp.mailfrom": "\u0438\u0432\u0430\u043d@\u043f\u0440\u0438\u043c\u0435\u0440.test",
+    }
+    field = build({"spf": CheckResult("spf", "none", data=utf8_local)}, "mx")
+    assert b"spf=none smtp.mailfrom=@xn--e1afmkfd.test\r\n" in field
+    assert _parse(field).results[0].properties[0].value == "@xn--e1afmkfd.test"
+
+    helo = {"identity": "helo", "smtp.helo": "mail.b\u00fccher.test"}
+    field = build({"spf": CheckResult("spf", "none", data=helo)}, "mx")
+    assert b"spf=none smtp.helo=mail.xn--bcher-kva.test\r\n" in field
+    # Text IDNA refuses still cannot carry raw UTF-8: each such character is a "?".
+    helo = {"identity": "helo", "smtp.helo": "\u00fc\u00fc..x"}
+    field = build({"spf": CheckResult("spf", "none", data=helo)}, "mx")
+    assert field.isascii() and b'smtp.helo="??..x"' in field
