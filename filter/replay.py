@@ -9,10 +9,17 @@ with each policy.
 The envelope is rebuilt from what delivery left in the message, or from a sidecar
 ``<file>.env.json`` (``{"ip", "helo", "mail_from", "rcpts"}``) whose keys win:
 
-* MAIL FROM: ``Return-Path`` (written at final delivery from the envelope sender),
-  else the ``smtp.mailfrom`` of the topmost Authentication-Results (ours records it);
+* MAIL FROM: ``Return-Path`` (written at final delivery from the envelope sender;
+  ``<>`` is the null sender), else the ``smtp.mailfrom`` of the topmost
+  Authentication-Results (ours records it). When that one has no local part (ours
+  leaves a non-ASCII one out), the From address at its domain supplies it; with
+  none, the sender is unknown and the message is skipped, never judged as ``<>``
+  or ``postmaster@``;
 * RCPT: ``X-Original-To`` (the address as the client gave it, before aliases — what
-  mailgate saw), else ``Delivered-To``, else the ``To``/``Cc`` addresses;
+  mailgate saw), else ``Delivered-To``, else the ``To``/``Cc`` addresses. Of several,
+  the one nearest the client's Received (a forward inside the site adds more above);
+  delivery fields below it came with the message from an earlier site and are not
+  this envelope;
 * client IP and HELO: the topmost ``Received`` field in Postfix's form
   ``from HELO (NAME [IP])`` whose IP is not in ``server.trusted_networks`` — hops
   inside the site (content filters, LMTP on loopback) are trusted, so the first
@@ -49,6 +56,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from filter.checks.registry import build_checks
+from filter.domains import to_a_label
 from filter.dryrun import DryRun, evaluate
 from filter.headers import field_value, header_end, split_fields
 from filter.netaddr import ip_in, normalize_ip
@@ -94,7 +102,7 @@ class Envelope:
 
     ip: str | None
     helo: str | None
-    mail_from: str
+    mail_from: str | None  # None: no field tells the sender ("" is the null sender)
     rcpts: tuple[str, ...]
     source: str  # "headers" | "sidecar" | "headers+sidecar"
     received_index: int | None = None  # header field index of the client's Received
@@ -148,41 +156,28 @@ def envelope_from(
     """Rebuild the envelope of ``content`` (CRLF) from its headers and ``sidecar``.
 
     ``trusted(ip)`` says which Received hops are inside the site and skipped. Raises
-    ValueError when the sidecar is malformed.
+    ValueError when the sidecar is malformed. ``mail_from`` is None when no field
+    tells the sender (see :func:`_sender`).
     """
     fields = _fields(content)
+    ip, helo, index = _client_hop(fields, trusted)
+    after = _added_after_mailgate(fields, index)
     first: dict[bytes, str] = {}
-    for name, raw in fields:
+    for name, raw in after:
         if name and name not in first:
             first[name] = field_value(raw)
-    mail_from = ""
-    if b"return-path" in first:
-        rp = _addresses([first[b"return-path"]])
-        mail_from = rp[0] if rp else ""
     rcpts: list[str] = []
     for name in (b"x-original-to", b"delivered-to"):
-        rcpts = _addresses(field_value(raw) for n, raw in fields if n == name)
+        # The field nearest the client's hop: a forward inside the site re-delivers
+        # and adds another above it, but the client gave the first one's address.
+        found = [raw for n, raw in after if n == name]
+        rcpts = _addresses([field_value(found[-1])]) if found else []
         if rcpts:
             break
     if not rcpts:
         rcpts = _addresses(field_value(raw) for n, raw in fields if n in (b"to", b"cc"))
-    ar_from, ar_helo = _from_authentication_results(fields)
-    if not mail_from:
-        mail_from = ar_from
-    ip: str | None = None
-    helo: str | None = None
-    index: int | None = None
-    for i, (name, raw) in enumerate(fields):
-        if name != b"received":
-            continue
-        m = _RECEIVED.match(" ".join(field_value(raw).split()))
-        if m is None or not _is_ip(m.group("ip")):
-            continue
-        candidate = normalize_ip(m.group("ip"))
-        if trusted(candidate):
-            continue
-        ip, helo, index = candidate, m.group("helo"), i
-        break
+    ar_from, ar_helo = _from_authentication_results(after if index is not None else fields)
+    mail_from = _sender(first.get(b"return-path"), ar_from, fields)
     if helo is None and ar_helo:
         helo = ar_helo
     source = "headers"
@@ -192,8 +187,76 @@ def envelope_from(
     return Envelope(ip, helo, mail_from, tuple(dict.fromkeys(rcpts)), source, index)
 
 
-# RFC 8601 pvalue: a token, or a quoted local part followed by @domain.
-_AR_PROPERTY = re.compile(r'\bsmtp\.(mailfrom|helo)=((?:"[^"]*"|[^\s;"])+)', re.IGNORECASE)
+def _client_hop(
+    fields: list[tuple[bytes, bytes]], trusted: Callable[[str], bool]
+) -> tuple[str | None, str | None, int | None]:
+    """(IP, HELO, field index) of the topmost untrusted Postfix Received field."""
+    for i, (name, raw) in enumerate(fields):
+        if name != b"received":
+            continue
+        m = _RECEIVED.match(" ".join(field_value(raw).split()))
+        if m is None or not _is_ip(m.group("ip")):
+            continue
+        candidate = normalize_ip(m.group("ip"))
+        if not trusted(candidate):
+            return candidate, m.group("helo"), i
+    return None, None, None
+
+
+def _added_after_mailgate(
+    fields: list[tuple[bytes, bytes]], index: int | None
+) -> list[tuple[bytes, bytes]]:
+    """The fields written after mailgate saw the message: the ones :func:`prepare` drops.
+
+    Return-Path, Delivered-To and X-Original-To further down came in with the
+    message (a forward from another site): they are another hop's envelope.
+    """
+    if index is None:
+        top = 0
+        while top < len(fields) and fields[top][0] in _DELIVERY_FIELDS:
+            top += 1
+        return fields[:top]
+    end = index + 1
+    while end < len(fields) and fields[end][0] in _OUR_FIELDS:
+        end += 1
+    return fields[:end]
+
+
+def _sender(return_path: str | None, ar_from: str, fields: list[tuple[bytes, bytes]]) -> str | None:
+    """MAIL FROM: Return-Path, else Authentication-Results' ``smtp.mailfrom``; None if unknown.
+
+    A Return-Path is the envelope sender as delivery saw it, ``<>`` included: a
+    bounce does not fall back to another field. ``smtp.mailfrom`` may lack its local
+    part: ours leaves a non-ASCII (SMTPUTF8) one out (``@domain``, see
+    ``authresults.ascii_mailbox``), other writers give the bare domain. That domain
+    alone replayed as ``<@domain>``, which SPF reads as ``postmaster@domain`` and no
+    sender list matches, so the local part is taken from the From address at that
+    domain (a non-ASCII one for ``@domain``): an SMTPUTF8 sender's envelope is
+    nearly always its From mailbox. Without one the sender is unknown, never a
+    guess: the message is skipped and a sidecar can name it.
+    """
+    if return_path is not None:
+        found = _addresses([return_path])
+        return found[0] if found else ""
+    if not ar_from:
+        return None
+    local, at, domain = ar_from.rpartition("@")
+    if local:
+        return ar_from
+    wanted = to_a_label(domain)
+    for address in _addresses(field_value(raw) for n, raw in fields if n == b"from"):
+        from_local, _, from_domain = address.rpartition("@")
+        if wanted is None or to_a_label(from_domain) != wanted:
+            continue
+        if not at or not from_local.isascii():
+            return address
+    return None
+
+
+# RFC 8601 pvalue: a token, or a quoted local part (with quoted-pairs) followed by @domain.
+_AR_PROPERTY = re.compile(
+    r'\bsmtp\.(mailfrom|helo)=((?:"(?:[^"\\]|\\.)*"|[^\s;"])+)', re.IGNORECASE
+)
 
 
 def _from_authentication_results(fields: list[tuple[bytes, bytes]]) -> tuple[str, str]:
@@ -207,8 +270,12 @@ def _from_authentication_results(fields: list[tuple[bytes, bytes]]) -> tuple[str
 
 
 def _apply_sidecar(
-    data: dict[str, Any], ip: str | None, helo: str | None, mail_from: str, rcpts: list[str]
-) -> tuple[str | None, str | None, str, list[str]]:
+    data: dict[str, Any],
+    ip: str | None,
+    helo: str | None,
+    mail_from: str | None,
+    rcpts: list[str],
+) -> tuple[str | None, str | None, str | None, list[str]]:
     unknown = set(data) - {"ip", "helo", "mail_from", "rcpts"}
     if unknown:
         raise ValueError(f"unknown sidecar keys: {', '.join(sorted(unknown))}")
@@ -487,6 +554,10 @@ async def _judge(
     if env.ip is None:
         hint = sidecar_path(path).name
         return Judged(name, env, skipped=f"no client IP in Received fields; add {hint}")
+    if env.mail_from is None:
+        hint = sidecar_path(path).name
+        reason = "no envelope sender in Return-Path or Authentication-Results"
+        return Judged(name, env, skipped=f"{reason}; add {hint} with mail_from")
     message = prepare(content, env)
     runs: list[DryRun] = []
     for policy, pipeline in zip((old, new), (pipelines[1], pipelines[0]), strict=True):

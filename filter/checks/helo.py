@@ -108,23 +108,27 @@ def _parse_literal(literal: str) -> IPAddress | None:
     is None.
     """
     inner = literal[1:-1]
-    if inner[:5].lower() == "ipv6:":
-        inner = inner[5:]
-        try:
-            return ipaddress.IPv6Address(inner)
-        except ValueError:
-            return None
     try:
-        return ipaddress.ip_address(inner)
+        if inner[:5].lower() == "ipv6:":
+            addr: IPAddress = ipaddress.IPv6Address(inner[5:])
+        else:
+            addr = ipaddress.ip_address(inner)
     except ValueError:
         return None
+    # A zone id ("%eth0") names an interface of the host that wrote it: no literal.
+    return None if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id else addr
+
+
+def _plain(addr: IPAddress) -> IPAddress:
+    """IPv4-mapped IPv6 as the IPv4 address it is, as the client's and ours are kept."""
+    mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+    return mapped or addr
 
 
 def _same(addr: IPAddress, client_ip: str) -> bool:
     """Whether ``addr`` is the client's address (IPv4-mapped IPv6 counts as IPv4)."""
-    mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
     try:
-        return (mapped or addr) == parse_ip(client_ip)
+        return _plain(addr) == parse_ip(client_ip)
     except ValueError:
         return False
 
@@ -140,14 +144,18 @@ def assess(helo: str, client_ip: str, own: Own) -> Assessment:
             return Assessment((("HELO_INVALID", f"{name} is not an address literal"),))
         if _same(addr, client_ip):
             return Assessment(())
-        if addr in own.addresses:
+        if _plain(addr) in own.addresses:
             return Assessment((("HELO_OURS", f"{name} is our own address"),))
         detail = f"{name} is not the client's address {client_ip}"
         return Assessment((("HELO_LITERAL_MISMATCH", detail),))
     bare = name.removesuffix(".")
     if is_ip(bare):
+        try:
+            addr = parse_ip(bare)
+        except ValueError:  # a zone id, "fe80::1%eth0": no address a client can have
+            return Assessment((("HELO_INVALID", f"{name!r} is not an address literal"),))
         findings = [("HELO_BARE_IP", f"{name} is an address without [brackets]")]
-        if parse_ip(bare) in own.addresses:
+        if addr in own.addresses:
             findings.append(("HELO_OURS", f"{name} is our own address"))
         return Assessment(tuple(findings))
     host = bare.lower()

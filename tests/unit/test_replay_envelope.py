@@ -283,3 +283,89 @@ def test_mail_from_and_helo_from_authentication_results_when_delivery_left_none(
     assert env.ip == "203.0.113.5" and env.helo == "a.example"
     with_rp = b"Return-Path: <bounce@list.example>\r\n" + content
     assert envelope_from(with_rp).mail_from == "bounce@list.example"  # Return-Path wins
+
+
+# -- the sender and recipients mailgate saw, not another hop's ------------------------------------
+RECEIVED = (
+    b"Received: from mail.example.org (mail.example.org [192.0.2.10])\r\n"
+    b"\tby mx.example.test (Postfix) with UTF8SMTPS id 4BBB\r\n"
+)
+
+
+def test_non_ascii_local_part_withheld_by_our_ar_is_not_replayed_as_postmaster() -> None:
+    # Our A-R leaves a non-ASCII local part out (authresults.ascii_mailbox): "@domain".
+    # It was replayed as MAIL FROM:<@xn--bcher-kva.example>, which SPF reads as
+    # postmaster@ (RFC 7208 4.3), and sender lists never matched.
+    ar = b"Authentication-Results: mx.example.test; spf=pass smtp.mailfrom=@xn--bcher-kva.example"
+    ar += b"\r\n"
+    from_ = "From: =?utf-8?q?J=C3=B6rg?= <jörg@bücher.example>\r\nTo: bob@example.test\r\n"
+    msg = b"X-Original-To: bob@example.test\r\n" + RECEIVED + ar + from_.encode() + b"\r\nhi\r\n"
+    env = envelope_from(msg)
+    assert env.mail_from == "jörg@bücher.example"  # the From mailbox at that domain
+    # Without a From address there to take it from, the sender is unknown, not invented.
+    other = msg.replace("jörg@bücher.example".encode(), b"info@other.example")
+    assert envelope_from(other).mail_from is None
+    assert envelope_from(other, {"mail_from": "jörg@bücher.example"}).mail_from == (
+        "jörg@bücher.example"
+    )
+
+
+def test_domain_only_smtp_mailfrom_is_no_sender() -> None:
+    # RFC 8601 lets smtp.mailfrom be a bare domain (OpenDMARC writes it so): taken as the
+    # sender it made SPF "none" (no "@", no domain) for every replayed message.
+    ar = b"Authentication-Results: mx.example.test; spf=pass smtp.mailfrom=example.org\r\n"
+    env = envelope_from(RECEIVED + ar + BODY)
+    assert env.mail_from == "alice@example.org"  # From: Alice <alice@example.org>
+    assert (
+        envelope_from(RECEIVED + ar.replace(b"example.org", b"x.example") + BODY).mail_from is None
+    )
+
+
+def test_no_sender_anywhere_is_unknown_not_the_null_sender() -> None:
+    env = envelope_from(RECEIVED + BODY)
+    assert env.mail_from is None  # was "": a bounce, judged as postmaster@<HELO>
+
+
+def test_explicit_null_return_path_does_not_fall_back_to_authentication_results() -> None:
+    # A filter after mailgate wrote the HELO domain as smtp.mailfrom for this bounce.
+    msg = (
+        b"Return-Path: <>\r\n"
+        b"Authentication-Results: filter.example.test; spf=pass smtp.mailfrom=mail.example.org\r\n"
+        + RECEIVED
+        + BODY
+    )
+    assert envelope_from(msg).mail_from == ""
+
+
+def test_quoted_local_part_with_escaped_quote_in_authentication_results() -> None:
+    ar = b'Authentication-Results: mx.example.test; spf=pass smtp.mailfrom="a\\"b"@example.org\r\n'
+    assert envelope_from(RECEIVED + ar + BODY).mail_from == '"a\\"b"@example.org'
+
+
+def test_delivery_fields_of_earlier_hops_are_not_our_envelope() -> None:
+    # Forwarded to us from another provider: its Delivered-To, X-Original-To and
+    # Return-Path sit below the Received field of our client, in the message it sent.
+    msg = (
+        b"Return-Path: <srs0=ab=cd=example.net=fwd@relay.example.org>\r\n"
+        b"Delivered-To: bob@example.test\r\n" + RECEIVED + b"Return-Path: <alice@example.net>\r\n"
+        b"X-Original-To: bob@elsewhere.example\r\n"
+        b"Delivered-To: bob@elsewhere.example\r\n"
+        b"Received: from x (x [203.0.113.1]) by elsewhere\r\n" + BODY
+    )
+    env = envelope_from(msg)
+    assert env.rcpts == ("bob@example.test",)
+    assert env.mail_from == "srs0=ab=cd=example.net=fwd@relay.example.org"
+
+
+def test_multiple_delivered_to_the_one_nearest_the_client_is_the_rcpt() -> None:
+    # A forward inside the site: bob's .forward re-delivered to robert; each delivery
+    # added a Delivered-To on top. The client said RCPT TO:<bob@...>.
+    msg = (
+        b"Delivered-To: robert@example.test\r\n"
+        b"Received: by mx.example.test (Postfix, from userid 1001) id 4CCC\r\n"
+        b"Delivered-To: bob@example.test\r\n"
+        + RECEIVED
+        + b"Return-Path: <a@example.org>\r\n"
+        + BODY
+    )
+    assert envelope_from(msg).rcpts == ("bob@example.test",)

@@ -46,6 +46,9 @@ RULES: list[tuple[str, str, list[str], str | None]] = [
     ("[IPv6:2001:db8::25]", CLIENT, ["HELO_LITERAL_MISMATCH"], None),
     ("[198.51.100.1]", CLIENT, ["HELO_OURS"], None),
     ("[IPv6:2001:db8:1::1]", CLIENT6, ["HELO_OURS"], None),
+    ("[IPv6:::ffff:198.51.100.1]", CLIENT, ["HELO_OURS"], None),  # our IPv4, mapped
+    ("[::ffff:198.51.100.1]", CLIENT, ["HELO_OURS"], None),
+    ("[IPv6:fe80::1%eth0]", CLIENT, ["HELO_INVALID"], None),  # no zone ids in literals
     ("[192.0.2.010]", CLIENT, ["HELO_INVALID"], None),  # leading zero: ambiguous, refused
     ("[IPv6:192.0.2.10]", CLIENT, ["HELO_INVALID"], None),
     ("[foo]", CLIENT, ["HELO_INVALID"], None),
@@ -56,6 +59,8 @@ RULES: list[tuple[str, str, list[str], str | None]] = [
     ("2001:db8::25", CLIENT6, ["HELO_BARE_IP"], None),
     ("203.0.113.5", CLIENT, ["HELO_BARE_IP"], None),
     ("198.51.100.1", CLIENT, ["HELO_BARE_IP", "HELO_OURS"], None),
+    ("::ffff:198.51.100.1", CLIENT, ["HELO_BARE_IP", "HELO_OURS"], None),
+    ("fe80::1%eth0", CLIENT, ["HELO_INVALID"], None),  # raised ValueError: a crash
     # our own name, in any spelling
     ("mx.example.org", CLIENT, ["HELO_OURS"], None),
     ("MX.EXAMPLE.ORG.", CLIENT, ["HELO_OURS"], None),
