@@ -27,7 +27,7 @@ from typing import Protocol
 from filter import authresults, dkimkeys, replies, verdictlog
 from filter.checks import Context
 from filter.checks.arc import ARCSealError, seal_message
-from filter.checks.rdns import xclient_name
+from filter.checks.rdns import xclient_name, xclient_reverse_name
 from filter.dmarc import author_domain
 from filter.headers import render_field
 from filter.logs import event
@@ -135,6 +135,8 @@ class Session:
         self._identity_dirty = True  # connect/helo checks must (re)run for this identity
         self._peer_allowed_xforward = False  # set by allow_xforward() for xforward_hosts
         self._name_for_upstream = "[UNAVAILABLE]"  # XCLIENT NAME: verified name or a [..] word
+        # XCLIENT REVERSE_NAME: the PTR name, verified or not; None: not known (XFORWARD)
+        self._reverse_name_for_upstream: str | None = "[UNAVAILABLE]"
         self._connect_task: asyncio.Task[None] | None = None
         # Upstream keep-alive while a transaction waits on the client (see _keepalive_due).
         self._keepalive: asyncio.TimerHandle | None = None
@@ -194,6 +196,7 @@ class Session:
             (r for r in self.session_results.get(Stage.CONNECT, []) if r.check == "rdns"), None
         )
         self._name_for_upstream = xclient_name(rdns)
+        self._reverse_name_for_upstream = xclient_reverse_name(rdns)
         if rdns is not None and not self._name_for_upstream.startswith("["):
             self.client.hostname = self._name_for_upstream
 
@@ -301,6 +304,7 @@ class Session:
                 c.hostname = None if unavailable else value.lower().rstrip(".")
                 # Postfix verified it; pass its word on as is ([TEMPUNAVAIL] included).
                 self._name_for_upstream = value if unavailable else c.hostname or value
+                self._reverse_name_for_upstream = None  # XFORWARD has no reverse name
             elif key == "HELO":
                 c.helo = None if unavailable else value
             elif key == "PROTO" and not unavailable:
@@ -812,7 +816,13 @@ class Session:
         name = self._name_for_upstream
         helo = c.helo or "[UNAVAILABLE]"
         common = {"ADDR": addr, "NAME": name, "HELO": helo, "PROTO": c.proto}
-        xclient = {**common, "PORT": str(c.port)} if self.policy.upstream.xclient else None
+        xclient: dict[str, str] | None = None
+        if self.policy.upstream.xclient:
+            xclient = {**common, "PORT": str(c.port)}
+            if self._reverse_name_for_upstream is not None:
+                # After NAME, which Postfix also copies into the reverse name when it is
+                # a name; sent only where the upstream lists it (Postfix 2.9 and later).
+                xclient["REVERSE_NAME"] = self._reverse_name_for_upstream
         xforward = {**common, "PORT": str(c.port), "IDENT": c.session_id, "SOURCE": "REMOTE"}
         if name == "[TEMPUNAVAIL]":
             # XCLIENT knows "the lookup failed, try later"; XFORWARD knows only

@@ -12,6 +12,10 @@ small legitimate senders and normal for botnets, so it is evidence for the
 score, not a verdict. A temporary DNS error says nothing about the client: it
 becomes ``temperror`` with a zero-score symbol, never ``fail``.
 
+Which names count: only those Postfix's own lookup would accept as a host name
+(``is_host_name``); the verified name goes upstream as XCLIENT ``NAME``, which
+Postfix refuses otherwise.
+
 Why the ten-name limit: a PTR set can be large and every name costs a forward
 lookup; RFC 7208 5.5 caps the same walk at ten names, and a real host never
 needs more.
@@ -29,6 +33,7 @@ value Postfix expects.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 
 from filter.checks import Context
@@ -37,7 +42,6 @@ from filter.netaddr import normalize_ip, parse_ip
 from filter.policy.schema import Policy
 from filter.resolver import DNSTempError, Resolver
 from filter.results import CheckResult, Symbol
-from filter.units import is_ip
 
 __all__ = [
     "MAX_PTR_NAMES",
@@ -46,7 +50,9 @@ __all__ = [
     "RDNSCheck",
     "build_result",
     "confirm",
+    "is_host_name",
     "xclient_name",
+    "xclient_reverse_name",
 ]
 
 # RFC 7208 5.5 validates at most ten PTR names; the same bound suits iprev.
@@ -147,6 +153,33 @@ def xclient_name(result: CheckResult | None) -> str:
     return "[UNAVAILABLE]"
 
 
+def xclient_reverse_name(result: CheckResult | None) -> str:
+    """The XCLIENT ``REVERSE_NAME`` for an rdns result: the client's PTR name, confirmed
+    or not (Postfix's ``reverse_client_name``, which ``reject_unknown_reverse_client_
+    hostname`` and ``check_reverse_client_hostname_access`` judge).
+
+    Why send it: Postfix's XCLIENT copies ``NAME`` into the reverse name only when
+    NAME is a name; after ``NAME=[UNAVAILABLE]`` (a PTR that does not lead back) the
+    upstream kept the reverse name of *mailgate's own* connection, so reverse-name
+    rules judged our address, not the client's. The name is the one Postfix would
+    have found: the verified name, else the first PTR name that is a host name;
+    ``[TEMPUNAVAIL]`` when the PTR lookup itself failed, else ``[UNAVAILABLE]``.
+    """
+    if result is None:
+        return "[UNAVAILABLE]"
+    verified = result.data.get("verified_name")
+    if result.result == "pass" and isinstance(verified, str) and verified:
+        return verified
+    ptr_names = result.data.get("ptr_names")
+    if isinstance(ptr_names, list):
+        for name in ptr_names:
+            if isinstance(name, str) and is_host_name(name):
+                return name
+    if result.result == "temperror" and not ptr_names:
+        return "[TEMPUNAVAIL]"
+    return "[UNAVAILABLE]"
+
+
 # --- DNS ------------------------------------------------------------------------------
 
 
@@ -160,15 +193,35 @@ async def _forward(resolver: Resolver, name: str, rtype: str) -> Forward:
         return Forward(name)
 
 
+# One label as Postfix's valid_hostname() takes it: letters, digits, "_" and inner "-".
+_HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
+
+
+def is_host_name(name: str) -> bool:
+    """Whether Postfix would take ``name`` (lower case, no final dot) as a client name.
+
+    Postfix's valid_hostname(): labels of letters, digits, "_" and "-" (not first
+    or last), 63 octets each, 255 in all, and not all digits (no address text
+    such as "192.0.2.1"). Postfix calls a client whose PTR name fails it
+    "unknown", and answers ``XCLIENT NAME=`` with such a name "501 Bad NAME
+    syntax": DNS holds "mail+1.example" or "-mx.example" without complaint.
+    """
+    if not name or len(name) > 255:
+        return False
+    if not all(_HOST_LABEL.match(label) for label in name.split(".")):
+        return False
+    return not name.replace(".", "").isdigit()
+
+
 def _candidates(ptr_names: list[str]) -> list[str]:
     """The PTR names worth a forward lookup, sorted, at most MAX_PTR_NAMES.
 
-    A PTR target that is itself an address text ("192.0.2.1") is a
-    misconfiguration that would only ever look like a name; Postfix refuses
-    it too, so it is not tried.
+    Only host names (:func:`is_host_name`): any other PTR target is a
+    misconfiguration Postfix refuses too, and a verified name that is none
+    would break the XCLIENT command that carries it upstream.
     """
     names = sorted({n.lower().rstrip(".") for n in ptr_names} - {""})
-    return [n for n in names if not is_ip(n)][:MAX_PTR_NAMES]
+    return [n for n in names if is_host_name(n)][:MAX_PTR_NAMES]
 
 
 async def evaluate(resolver: Resolver, ip: str, policy: Policy) -> CheckResult:

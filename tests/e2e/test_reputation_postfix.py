@@ -20,7 +20,7 @@ from tests.e2e.conftest import StartMailgate, message
 from tests.rig.client import smtp_client
 from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.mailgate import MailgateProcess, deep_merge
-from tests.rig.postfix import PostfixInstance
+from tests.rig.postfix import REJECTED_REVERSE_NAME, PostfixInstance
 
 ZONE = "bl.mailgate.test"
 
@@ -89,6 +89,24 @@ def test_unlisted_client_is_delivered(
         c.rcpt("bob@example.test")
         assert c.data(message("clean client"))[0] == 250
     assert len(mailbox_reset.wait_for_messages("bob", 1)) == 1
+
+
+def test_postfix_judges_the_clients_unconfirmed_ptr_name(
+    rep_front: StartMailgate, mailbox_reset: PostfixInstance, dns_zone: ZoneDNSServer
+) -> None:
+    """A PTR name that does not lead back is still Postfix's reverse client name
+    (check_reverse_client_hostname_access, reject_unknown_reverse_client_hostname).
+    Without XCLIENT REVERSE_NAME, Postfix judged the reverse name of mailgate's own
+    connection instead, and this client was delivered."""
+    dns_zone.add("46.0.0.127.in-addr.arpa", "PTR", f"{REJECTED_REVERSE_NAME}.")
+    mg = rep_front()
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.46") as c:
+        c.ehlo("mail.example.org")
+        assert c.mail("alice@example.org")[0] == 250
+        code, text = c.rcpt("bob@example.test")
+    assert (code, text[:5]) == (554, b"5.7.1"), text  # Postfix's own refusal
+    assert REJECTED_REVERSE_NAME.encode() in text
+    assert mailbox_reset.messages("bob") == []
 
 
 def test_greylisting_defers_then_delivers(

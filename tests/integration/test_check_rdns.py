@@ -17,7 +17,7 @@ import pytest
 
 from filter.checks import Context
 from filter.checks.helo import HeloCheck
-from filter.checks.rdns import MAX_PTR_NAMES, RDNSCheck, xclient_name
+from filter.checks.rdns import MAX_PTR_NAMES, RDNSCheck, xclient_name, xclient_reverse_name
 from filter.model import ClientInfo, Stage
 from filter.policy.schema import DEFAULT_POLICY, Policy, RDNSPolicy, ServerPolicy
 from filter.resolver import Resolver
@@ -178,6 +178,75 @@ async def test_ptr_target_that_is_an_address_is_not_tried(dns_zone: ZoneDNSServe
     assert dns_zone.count("192.0.2.25", "A") == 0
 
 
+@pytest.mark.parametrize(
+    "name", ["mail+1.rdns.test", "-mail.rdns.test", "mail-.rdns.test", "1.2.3.4.5"]
+)
+async def test_ptr_name_postfix_would_refuse_is_not_verified(
+    dns_zone: ZoneDNSServer, name: str
+) -> None:
+    # It leads back, but Postfix's valid_hostname() refuses it: Postfix itself calls
+    # such a client "unknown", and answers XCLIENT NAME=<it> with "501 Bad NAME
+    # syntax", so the upstream connection failed and every MAIL of the client got 451.
+    dns_zone.add(reverse(IP4), "PTR", name)
+    dns_zone.add(name, "A", IP4)
+    r = await rdns(dns_zone, IP4)
+    assert (r.result, symbols(r)) == ("fail", {"RDNS_MISMATCH": 0.5})
+    assert r.data["ptr_names"] == [name]
+    assert xclient_name(r) == "[UNAVAILABLE]"
+    assert dns_zone.count(name, "A") == 0
+
+
+async def test_underscore_and_case_and_trailing_dot_in_ptr_names(dns_zone: ZoneDNSServer) -> None:
+    # Postfix allows "_" in host names; PTR data comes back lower case, no final dot.
+    dns_zone.add(reverse(IP4), "PTR", "Mail_1.RDNS.test.")
+    dns_zone.add("mail_1.rdns.test", "A", IP4)
+    r = await rdns(dns_zone, IP4)
+    assert (r.result, xclient_name(r)) == ("pass", "mail_1.rdns.test")
+
+
+async def test_reverse_name_for_xclient_is_the_ptr_name_confirmed_or_not(
+    dns_zone: ZoneDNSServer,
+) -> None:
+    """Postfix's reverse client name is the PTR name even when it does not lead back;
+    XCLIENT NAME=[UNAVAILABLE] alone left the upstream with mailgate's own."""
+    dns_zone.add(reverse(IP4), "PTR", "-bad.rdns.test.")  # no host name: skipped
+    dns_zone.add(reverse(IP4), "PTR", "dyn-25.rdns.test.")  # leads nowhere
+    r = await rdns(dns_zone, IP4)
+    assert r.result == "fail"
+    assert (xclient_name(r), xclient_reverse_name(r)) == ("[UNAVAILABLE]", "dyn-25.rdns.test")
+    dns_zone.add("dyn-25.rdns.test", "A", IP4)
+    r = await rdns(dns_zone, IP4)
+    assert (xclient_name(r), xclient_reverse_name(r)) == ("dyn-25.rdns.test",) * 2
+
+
+async def test_reverse_name_when_there_is_none_or_the_lookup_failed(
+    dns_zone: ZoneDNSServer,
+) -> None:
+    r = await rdns(dns_zone, IP4)  # no PTR at all
+    assert (r.result, xclient_reverse_name(r)) == ("permerror", "[UNAVAILABLE]")
+    dns_zone.set_name_mode(reverse(IP4), "servfail")
+    r = await rdns(dns_zone, IP4)
+    assert (r.result, xclient_reverse_name(r)) == ("temperror", "[TEMPUNAVAIL]")
+    # The PTR answered but its forward lookup failed: the reverse name is known.
+    dns_zone.set_name_mode(reverse(IP4), None)
+    dns_zone.add(reverse(IP4), "PTR", "slow.rdns.test.")
+    dns_zone.set_name_mode("slow.rdns.test", "servfail")
+    r = await rdns(dns_zone, IP4)
+    assert (r.result, xclient_name(r)) == ("temperror", "[TEMPUNAVAIL]")
+    assert xclient_reverse_name(r) == "slow.rdns.test"
+    assert xclient_reverse_name(None) == "[UNAVAILABLE]"
+
+
+async def test_cname_in_the_forward_lookup_and_classless_reverse(dns_zone: ZoneDNSServer) -> None:
+    # RFC 2317: the PTR name is a CNAME into the customer's zone; the host name a CNAME too.
+    dns_zone.add(reverse(IP4), "CNAME", "25.0-63.2.0.192.in-addr.arpa")
+    dns_zone.add("25.0-63.2.0.192.in-addr.arpa", "PTR", "alias.rdns.test")
+    dns_zone.add("alias.rdns.test", "CNAME", "real.rdns.test")
+    dns_zone.add("real.rdns.test", "A", IP4)
+    r = await rdns(dns_zone, IP4)
+    assert (r.result, r.data["verified_name"]) == ("pass", "alias.rdns.test")
+
+
 async def test_xforward_name_is_honoured_without_lookups(dns_zone: ZoneDNSServer) -> None:
     r = await rdns(dns_zone, IP4, hostname="Relay.Example.ORG.", source="xforward")
     assert (r.result, symbols(r)) == ("pass", {"RDNS_PASS": 0.0})
@@ -241,6 +310,8 @@ async def test_helo_dns_failure_raises_no_symbol(dns_zone: ZoneDNSServer) -> Non
         (f"[{IP4}]", {}),
         ("localhost", {"HELO_NOT_FQDN": 1.0}),
         ("bad_name.rdns.test", {"HELO_INVALID": 1.5}),
+        ("fe80::1%eth0", {"HELO_INVALID": 1.5}),  # raised: the check logged a traceback
+        ("[IPv6:::ffff:198.51.100.1]", {"HELO_OURS": 4.0}),
     ],
 )
 async def test_helo_syntax_rules_send_no_query(

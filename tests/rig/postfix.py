@@ -27,6 +27,8 @@ DOMAIN = "example.test"
 DISCARD_DOMAIN = "discard.test"
 DEFAULT_MAILBOXES = ("bob", "alice", "carol")
 REJECTED_CLIENT = "127.0.0.66"  # check_client_access rejects it: proves XCLIENT ADDR is used
+# check_reverse_client_hostname_access rejects it: proves XCLIENT REVERSE_NAME is used
+REJECTED_REVERSE_NAME = "unconfirmed.reverse.test"
 
 _MASTER_SERVICES = """\
 pickup    unix  n       -       n       1       1       pickup
@@ -219,7 +221,8 @@ class PostfixInstance:
             "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
             "smtpd_recipient_restrictions": "reject_unauth_destination",
             "smtpd_client_restrictions": (
-                f"check_client_access inline:{{ {REJECTED_CLIENT}=REJECT }}"
+                f"check_client_access inline:{{ {REJECTED_CLIENT}=REJECT }},"
+                f" check_reverse_client_hostname_access inline:{{ {REJECTED_REVERSE_NAME}=REJECT }}"
             ),
             "smtpd_authorized_xclient_hosts": mynetworks,
             "smtpd_authorized_xforward_hosts": mynetworks,
