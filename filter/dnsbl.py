@@ -31,7 +31,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import TYPE_CHECKING
 
 from filter.domains import is_multi_label_host, to_a_label
@@ -54,6 +54,7 @@ __all__ = [
     "domain_query_name",
     "interpret",
     "ip_query_name",
+    "ipv6_probe_names",
     "is_listing_code",
     "looks_like_key",
     "mask_zone",
@@ -70,6 +71,9 @@ BLOCKED = "blocked"
 LISTING_NET = IPv4Network("127.0.0.0/8")
 ERROR_NET = IPv4Network("127.255.255.0/24")
 NEVER_LISTED = IPv4Address("127.0.0.1")
+# RFC 5782 5: an IPv6 list's test entries.
+IPV6_TEST_LISTED = IPv6Address("::ffff:7f00:2")
+IPV6_TEST_UNLISTED = IPv6Address("::ffff:7f00:1")
 
 # A Spamhaus DQS key is 26 lower-case letters and digits; no real zone label that
 # long is made only of those, so 16+ alphanumerics as the *first* label is a key.
@@ -89,6 +93,11 @@ def reversed_ip(ip: str) -> str:
     addr = parse_ip(ip)
     if isinstance(addr, IPv4Address):
         return ".".join(reversed(str(addr).split(".")))
+    return _nibbles(addr)
+
+
+def _nibbles(addr: IPv6Address) -> str:
+    """RFC 5782 2.4: the 32 nibbles of ``addr``, least significant first."""
     return ".".join(reversed(addr.exploded.replace(":", "")))
 
 
@@ -129,6 +138,21 @@ def probe_names(zone: str, kind: str) -> tuple[str, str]:
     return f"2.0.0.127.{zone}", f"1.0.0.127.{zone}"
 
 
+def ipv6_probe_names(zone: str) -> tuple[str, str]:
+    """An IPv6 list's test points (RFC 5782 5): ::FFFF:7F00:2 and ::FFFF:7F00:1 as nibbles.
+
+    Asked when a zone lacks 127.0.0.2: an IPv6-only list holds these instead and
+    would otherwise be disabled as dead. Spelled out here, not through
+    ``reversed_ip``, which looks IPv4-mapped addresses up as IPv4 (right for a
+    client, but it would turn these back into the IPv4 test points).
+    """
+    zone = zone.rstrip(".").lower()
+    return (
+        f"{_nibbles(IPV6_TEST_LISTED)}.{zone}",
+        f"{_nibbles(IPV6_TEST_UNLISTED)}.{zone}",
+    )
+
+
 # --- answers ----------------------------------------------------------------------------
 
 
@@ -167,8 +191,10 @@ def probe_verdict(
     SERVFAIL), which says nothing about the zone and never disables it.
     A blocked answer on either probe disables it; so does a listed "never listed"
     name (a zone that lists everything would reject every client). A missing
-    test entry disables an IP zone (RFC 5782 5 requires 127.0.0.2) but only
-    counts as fine for a domain zone, since not every domain list publishes TEST.
+    test entry disables an IP zone (RFC 5782 5 requires 127.0.0.2, or
+    ::FFFF:7F00:2 of an IPv6 list: the caller passes whichever pair it asked)
+    but only counts as fine for a domain zone, since not every domain list
+    publishes TEST.
     """
     for answer in (positive, negative):
         if answer and any(classify(a, blocked_codes) == BLOCKED for a in answer):
@@ -176,7 +202,10 @@ def probe_verdict(
     if negative:
         return "lists the test entry that must never be listed: every client would match"
     if positive is not None and not positive and kind == "ip":
-        return "does not list the test entry 127.0.0.2: zone dead, renamed or rewritten"
+        return (
+            "does not list the test entry 127.0.0.2 (nor ::FFFF:7F00:2): "
+            "zone dead, renamed or rewritten"
+        )
     return ""
 
 
@@ -302,11 +331,16 @@ def tally(
     ``reject`` zone either: the admin asked for that zone alone to decide.
 
     ``allowlisted`` (which spares the client greylisting) needs a hit that lowers the
-    score: a code scored 0 is a listing the admin does not trust, such as dnswl.org's
-    trust level "none" (127.0.x.0), which covers whole ISP pools.
+    score (a code scored 0 is a listing the admin does not trust, such as dnswl.org's
+    trust level "none" (127.0.x.0), which covers whole ISP pools) and, as with
+    postscreen's allowlist threshold, a sum below 0: a DNSWL-listed network's
+    host that is also in a blocklist (a compromised machine) is not spared.
+
+    The sum is rounded to 4 places like the verdict's score, so that 0.7 + 0.1
+    meets a threshold of 0.8 (and reads 0.8 in the data).
     """
     hits = list(hits)
-    total = prior + sum(h.score for h in hits)
+    total = round(prior + sum(h.score for h in hits), 4)
     listed = any(not h.allow for h in hits)
     reason = ""
     hard = [h for h in hits if h.reject and not h.allow]
@@ -320,4 +354,5 @@ def tally(
             sorted({mask_zone(h.zone) for h in hits if not h.allow} | set(prior_zones))
         )
         reason = f"DNSBL score {total:g} >= threshold {threshold:g} ({zones})"
-    return Tally(total, reason, any(h.allow and h.score < 0 for h in hits), listed)
+    allowlisted = total < 0 and any(h.allow and h.score < 0 for h in hits)
+    return Tally(total, reason, allowlisted, listed)

@@ -49,6 +49,7 @@ from filter.dnsbl import (
     domain_query_name,
     interpret,
     ip_query_name,
+    ipv6_probe_names,
     mask_zone,
     probe_names,
     probe_verdict,
@@ -214,7 +215,9 @@ async def probe(resolver: Resolver, zone: DNSBLZone, health: ZoneHealth = HEALTH
     """Test ``zone`` with its RFC 5782 test entries and record the outcome.
 
     Returns "" when healthy, the reason when disabled, None when the lookups
-    failed (no change: a timeout says nothing about the list).
+    failed (no change: a timeout says nothing about the list). An IP zone
+    without 127.0.0.2 is asked for the IPv6 test entries too: an IPv6-only
+    list holds ::FFFF:7F00:2 instead, and is not dead.
     """
     st = health.state(zone)
     st.probing, st.last_probe = True, health.clock()
@@ -224,6 +227,14 @@ async def probe(resolver: Resolver, zone: DNSBLZone, health: ZoneHealth = HEALTH
             _probe_lookup(resolver, listed, zone, health),
             _probe_lookup(resolver, unlisted, zone, health),
         )
+        if zone.type == "ip" and positive == [] and not negative:
+            listed, unlisted = ipv6_probe_names(zone.query_zone)
+            positive, negative6 = await asyncio.gather(
+                _probe_lookup(resolver, listed, zone, health),
+                _probe_lookup(resolver, unlisted, zone, health),
+            )
+            # both "never listed" entries must be unlisted; a failed one stays unknown
+            negative = negative6 if negative == [] or negative6 else None
     finally:
         st.probing = False
     reason = probe_verdict(zone.type, positive, negative, zone.blocked_codes)
@@ -315,7 +326,8 @@ async def _query_zones(
             return
         answer = interpret(zone, result.data, ctx.policy.score, subject)
         if answer.blocked:
-            out.blocked.append(mask_zone(zone.zone))
+            if mask_zone(zone.zone) not in out.blocked:  # HELO and sender: one zone, once
+                out.blocked.append(mask_zone(zone.zone))
             health.count_error(zone, "blocked")
             health.mark(zone, False, f"answer {','.join(answer.blocked)} means a refused query")
             if not ctx.dry_run:

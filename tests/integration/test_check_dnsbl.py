@@ -245,6 +245,24 @@ async def test_dnswl_hit_scores_negative_and_allowlists(
     assert r.data["allowlisted"] is False and r.data["blocked"] == ["wl.bl.test"]
 
 
+async def test_dnswl_hit_outweighed_by_a_listing_is_no_allowlisting(
+    dns_zone: ZoneDNSServer, health: ZoneHealth
+) -> None:
+    """postscreen-like: the combined score decides. A DNSWL-listed host that is also
+    in a blocklist (a compromised machine in a listed network) is not spared greylisting."""
+    wl = DNSBLZone("wl.bl.test", -2.0, name="WL", allow=True)
+    xbl = DNSBLZone("xbl.bl.test", 10.0)
+    list_ip(dns_zone, "wl.bl.test", CLIENT, "127.0.10.2")
+    list_ip(dns_zone, "xbl.bl.test", CLIENT, "127.0.0.4")
+    r = await run_ip(dns_zone, policy(wl, xbl, threshold=15.0), health)
+    assert (r.result, r.data["score"], r.decision) == ("fail", 8.0, None)
+    assert r.data["allowlisted"] is False
+    # an allowlist score that outweighs the listing still allowlists
+    strong = dataclasses.replace(wl, score=-12.0)
+    r = await run_ip(dns_zone, policy(strong, xbl, threshold=15.0), health)
+    assert (r.data["score"], r.data["allowlisted"]) == (-2.0, True)
+
+
 async def test_dnswl_code_scored_zero_is_no_allowlisting(
     dns_zone: ZoneDNSServer, health: ZoneHealth
 ) -> None:
@@ -352,6 +370,34 @@ async def test_probe_disables_a_zone_listing_everything_and_ignores_timeouts(
     dns_zone.set_mode("normal")
     dns_zone.remove("1.0.0.127.zen.bl.test")
     assert await probe(resolver_for(dns_zone), ZEN, health) == ""
+
+
+# RFC 5782 5: the IPv6 test points, ::FFFF:7F00:2 and ::FFFF:7F00:1, as 32 nibbles.
+V6_TEST = "2.0.0.0.0.0.f.7.f.f.f.f" + ".0" * 20
+V6_NEVER = "1.0.0.0.0.0.f.7.f.f.f.f" + ".0" * 20
+
+
+async def test_ipv6_only_zone_passes_its_own_test_entry(
+    dns_zone: ZoneDNSServer, health: ZoneHealth
+) -> None:
+    """An IPv6 list holds ::FFFF:7F00:2, not 127.0.0.2: the probe must not disable it
+    (and must ask for it as nibbles, not as the IPv4 a mapped client becomes)."""
+    v6 = DNSBLZone("v6.bl.test", 5.0)
+    dns_zone.set_records(f"{V6_TEST}.v6.bl.test", "A", ["127.0.0.2"])
+    assert await probe(resolver_for(dns_zone), v6, health) == ""
+    assert health.healthy(v6)
+    assert dns_zone.count(f"{V6_TEST}.v6.bl.test", "A") == 1
+    # one that lists the IPv6 "never listed" entry matches everyone: disabled
+    dns_zone.set_records(f"{V6_NEVER}.v6.bl.test", "A", ["127.0.0.2"])
+    assert "never" in (await probe(resolver_for(dns_zone), v6, health) or "")
+    # a zone with neither test entry is still dead
+    dead = DNSBLZone("gone.bl.test", 5.0)
+    assert "test entry" in (await probe(resolver_for(dns_zone), dead, health) or "")
+    # a list with 127.0.0.2 is not asked for the IPv6 entries at all
+    healthy_zone(dns_zone, "zen.bl.test")
+    dns_zone.reset_counters()
+    assert await probe(resolver_for(dns_zone), ZEN, health) == ""
+    assert dns_zone.count(f"{V6_TEST}.zen.bl.test") == 0
 
 
 async def test_live_blocked_answer_triggers_a_retest_that_recovers(
@@ -467,6 +513,17 @@ async def test_domain_reject_and_combined_threshold(
     # a listing on a reject zone decides by itself: nothing to re-judge
     r = await run_domain(dns_zone, policy(hard), health, "mx.fine.example", "a@spammer.example")
     assert r.decision is not None and r.decision.sum_of == ()
+
+
+async def test_domain_zone_refusing_both_names_is_reported_once(
+    dns_zone: ZoneDNSServer, health: ZoneHealth, metrics: Metrics
+) -> None:
+    dns_zone.set_records("helo.example.dbl.bl.test", "A", ["127.255.255.254"])
+    dns_zone.set_records("sender.example.dbl.bl.test", "A", ["127.255.255.254"])
+    r = await run_domain(dns_zone, policy(DBL), health, "helo.example", "a@sender.example")
+    assert (r.result, r.symbols, r.decision) == ("none", (), None)
+    assert r.data["blocked"] == ["dbl.bl.test"]
+    assert not health.healthy(DBL)
 
 
 # -- access keys, the pipeline, the verdict ----------------------------------------------

@@ -17,6 +17,7 @@ from filter.dnsbl import (
     domain_query_name,
     interpret,
     ip_query_name,
+    ipv6_probe_names,
     is_listing_code,
     mask_zone,
     probe_names,
@@ -102,6 +103,14 @@ def test_probe_names_are_rfc5782_test_points() -> None:
         "1.0.0.127.zen.spamhaus.org",
     )
     assert probe_names("dbl.example", "domain") == ("test.dbl.example", "invalid.dbl.example")
+    # IPv6 lists: ::FFFF:7F00:2 / ::FFFF:7F00:1 as nibbles, although a client with
+    # such an IPv4-mapped address is looked up as IPv4
+    nibbles = ".0" * 20 + ".bl.example"
+    assert ipv6_probe_names("BL.Example.") == (
+        "2.0.0.0.0.0.f.7.f.f.f.f" + nibbles,
+        "1.0.0.0.0.0.f.7.f.f.f.f" + nibbles,
+    )
+    assert ip_query_name("::FFFF:7F00:2", "bl.example") == "2.0.0.127.bl.example"
 
 
 # --- answer classification ------------------------------------------------------------
@@ -244,12 +253,28 @@ def test_threshold_combines_zones() -> None:
 def test_allowlist_lowers_the_sum_but_never_rejects() -> None:
     wl = _hit(-4.0, allow=True, zone="wl.example")
     t = tally([_hit(3.0), _hit(3.0, zone="b.example"), wl], threshold=5.0)
-    assert (t.total, t.reject_reason, t.allowlisted) == (2.0, "", True)
+    # the sum stays above 0: lowered below the threshold, but not allowlisted
+    assert (t.total, t.reject_reason, t.allowlisted) == (2.0, "", False)
     assert tally([wl], threshold=0.5).reject_reason == ""
     # a zone's own reject flag is not cancelled by an allowlist hit
     assert tally([_hit(1.0, reject=True), wl], threshold=0.0).reject_reason
     # an allowlist hit scored 0 (an untrusted code) spares nothing
     assert not tally([_hit(0.0, allow=True, zone="wl.example")], threshold=0.0).allowlisted
+
+
+def test_the_sum_is_rounded_like_the_verdicts() -> None:
+    """0.7 + 0.1 is 0.7999999999999999 in floats: a threshold of 0.8 must still be met."""
+    hits = [_hit(0.7, zone="a.example"), _hit(0.1, zone="b.example")]
+    t = tally(hits, threshold=0.8)
+    assert t.total == 0.8
+    assert t.reject_reason == "DNSBL score 0.8 >= threshold 0.8 (a.example, b.example)"
+
+
+def test_allowlisted_needs_the_combined_sum_below_zero() -> None:
+    wl = _hit(-2.0, allow=True, zone="wl.example")
+    assert tally([wl], threshold=0.0).allowlisted
+    assert not tally([wl, _hit(10.0)], threshold=0.0).allowlisted  # XBL + DNSWL
+    assert tally([_hit(-12.0, allow=True, zone="wl.example"), _hit(10.0)], 0.0).allowlisted
 
 
 # --- probes ---------------------------------------------------------------------------
