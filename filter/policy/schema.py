@@ -29,7 +29,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-from filter.dnsbl import derived_tag, is_listing_code
+from filter.dnsbl import derived_tag, is_listing_code, symbol_for
 from filter.storeurl import url_problem
 from filter.units import (
     Address,
@@ -930,14 +930,22 @@ class DNSBLPolicy:
                 yield f"zones[{i}].zone", f'"{zone.zone}" is listed twice'
                 continue
             seen.add((name, zone.type))
-            symbol = ("DNSWL_" if zone.allow else "DNSBL_") + zone.tag
-            if symbol in tags:
+            # Every symbol the zone can produce, its codes' included: "ZEN" with code
+            # label "SBL" and a zone named "ZEN_SBL" both make DNSBL_ZEN_SBL, and the
+            # check keeps one hit per symbol, so one zone's listing (maybe the one
+            # that rejects) would silently vanish behind the other's.
+            symbols = [symbol_for(zone.tag, "", zone.allow)]
+            symbols += [symbol_for(zone.tag, c.label, zone.allow) for c in zone.codes]
+            clashes = sorted({tags[sym] for sym in symbols if tags.get(sym, i) != i})
+            for j in clashes:
+                shared = sorted(sym for sym in set(symbols) if tags.get(sym) == j)
                 yield (
                     f"zones[{i}].name",
-                    f"symbol {symbol} is already used by zones[{tags[symbol]}]; "
+                    f"symbol {', '.join(shared)} is already used by zones[{j}]; "
                     "set a distinct name",
                 )
-            tags.setdefault(symbol, i)
+            for sym in symbols:
+                tags.setdefault(sym, i)
 
 
 @dataclass(frozen=True)

@@ -340,3 +340,25 @@ def test_every_check_can_score_its_temperror() -> None:
     assert {"spf", "dkim", "dmarc", "arc", "greylist", "lists_rcpt"} <= names
     assert names <= set(PIPELINE_CHECKS)
     assert {f"{n.upper()}_TEMPERROR" for n in names} <= KNOWN_SYMBOLS
+
+
+def test_zone_symbols_may_not_clash_through_code_labels() -> None:
+    """ "ZEN" with code label "SBL" and a zone named "ZEN_SBL" both make DNSBL_ZEN_SBL;
+    the check keeps one hit per symbol, so one zone's listing would vanish."""
+    zen = {"zone": "zen.example", "codes": {"127.0.0.2": {"label": "SBL"}}}
+    clash = {"zone": "other.example", "name": "ZEN_SBL", "reject": True}
+    problems = _problems({"dnsbl": {"zones": [zen, clash]}})
+    assert problems == [
+        (
+            "dnsbl.zones[1].name",
+            "symbol DNSBL_ZEN_SBL is already used by zones[0]; set a distinct name",
+        )
+    ]
+    # The other way round, and two codes of one zone sharing a label, are fine/caught.
+    problems = _problems({"dnsbl": {"zones": [clash, zen]}})
+    assert [key for key, _ in problems] == ["dnsbl.zones[1].name"]
+    pbl = {"127.0.0.10": {"label": "PBL"}, "127.0.0.11": {"label": "PBL"}}
+    _valid({"dnsbl": {"zones": [{"zone": "zen.example", "codes": pbl}]}})
+    # An allowlist's symbols are DNSWL_…: no clash with a blocklist of the same tag.
+    allow = {"zone": "list.dnswl.example", "name": "ZEN", "allow": True, "score": -1.0}
+    _valid({"dnsbl": {"zones": [{"zone": "zen.example"}, allow]}})
