@@ -152,7 +152,7 @@ KEYS: dict[str, KeySpec] = {
         "rl:r:{net:CIDR | dom:sender domain | domnet:sender domain|CIDR}",
         "sorted set: r:{random event id} -> time (ms)",
         "ratelimit.window, renewed on every counted recipient",
-        "sliding-window log of the recipients (RCPT commands) of a client network or sender "
+        "sliding-window log of the recipients (accepted RCPTs) of a client network or sender "
         "domain, scoped like rl:m:",
     ),
 }

@@ -16,12 +16,21 @@ is not even sent to the store):
   its 451 at each RCPT; its recipients are then not counted again.
 * ``messages_per_*``: at RCPT (:class:`RateLimitCheck`), one per transaction. The
   member is an id drawn once per transaction (:class:`_TransactionIds`), so only a
-  transaction's first counted recipient adds a message, whether or not earlier
-  recipients were refused by another check. ``envelope.recipients`` could not tell
-  (it holds accepted recipients only), nor could ``envelope.message_id`` (it repeats
-  after a transaction that ended in RSET without DATA).
-* ``recipients_per_*``: at RCPT, one per RCPT command, refused or not by the checks
-  that follow.
+  transaction's first counted recipient adds a message. ``envelope.recipients``
+  could not tell (it also holds recipients that were not counted, below), nor could
+  ``envelope.message_id`` (it repeats after a transaction that ended in RSET).
+* ``recipients_per_*``: at RCPT, one per recipient that gets in.
+
+Only mail that gets in uses quota: the RCPT check runs after the upstream accepted
+the recipient (``after_upstream``, as greylisting does) and after greylisting, and
+counts nothing for a recipient the upstream refused (an unknown user), that another
+check refuses anyway (a greylisting 451 would otherwise be charged again on the
+retry), whose domain has the check "off", or that an enforced allow-list entry
+lets through whatever we say. So a transaction none of whose recipients got in is
+no message. Once a recipient got in its message is counted, like Postfix's
+``smtpd_client_message_rate_limit`` (which counts MAIL commands): a transaction
+later ended by RSET, or refused after DATA, still counts; checks see no
+transaction end to take it back at.
 
 Per network: the client's ``ipv4_prefix``/``ipv6_prefix`` network, as greylisting
 groups mail farms. Per sender domain: the MAIL FROM domain (A-label), but only when
@@ -36,10 +45,11 @@ never locked out for longer than the window. The sliding-window log and its memo
 bound are explained with the script in :mod:`filter.store`.
 
 Exempt: trusted networks (the session never runs checks for them) and
-``exempt_clients``. A dry run (``mailgate check``) reads the counters and writes
-nothing. Store failures follow ``redis.on_error`` as greylisting's do: "accept" lets
-mail through with ``RATELIMIT_STORE_ERROR`` (result temperror, no decision),
-"tempfail" answers 451 4.3.0; ``mailgate_store_errors_total`` counts them either way.
+``exempt_clients``; for messages and recipients, also enforced allow-list entries.
+A dry run (``mailgate check``) reads the counters and writes nothing. Store failures
+follow ``redis.on_error`` as greylisting's do: "accept" lets mail through with
+``RATELIMIT_STORE_ERROR`` (result temperror, no decision), "tempfail" answers
+451 4.3.0; ``mailgate_store_errors_total`` counts them either way.
 
 Result words: "policy" over a limit (symbol RATELIMIT_CONNECTIONS, _MESSAGES or
 _RECIPIENTS and a tempfail decision), "pass" counted (no symbol: being under a
@@ -67,6 +77,7 @@ from filter.policy.schema import RateLimitPolicy
 from filter.results import Action, CheckResult, Decision, Symbol
 from filter.store import RateCounter, StoreError
 from filter.units import format_duration
+from filter.verdict import decide
 
 __all__ = [
     "Limit",
@@ -148,12 +159,15 @@ def recipient_limits(
     sender: str | None,
     transaction_id: str,
     event_id: str,
+    message_counted: bool = False,
 ) -> list[Limit]:
     """The counters one RCPT counts toward, messages before recipients.
 
     ``sender`` is :func:`sender_subject`'s answer; ``transaction_id`` names the
     message (the same id again is not a new message), ``event_id`` this recipient.
-    The order decides which limit a refusal names when several are full.
+    ``message_counted``: the transaction's message was let in already, so only the
+    recipient counters apply. The order decides which limit a refusal names when
+    several are full.
     """
     out: list[Limit] = []
     scopes: list[tuple[str, str, str, int, int]] = [
@@ -177,7 +191,7 @@ def recipient_limits(
             )
         )
     for scope, subject, where, messages, _ in scopes:
-        if messages:
+        if messages and not message_counted:
             counter = RateCounter(
                 "rl_messages", _subject(scope, subject), messages, f"m:{transaction_id}"
             )
@@ -213,18 +227,36 @@ class _TransactionIds:
     the object itself is the transaction. Envelopes are unhashable (mutable
     dataclasses), hence ``id()`` as the key; the entry is dropped when the envelope
     is collected, so a later object reusing the address never inherits an id.
+
+    It also remembers whether the transaction's message was counted: the store's
+    entry slides out after a window, and a transaction outliving it (a slow client)
+    would otherwise be counted again at its next recipient, or refused for the
+    message it had already been let in with.
     """
 
     def __init__(self) -> None:
         self._ids: dict[int, str] = {}
+        self._counted: set[int] = set()
 
     def __call__(self, envelope: Envelope) -> str:
         key = id(envelope)
         found = self._ids.get(key)
         if found is None:
             found = self._ids[key] = secrets.token_hex(8)
-            weakref.finalize(envelope, self._ids.pop, key, None)
+            weakref.finalize(envelope, self._forget, key)
         return found
+
+    def counted(self, envelope: Envelope) -> bool:
+        """Whether this transaction's message is counted already."""
+        return id(envelope) in self._counted
+
+    def mark_counted(self, envelope: Envelope) -> None:
+        if id(envelope) in self._ids:  # only a transaction with an id has a finalizer
+            self._counted.add(id(envelope))
+
+    def _forget(self, key: int) -> None:
+        self._ids.pop(key, None)
+        self._counted.discard(key)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -320,12 +352,47 @@ class RateLimitConnectCheck:
         return await _evaluate(self.name, ctx, limits)
 
 
+def _uncounted(ctx: Context, recipient_domain: str) -> tuple[str, str] | None:
+    """(outcome, reason) when this recipient must not be counted, else None.
+
+    Only mail that gets in uses quota (refused events use none, above): not a
+    recipient another check refuses anyway (greylisting's 451 comes back after the
+    delay and would be charged twice), not one whose domain switched the check off
+    (the verdict ignores it there), not an enforced allow-list entry's (the verdict
+    drops our 451 for it, so counting would only defer its network's neighbours).
+    Judged as the verdict judges: monitor modes and domain overrides apply.
+    """
+    policy = ctx.policy
+    override = policy.override_for(recipient_domain)
+    if policy.check_mode(RCPT_CHECK, override) == "off":
+        return "disabled", f"ratelimit is off for {recipient_domain}"
+    lists = ctx.results.get("lists")
+    if (
+        lists is not None
+        and lists.data.get("allowlisted") is True
+        and policy.check_mode("lists", override) == "enforce"
+    ):
+        return "exempt", f"allow-listed: {lists.data.get('reason')}"
+    others = [r for r in ctx.results.values() if r.check != RCPT_CHECK]
+    if any(r.decision is not None for r in others):
+        verdict = decide(others, policy, Stage.RCPT, recipient_domain)
+        if verdict.refuses:
+            return "skipped", f"refused anyway ({verdict.action}: {verdict.reason})"
+    return None
+
+
 class RateLimitCheck:
-    """Messages and recipients per client network and per sender domain, at each RCPT."""
+    """Messages and recipients per client network and per sender domain, at each RCPT.
+
+    Runs once the upstream accepted the RCPT, and after greylisting, so that only
+    recipients that get in are counted: an unknown user's 550 or a greylisting 451 is
+    no recipient sent, and a transaction none of whose recipients got in is no message.
+    """
 
     name = RCPT_CHECK
     stage = Stage.RCPT
-    needs: tuple[str, ...] = (CONNECT_CHECK, "spf")
+    needs: tuple[str, ...] = (CONNECT_CHECK, "spf", "dnsbl", "lists", "lists_rcpt", "greylist")
+    after_upstream = True
 
     async def run(self, ctx: Context) -> CheckResult:
         if ctx.envelope is None or ctx.recipient is None:
@@ -339,12 +406,23 @@ class RateLimitCheck:
             # Already refused for its connections: counting its recipients too would
             # charge the sender for mail that never got in.
             return _none(self.name, "skipped", "connection is over its rate limit")
+        uncounted = _uncounted(ctx, ctx.recipient.address.rpartition("@")[2])
+        if uncounted is not None:
+            return _none(self.name, *uncounted)
         network = client_network(ctx.client.ip, policy.ipv4_prefix, policy.ipv6_prefix)
         sender = sender_subject(ctx.envelope.mail_from, _spf_pass_domain(ctx), network)
         # The random part makes the member one per transaction; the session's
         # message id only makes it readable to an admin looking at the store.
         txn = f"{ctx.envelope.message_id}/{_transaction_ids(ctx.envelope)}"
-        limits = recipient_limits(policy, network, sender, txn, secrets.token_hex(8))
+        counted = _transaction_ids.counted(ctx.envelope)
+        event = secrets.token_hex(8)
+        limits = recipient_limits(policy, network, sender, txn, event, message_counted=counted)
         if not limits:
+            if counted:  # a later recipient of a message let in: under the limit
+                data = {"outcome": "counted", "reason": "its message is counted already"}
+                return CheckResult(self.name, "pass", (), None, {**data, "counts": {}})
             return _none(self.name, "disabled", "no message or recipient limit set")
-        return await _evaluate(self.name, ctx, limits)
+        result = await _evaluate(self.name, ctx, limits)
+        if result.result == "pass" and not ctx.dry_run:
+            _transaction_ids.mark_counted(ctx.envelope)
+        return result

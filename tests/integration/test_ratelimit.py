@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,14 +24,18 @@ from filter.checks import Context
 from filter.checks.ratelimit import RateLimitCheck, RateLimitConnectCheck
 from filter.metrics import Metrics
 from filter.model import ClientInfo, Envelope, Recipient, Stage
-from filter.pipeline import Pipeline
+from filter.pipeline import Pipeline, after_upstream
 from filter.policy.schema import Policy, policy_from_dict
 from filter.replies import Reply
-from filter.results import Action, CheckResult, Symbol
+from filter.results import Action, CheckResult, Decision, Symbol
 from filter.session import Session
 from filter.store import Store
+from tests.integration.conftest import AUTH_CHECKS_OFF, StartMailgate
+from tests.rig.client import smtp_client
+from tests.rig.mailgate import MailgateProcess, deep_merge
 from tests.rig.ports import free_cluster_port
 from tests.rig.redisserver import start_redis_server, stop_servers
+from tests.rig.upstream import ScriptedUpstream
 
 T0 = 1_700_000_000.0
 
@@ -305,6 +310,39 @@ async def test_null_sender_counts_per_network_only(
     assert rl_keys(raw) == ["mailgate:rl:r:net:192.0.2.0/24"]
 
 
+async def test_a_recipient_refused_anyway_is_counted_only_if_that_check_just_monitors(
+    store: Store, redis_url: str, raw: redis.Redis, clock: Clock
+) -> None:
+    """Judged as the verdict judges: a greylist 451 in monitor mode lets the mail in."""
+    greylisted = CheckResult(
+        "greylist",
+        "policy",
+        (Symbol("GREYLIST_NEW", 0.0),),
+        Decision(Action.GREYLIST, replies.GREYLISTED, "greylisted (new)"),
+        {},
+    )
+    for mode, counted in (("enforce", 0), ("monitor", 1)):
+        raw.flushdb()
+        policy, problems = policy_from_dict(
+            {
+                "redis": {"url": redis_url},
+                "greylist": {"enabled": True, "mode": mode},
+                "ratelimit": {"enabled": True, "recipients_per_network": 5},
+            }
+        )
+        assert policy is not None, problems
+        r = await Harness(store, policy, clock).rcpt(results={"greylist": greylisted})
+        assert r.decision is None
+        assert r.data["outcome"] == ("skipped" if counted == 0 else "counted"), mode
+        assert raw.zcard("mailgate:rl:r:net:192.0.2.0/24") == counted
+
+
+def test_recipients_are_counted_after_the_upstream_and_greylisting() -> None:
+    check = RateLimitCheck()
+    assert after_upstream(check) and "greylist" in check.needs
+    assert not after_upstream(RateLimitConnectCheck())
+
+
 # --- the window ---------------------------------------------------------------------------
 
 
@@ -324,6 +362,22 @@ async def test_window_slides_with_the_clock(store: Store, redis_url: str, clock:
     assert limited(await h.connect())
     clock.now += 60
     assert pass_all([await h.connect(), await h.connect()])
+
+
+async def test_a_message_admitted_once_is_not_counted_again_when_its_entry_slides_out(
+    store: Store, redis_url: str, raw: redis.Redis, clock: Clock
+) -> None:
+    """A slow transaction outliving the window is still one message: its later
+    recipients must neither count it a second time nor be refused for it."""
+    h = Harness(store, make_policy(redis_url, messages_per_network=1, window="1m"), clock)
+    slow = txn("F.1")
+    assert pass_all([await h.rcpt(txn=slow, rcpt="a@example.test")])
+    clock.now += 61  # F.1's entry slid out; another message takes the network's quota
+    assert pass_all([await h.rcpt(txn=txn("F.2"))])
+    clock.now += 1
+    assert pass_all([await h.rcpt(txn=slow, rcpt="b@example.test")])
+    assert raw.zcard("mailgate:rl:m:net:192.0.2.0/24") == 1
+    assert limited(await h.rcpt(txn=txn("F.3")))
 
 
 async def test_window_slides_in_real_time(store: Store, redis_url: str) -> None:
@@ -628,3 +682,132 @@ async def test_outcomes_are_counted_in_metrics(
     labels = {"limit": "connections_per_network"}
     assert sample("mailgate_ratelimit_total", {**labels, "result": "under"}) == 2
     assert sample("mailgate_ratelimit_total", {**labels, "result": "over"}) == 1
+
+
+# --- a real mailgate process: what the client hears, what the store holds ------------------
+
+UNKNOWN_USER = "550 5.1.1 <nobody@example.test>: Recipient address rejected: User unknown"
+
+
+def _start_limited(
+    mailgate: StartMailgate, extra: dict[str, Any] | None = None, **limits: Any
+) -> MailgateProcess:
+    policy = deep_merge(
+        AUTH_CHECKS_OFF,
+        {"dnsbl": {"enabled": False}, "ratelimit": {"enabled": True, **limits}},
+    )
+    return mailgate(deep_merge(policy, extra or {}))
+
+
+def test_recipients_the_upstream_refused_use_no_quota(
+    mailgate: StartMailgate, upstream: ScriptedUpstream, redis_url: str, raw: redis.Redis
+) -> None:
+    """An unknown user's 550 is the upstream's refusal: it is no recipient sent, and a
+    transaction that never had an accepted recipient is no message sent."""
+    upstream.script(rcpt={"nobody@example.test": UNKNOWN_USER})
+    mg = _start_limited(mailgate, messages_per_network=1, recipients_per_network=2)
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.81") as c:
+        c.ehlo("mail.example.org")
+        assert c.mail("alice@example.org")[0] == 250
+        for _ in range(3):
+            assert c.rcpt("nobody@example.test")[0] == 550
+        c.rset()
+        assert c.mail("alice@example.org")[0] == 250
+        assert c.rcpt("nobody@example.test")[0] == 550
+        assert c.rcpt("bob@example.test")[0] == 250
+        assert c.rcpt("carol@example.test")[0] == 250
+        code, text = c.rcpt("dave@example.test")
+        assert code == 451 and text.startswith(b"4.7.0")
+    assert raw.zcard("mailgate:rl:m:net:127.0.0.0/24") == 1
+    assert raw.zcard("mailgate:rl:r:net:127.0.0.0/24") == 2
+
+
+def test_greylisted_recipients_use_no_quota(
+    mailgate: StartMailgate, upstream: ScriptedUpstream, redis_url: str, raw: redis.Redis
+) -> None:
+    """A greylisted recipient comes back after the delay: counting the 451 as well would
+    charge the sender twice, and fill its quota with mail that never got in."""
+    mg = _start_limited(
+        mailgate, {"greylist": {"enabled": True, "delay": "1h"}}, recipients_per_network=2
+    )
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.82") as c:
+        c.ehlo("mail.example.org")
+        assert c.mail("alice@example.org")[0] == 250
+        for i in range(4):
+            code, text = c.rcpt(f"u{i}@example.test")
+            assert code == 451 and text.startswith(b"4.7.1"), text  # greylisted, not limited
+    assert not raw.exists("mailgate:rl:r:net:127.0.0.0/24")
+
+
+def test_recipients_refused_by_a_block_list_use_no_quota(
+    mailgate: StartMailgate,
+    upstream: ScriptedUpstream,
+    redis_url: str,
+    raw: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    blocked = tmp_path / "block-recipients.txt"
+    blocked.write_text("spamtrap@example.test\n")
+    mg = _start_limited(
+        mailgate, {"lists": {"block_recipients": str(blocked)}}, recipients_per_network=1
+    )
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.83") as c:
+        c.ehlo("mail.example.org")
+        assert c.mail("alice@example.org")[0] == 250
+        for _ in range(3):
+            assert c.rcpt("spamtrap@example.test")[0] == 550
+        assert c.rcpt("bob@example.test")[0] == 250
+        assert c.rcpt("carol@example.test")[0] == 451
+    assert raw.zcard("mailgate:rl:r:net:127.0.0.0/24") == 1
+
+
+def test_allow_listed_client_uses_no_quota_of_its_network(
+    mailgate: StartMailgate,
+    upstream: ScriptedUpstream,
+    redis_url: str,
+    raw: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    """An enforced allow entry overrides the limit's 451 anyway: counting its mail would
+    only defer the allow-listed host's neighbours in its network."""
+    allowed = tmp_path / "allow-clients.txt"
+    allowed.write_text("127.0.0.84\n")
+    mg = _start_limited(
+        mailgate, {"lists": {"allow_clients": str(allowed)}}, recipients_per_network=1
+    )
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.84") as c:
+        c.ehlo("mail.example.org")
+        assert c.mail("alice@example.org")[0] == 250
+        for i in range(3):
+            assert c.rcpt(f"u{i}@example.test")[0] == 250
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.85") as c:
+        c.ehlo("mail.example.org")
+        assert c.mail("alice@example.org")[0] == 250
+        assert c.rcpt("bob@example.test")[0] == 250
+        assert c.rcpt("carol@example.test")[0] == 451
+    assert raw.zcard("mailgate:rl:r:net:127.0.0.0/24") == 1
+
+
+def test_recipients_of_a_domain_with_ratelimit_off_use_no_quota(
+    mailgate: StartMailgate, upstream: ScriptedUpstream, redis_url: str, raw: redis.Redis
+) -> None:
+    """``[domains."…"] checks = { ratelimit = "off" }``: the verdict ignores the check for
+    that domain, so its recipients must not use up the quota of everyone else's mail."""
+    mg = _start_limited(
+        mailgate,
+        {"domains": {"partner.example": {"checks": {"ratelimit": "off"}}}},
+        messages_per_network=1,
+        recipients_per_network=1,
+    )
+    with smtp_client("127.0.0.1", mg.smtp_port, source_ip="127.0.0.86") as c:
+        c.ehlo("mail.example.org")
+        assert c.mail("alice@example.org")[0] == 250
+        for i in range(3):
+            assert c.rcpt(f"u{i}@partner.example")[0] == 250
+        c.rset()
+        assert c.mail("alice@example.org")[0] == 250
+        assert c.rcpt("bob@example.test")[0] == 250
+        assert c.rcpt("carol@example.test")[0] == 451
+        assert c.rcpt("u9@partner.example")[0] == 250
+    assert raw.zcard("mailgate:rl:m:net:127.0.0.0/24") == 1
+    assert raw.zcard("mailgate:rl:r:net:127.0.0.0/24") == 1

@@ -192,3 +192,22 @@ def test_transaction_ids_are_per_envelope_object_and_forgotten_with_it() -> None
     del a, b
     gc.collect()
     assert len(ids) == 0
+
+
+def test_recipient_limits_leave_out_the_messages_of_a_message_counted_already() -> None:
+    p = rl(messages_per_network=5, recipients_per_network=50, messages_per_sender_domain=7)
+    got = recipient_limits(p, NET, "dom:example.org", "T.1", "e1", message_counted=True)
+    assert [x.setting for x in got] == ["recipients_per_network"]
+
+
+def test_transaction_ids_remember_a_counted_message_until_the_transaction_ends() -> None:
+    ids = _TransactionIds()
+    a = Envelope("alice@example.org", message_id="S.1")
+    b = Envelope("alice@example.org", message_id="S.2")
+    ids(a), ids(b)
+    assert not ids.counted(a)
+    ids.mark_counted(a)
+    assert ids.counted(a) and not ids.counted(b)
+    del a
+    gc.collect()
+    assert len(ids) == 1 and not ids._counted
