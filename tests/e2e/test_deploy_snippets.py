@@ -44,6 +44,8 @@ def substituted(path: Path, replacements: list[tuple[str, str]]) -> str:
 
 
 def postconf(pf: PostfixInstance, *args: str) -> str:
+    """postconf's output; a warning (a misspelt or unused parameter in a snippet, a
+    malformed master.cf line) fails the test, although Postfix would still start."""
     proc = subprocess.run(
         ["postconf", "-c", str(pf.config_dir), *args],
         capture_output=True,
@@ -51,6 +53,7 @@ def postconf(pf: PostfixInstance, *args: str) -> str:
         timeout=30,
         check=True,
     )
+    assert "warning" not in proc.stderr, proc.stderr
     return proc.stdout
 
 
@@ -108,6 +111,7 @@ def front_postfix() -> Iterator[PostfixInstance]:
 
 
 def test_front_snippets_are_what_postfix_reads(front_postfix: PostfixInstance) -> None:
+    postconf(front_postfix, "-n")  # no warnings about what the snippets set
     assert postconf(front_postfix, "-h", "smtpd_authorized_xclient_hosts").strip() == "127.0.0.1"
     smtpd = inet_services(front_postfix)
     # Only the loopback smtpd: the public "smtp inet" line stays commented out.
@@ -192,6 +196,7 @@ def filter_postfix() -> Iterator[PostfixInstance]:
 
 
 def test_filter_snippets_are_what_postfix_reads(filter_postfix: PostfixInstance) -> None:
+    postconf(filter_postfix, "-n")  # no warnings about what the snippets set
     public = f"127.0.0.1:{filter_postfix.listen_port}/inet"
     after = f"127.0.0.1:{filter_postfix.after_filter_port}/inet"
     proxy = postconf(filter_postfix, "-P", f"{public}/smtpd_proxy_filter")

@@ -35,6 +35,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from filter import metrics as m
+from filter.checks.registry import build_checks
+from filter.model import Stage
+from filter.pipeline import Pipeline
+from filter.policy import load_policy
 from filter.policy.schema import ServerPolicy
 from filter.store import parse_store_url
 
@@ -97,6 +101,8 @@ CLOSED_VALUES: dict[tuple[str, str], tuple[str, ...]] = {
     ("mailgate_smtp_replies", "code_class"): m.CODE_CLASSES,
     ("mailgate_policy_reloads", "outcome"): m.RELOAD_OUTCOMES,
     ("mailgate_dnsbl_errors", "reason"): m.DNSBL_ERROR_REASONS,
+    ("mailgate_ratelimit", "limit"): m.RATELIMIT_LIMITS,
+    ("mailgate_ratelimit", "result"): m.RATELIMIT_RESULTS,
 }
 
 _SELECTOR = re.compile(r"\b(mailgate_[a-z0-9_]+)\s*(\{[^}]*\})?")
@@ -196,6 +202,75 @@ def test_alert_rules_reference_only_existing_metrics() -> None:
     assert problems == {}
 
 
+# A counter series (and a histogram's _bucket/_count/_sum) only means something as a
+# rate: its raw value starts again at 0 on every restart, and changes() counts that
+# reset as an event. A gauge in rate()/increase() is meaningless. A histogram's buckets
+# are only summed with "le" kept, for histogram_quantile.
+_RANGE_CALL = re.compile(r"\b(rate|irate|increase)\s*\(\s*$")
+_QUANTILE_OF_RATE = re.compile(
+    r"histogram_quantile\(\s*[0-9.]+\s*,\s*sum\s+by\s*\(([^)]*)\)\s*\(\s*rate\s*\(\s*$"
+)
+_CUMULATIVE = ("_total", "_bucket", "_count", "_sum")
+
+
+def usage_problems(expr: str) -> list[str]:
+    """Metrics used against their type in one PromQL expression."""
+    found: list[str] = []
+    for match in _SELECTOR.finditer(expr):
+        name = match.group(1)
+        if name not in METRICS:
+            continue  # problems_in() reports it
+        before, after = expr[: match.start()], expr[match.end() :].lstrip()
+        in_range_call = bool(_RANGE_CALL.search(before)) and after.startswith("[")
+        if name.endswith(_CUMULATIVE) and METRICS[name][0] != name:
+            if not in_range_call:
+                found.append(f"{name} is cumulative: use it in rate() or increase()")
+        elif _RANGE_CALL.search(before):
+            found.append(f"{name} is a gauge: rate()/increase() of it means nothing")
+        if name.endswith("_bucket"):
+            quantile = _QUANTILE_OF_RATE.search(before)
+            grouped = {g.strip() for g in quantile.group(1).split(",")} if quantile else set()
+            if "le" not in grouped:
+                found.append(f"{name}: histogram_quantile(q, sum by (le, ...) (rate(...)))")
+    return found
+
+
+def test_usage_check_catches_misused_metrics() -> None:
+    assert usage_problems("changes(mailgate_policy_reloads_total[5m]) > 0")
+    assert usage_problems("sum(mailgate_messages_total)")
+    assert usage_problems("rate(mailgate_active_sessions[5m])")
+    assert usage_problems(
+        "histogram_quantile(0.9, sum by (check) (rate(mailgate_check_duration_seconds_bucket[5m])))"
+    )
+    assert usage_problems("sum by (le) (mailgate_dns_query_duration_seconds_bucket)")
+    assert not usage_problems(
+        "histogram_quantile(0.9, sum by (le, check) "
+        "(rate(mailgate_check_duration_seconds_bucket[5m])))"
+    )
+    assert not usage_problems("sum(increase(mailgate_greylist_total[1h])) + mailgate_build_info")
+    assert not usage_problems("rate(mailgate_dns_query_duration_seconds_count{rtype='A'}[5m])")
+
+
+def test_dashboard_and_rules_use_each_metric_by_its_type() -> None:
+    exprs = dashboard_exprs() + [str(rule["expr"]) for rule in alert_rules()]
+    problems = {e: p for e in exprs if (p := usage_problems(e))}
+    assert problems == {}
+
+
+def test_every_metric_named_in_deploy_files_and_readme_exists() -> None:
+    """Comments, READMEs and descriptions too: an on-call engineer copies them into
+    Prometheus. A name is a series (``_total``, ``_bucket``...) or a family."""
+    families = {family for family, _ in METRICS.values()}
+    texts = [p for p in DEPLOY.rglob("*") if p.is_file()] + [REPO / "README.md"]
+    unknown = {
+        f"{path.relative_to(REPO)}: {name}"
+        for path in texts
+        for name in re.findall(r"\bmailgate_[a-z0-9_]*[a-z0-9]", path.read_text())
+        if name not in METRICS and name not in families
+    }
+    assert unknown == set()
+
+
 def test_dashboard_shows_what_an_operator_needs() -> None:
     dash = json.loads(DASHBOARD.read_text())
     assert dash["uid"] and dash["title"] == "mailgate"
@@ -226,8 +301,18 @@ def test_dashboard_shows_what_an_operator_needs() -> None:
         "mailgate_greylist_total",
         "mailgate_policy_reloads_total",
         "mailgate_build_info",
+        "mailgate_ratelimit_total",
     ):
         assert series in used, series
+    # The questions of an on-call engineer, each answered by a panel of its own.
+    titles = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in panels}
+    why = [e for title, e in titles.items() if title.startswith("Why")]
+    assert why and "by (check, result)" in why[0] and "mailgate_check_results_total" in why[0]
+    assert "mailgate_dnsbl_zone_healthy" in titles["DNSBL zones disabled"]
+    assert "mailgate_upstream_errors_total" in titles["Upstream (Postfix) errors / s"]
+    assert "mailgate_store_errors_total" in titles["Store (Redis) errors / s"]
+    assert "by (zone)" in titles["DNSBL zone health"]
+    assert "by (stage)" in titles["Upstream errors by stage"]
     assert "histogram_quantile(0.5," in used and "histogram_quantile(0.99," in used
     # Panels do not overlap on the 24-column grid.
     cells: set[tuple[int, int]] = set()
@@ -249,8 +334,10 @@ REQUIRED_ALERTS = {
     "MailgateBlockedResolver",
     "MailgateUpstreamErrors",
     "MailgateStoreDown",
+    "MailgateDNSFailing",
     "MailgateRejectRateSpike",
     "MailgatePolicyReloadFailed",
+    "MailgateConnectionsRefused",
 }
 
 
@@ -281,15 +368,26 @@ def test_alert_rules_structure() -> None:
     assert 'reason="blocked"' in rules["MailgateBlockedResolver"]["expr"]
     assert 'outcome="error"' in rules["MailgatePolicyReloadFailed"]["expr"]
     assert 'action="reject"' in rules["MailgateRejectRateSpike"]["expr"]
-    # Every alert has a promtool unit test that makes it fire.
+    # Every alert has a promtool unit test that makes it fire, and one where it stays
+    # quiet (before its "for:", or on an instance that is fine).
     tests = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
-    firing = {
-        case["alertname"]
-        for t in tests
-        for case in t.get("alert_rule_test", [])
-        if case.get("exp_alerts")
-    }
-    assert firing >= REQUIRED_ALERTS
+    cases = [case for t in tests for case in t.get("alert_rule_test", [])]
+    firing = {case["alertname"] for case in cases if case.get("exp_alerts")}
+    quiet = {case["alertname"] for case in cases if case.get("exp_alerts") == []}
+    assert firing == set(names)
+    assert quiet == set(names)
+    for rule in alert_rules():
+        # A blip is no page: everything but an event counted over a window waits.
+        if "increase(" not in rule["expr"]:
+            assert _seconds(rule.get("for", "0s")) >= 120, rule["alert"]
+        # The description says what to do, not only what happened.
+        text = rule["annotations"]["description"]
+        assert re.search(r"\b(Check|Run|Point|See|Raise|block)\b", text), rule["alert"]
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)(ms|s|m|h|d|w|y)", duration))
 
 
 def _promtool() -> str:
@@ -476,6 +574,53 @@ def test_compose_file() -> None:
     assert "front-main.cf" in pf_dockerfile and "front-master.cf" in pf_dockerfile
 
 
+def test_postfix_image_configuration_runs_on_debian_postfix(tmp_path: Path) -> None:
+    """The postfix/Dockerfile step that configures Postfix, run with this machine's Debian
+    12 Postfix (the image's base) against a scratch config directory: its sed must
+    comment out the public smtpd of Debian's master.cf, and the result must be exactly
+    the front-mode snippets' loopback smtpd, without a postconf warning."""
+    debian = Path("/usr/share/postfix")
+    if not (debian / "main.cf.debian").is_file() or shutil.which("postconf") is None:
+        pytest.skip("Debian's postfix package is not installed")
+    [script] = [
+        r for w, r in _instructions(CONTAINER / "postfix/Dockerfile") if w == "RUN" and "sed" in r
+    ]
+    conf = tmp_path / "postfix"
+    conf.mkdir()
+    shutil.copy(debian / "master.cf.dist", conf / "master.cf")  # what the package installs
+    for old, new in (
+        ("postconf -e", f"postconf -c {conf} -e"),
+        ("/etc/postfix", str(conf)),
+        ("/usr/local/share/mailgate", str(DEPLOY / "postfix")),
+        ("install -d -o 5000 -g 5000 /var/mail/vhosts", "true"),
+        ("postfix check", f"postconf -c {conf} -n >/dev/null"),
+    ):
+        assert old in script, old
+        script = script.replace(old, new)
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+
+    def postconf(*args: str) -> str:
+        out = subprocess.run(
+            ["postconf", "-c", str(conf), *args], capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
+        return out.stdout
+
+    inet = [
+        line.split()[0] for line in postconf("-M").splitlines() if line.split()[1:2] == ["inet"]
+    ]
+    assert inet == ["127.0.0.1:10025"]  # port 25 is left to mailgate
+    assert postconf("-h", "smtpd_authorized_xclient_hosts").strip() == "127.0.0.1"
+    # mailgate's 25MiB default must fit, and IPv4 only matches 00-container.toml.
+    assert int(postconf("-h", "message_size_limit")) >= ServerPolicy().max_message_size
+    assert postconf("-h", "inet_protocols").strip() == "ipv4"
+    container = tomllib.loads((CONTAINER / "00-container.toml").read_text())
+    assert all(":" not in addr.rsplit(":", 1)[0] for addr in container["server"]["listen"])
+
+
 # -- Kubernetes ------------------------------------------------------------------------------
 def k8s_docs() -> dict[str, dict[str, Any]]:
     """kind/name -> manifest, for every resource kustomization.yaml lists."""
@@ -508,7 +653,10 @@ def test_kubernetes_manifests() -> None:
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"smtp": 2525, "metrics": 9464}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    # Not /readyz for readiness: it probes Redis and Postfix, which all replicas share,
+    # so one Redis outage would unready every pod and the LB would drop port 25, where
+    # redis.on_error = "accept" keeps mail flowing.
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
@@ -540,6 +688,20 @@ def test_kubernetes_manifests() -> None:
     assert pod["terminationGracePeriodSeconds"] > grace
 
 
+def test_systemd_analyze_security_offline() -> None:
+    """The sandbox stays tight: ``systemd-analyze security`` rates it below 2.5 of 10."""
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    proc = subprocess.run(
+        [tool, "security", "--offline=true", "--threshold=25", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 # -- mailgate policy drop-ins ----------------------------------------------------------------
 def _dropins() -> dict[str, str]:
     out = {
@@ -567,3 +729,44 @@ def test_policy_dropin_is_valid(tmp_path: Path, name: str) -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _postfix_setting(name: str, default: str) -> str:
+    """A setting the filter-mode snippets make (uncommented), else Postfix's default."""
+    value = default
+    for path in (DEPLOY / "postfix/filter-main.cf", DEPLOY / "postfix/filter-master.cf"):
+        for found in re.finditer(rf"^\s*(?:-o\s+)?{name}\s*=\s*(\S+)", path.read_text(), re.M):
+            value = found.group(1)
+    return value
+
+
+def test_filter_mode_answers_the_final_dot_within_smtpd_proxy_timeout(tmp_path: Path) -> None:
+    """Postfix waits smtpd_proxy_timeout for mailgate's reply to the dot; mailgate runs
+    the DATA checks wave after wave (each up to check_timeout) and then waits up to
+    upstream.timeout twice for the after-filter smtpd (354, then the dot). Past the
+    proxy timeout the client gets 451 although the message may be queued: a duplicate."""
+    etc = tmp_path / "etc"
+    shutil.copytree(REPO / "policies", etc)
+    for p in (etc / "local.d").iterdir():
+        p.unlink()
+    shutil.copy(DEPLOY / "mailgate/10-filter.toml", etc / "local.d")
+    policy = load_policy(etc / "mailgate.toml").policy
+    pipeline = Pipeline(build_checks(policy), policy.server.check_timeout)
+    waves = len(pipeline._early[Stage.DATA]) + len(pipeline._late[Stage.DATA])
+    assert waves >= 2  # DKIM and ARC, then DMARC: the budget below counts them
+    budget = waves * policy.server.check_timeout + 2 * policy.upstream.timeout
+    proxy_timeout = _postfix_setting("smtpd_proxy_timeout", "100s")
+    assert budget < _seconds(proxy_timeout), (budget, proxy_timeout)
+
+
+@pytest.mark.parametrize("mode", ["front", "filter"])
+def test_readme_shows_the_drop_in_as_shipped(mode: str) -> None:
+    """The README's copy of ``deploy/mailgate/10-<mode>.toml`` says the same: an admin
+    copies one or the other."""
+    readme = (REPO / "README.md").read_text()
+    found = re.search(
+        rf"^mailgate \(`local\.d/10-{mode}\.toml`[^\n]*:\n```toml\n(.*?)```", readme, re.M | re.S
+    )
+    assert found, f"README has no local.d/10-{mode}.toml block"
+    shipped = tomllib.loads((DEPLOY / f"mailgate/10-{mode}.toml").read_text())
+    assert tomllib.loads(found.group(1)) == shipped
