@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from filter import authresults, replies
 from filter.checks import Context
+from filter.checks.rdns import xclient_name
 from filter.message import MessageBuffer
 from filter.model import ClientInfo, Envelope, Recipient, Stage
 from filter.netaddr import ip_in, normalize_ip
@@ -29,7 +30,7 @@ from filter.results import Action, CheckResult
 from filter.session import common_override_domain, content_refusal
 from filter.smtpdata import CRLF, DataReader, stuff
 from filter.store import Store
-from filter.verdict import Verdict, decide
+from filter.verdict import Verdict, decide, decide_after_data
 
 
 @dataclass
@@ -112,6 +113,8 @@ class _Walk:
         self.all_rcpts: list[Recipient] = []
         self.refusal: tuple[Verdict, Stage] | None = None
         self.final: Verdict | None = None
+        self.per_rcpt = frozenset(c.name for c in pipeline.checks if c.stage is Stage.RCPT)
+        self.before_data = frozenset(c.name for c in pipeline.checks if c.stage < Stage.DATA)
 
     async def run(
         self, stage: Stage, rcpt: Recipient | None = None, message: MessageBuffer | None = None
@@ -138,6 +141,16 @@ class _Walk:
             if stage is Stage.HELO and not self.client.helo:
                 continue
             self.kept.extend(await self.run(stage))
+            if stage is Stage.CONNECT:
+                self._learn_client_name()
+
+    def _learn_client_name(self) -> None:
+        """The rdns check's verified name becomes the client's, as in a session: the
+        HELO and list checks match names against it (rDNS suffixes of ``[lists]``)."""
+        rdns = next((r for r in self.kept if r.check == "rdns"), None)
+        name = xclient_name(rdns)
+        if rdns is not None and not name.startswith("["):
+            self.client.hostname = name
 
     async def recipients(self, rcpts: list[Recipient]) -> None:
         """Each RCPT judged as the session judges it; earlier refusals are applied here.
@@ -160,7 +173,10 @@ class _Walk:
                 continue
             got = await self.run(Stage.RCPT, rcpt) if rcpt is not None else []
             domain = rcpt.address.rpartition("@")[2].lower() if rcpt is not None else None
-            verdict = decide([*self.kept, *got], self.policy, Stage.RCPT, domain)
+            # Judged by its own RCPT results, as the session judges: the kept ones of an
+            # earlier recipient (its list entry, its greylisting) speak for that one only.
+            others = [r for r in self.kept if r.check not in self.per_rcpt]
+            verdict = decide([*others, *got], self.policy, Stage.RCPT, domain)
             if verdict.refuses and verdict.reply is not None:
                 self._refuse(verdict, Stage.RCPT)
                 continue
@@ -185,7 +201,7 @@ class _Walk:
         self.envelope.recipients = list(self.all_rcpts)  # what the checks see: all of them
         self.kept.extend(await self.run(Stage.DATA, message=message))
         domain = common_override_domain(self.policy, accepted)
-        self.final = decide(self.kept, self.policy, Stage.DATA, domain)
+        self.final = decide_after_data(self.kept, self.policy, domain, self.before_data)
         if self.final.refuses and self.final.reply is not None:
             self._refuse(self.final, Stage.DATA)
 

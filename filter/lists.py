@@ -17,6 +17,10 @@ Two kinds of list, each with a small fixed syntax:
   (that local part in every domain), ``@domain`` (that domain only) and ``domain``
   or ``.domain`` (the domain and its subdomains).
 
+No wildcards: other systems' globs (``*.example.com``, SpamAssassin's ``*@example.com``)
+and Postfix's octet prefixes (``192.168``) would match nothing here, so they are
+errors that say what to write instead.
+
 Everything compares case-insensitively; domains compare as A-labels (IDNA), so a
 list may hold either spelling. Allow lists refuse entries so wide they would
 exempt half the internet (networks wider than /8 or /16, a bare top-level domain):
@@ -167,6 +171,12 @@ def _network(text: str, allow: bool) -> Network:
     try:
         ip = parse_ip(address)
     except ValueError:
+        octets = address.split(".")
+        if not slash and len(octets) < 4 and all(o.isdigit() and int(o) < 256 for o in octets):
+            # Postfix access tables match "192.0.2" as a prefix; here it is a network.
+            meant = ".".join(octets + ["0"] * (4 - len(octets))) + f"/{8 * len(octets)}"
+            message = f"{address!r} is not an IP address; for a network write {meant}"
+            raise ValueError(message) from None
         raise ValueError(f"{address!r} is not an IP address") from None
     if slash and not (prefix.isascii() and prefix.isdigit()):
         raise ValueError(f"{text!r}: the prefix length after / must be a number")
@@ -308,6 +318,10 @@ def _add_address(result: AddressList, text: str, entry: Entry, allow: bool) -> N
         raise ValueError(f"{text!r} is not an address (user@domain, user@, @domain or domain)")
     if not local and not domain:
         raise ValueError("a lone @ matches nothing; write user@, @domain or user@domain")
+    if "*" in local:
+        # Another system's glob (SpamAssassin's *@domain) kept literally never matches.
+        hint = f"write @{domain} (every address in {domain})" if local == "*" and domain else ""
+        raise ValueError(f"{text!r}: no wildcards in a local part" + (f"; {hint}" if hint else ""))
     if not domain:
         result.locals.setdefault(local.lower(), entry)
         return

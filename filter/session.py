@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from filter import authresults, dkimkeys, replies, verdictlog
@@ -49,7 +49,7 @@ from filter.smtpsyntax import (
     parse_path,
 )
 from filter.store import Store
-from filter.verdict import Verdict, decide
+from filter.verdict import Verdict, decide, decide_after_data
 from filter.xtext import parse_attributes
 
 log = logging.getLogger("mailgate.session")
@@ -121,6 +121,8 @@ class Session:
         self.pipeline = pipeline
         # Checks judged per recipient: their results speak for one recipient only.
         self._per_rcpt = frozenset(c.name for c in pipeline.checks if c.stage is Stage.RCPT)
+        # Checks whose refusals each RCPT applied (or not) under its recipient's override.
+        self._before_data = frozenset(c.name for c in pipeline.checks if c.stage < Stage.DATA)
         self._new_upstream = upstream_factory
         self.metrics = metrics
         self._upstream_extensions = extensions
@@ -752,30 +754,13 @@ class Session:
                 self._upstream_last = time.monotonic()
 
     def _data_verdict(self, domain: str | None) -> Verdict:
-        """The verdict after DATA, without enforcing the per-recipient decisions again.
+        """The verdict after DATA, without enforcing again what each RCPT judged.
 
-        Every recipient was judged at its RCPT under its own domain's override, and only
-        the first accepted one's results are kept (for their symbols and headers). Their
-        decisions must not judge the whole message again under the global policy: a
-        recipient whose domain has greylisting off had a new triplet's 451 (not applied
-        to it) refuse the message for everyone after the dot. What they would have done
-        in monitor mode is still noted (README, "Monitor mode").
+        Every recipient was judged at its RCPT under its own domain's override; the
+        refusals known by then must not judge the whole message again (under the
+        global policy when the overrides differ): see ``verdict.decide_after_data``.
         """
-        everything = self._all_results([])
-        per_rcpt = self._per_rcpt
-        if not any(r.decision is not None and r.check in per_rcpt for r in everything):
-            return decide(everything, self.policy, Stage.DATA, domain)
-        message_wide = [
-            replace(r, decision=None) if r.decision is not None and r.check in per_rcpt else r
-            for r in everything
-        ]
-        verdict = decide(message_wide, self.policy, Stage.DATA, domain)
-        if verdict.would is None and not verdict.refuses:
-            seen = decide(everything, self.policy, Stage.DATA, domain)
-            if seen.would is not None:
-                note = seen.reason if not verdict.reason else f"{verdict.reason}; {seen.reason}"
-                verdict = replace(verdict, would=seen.would, reason=note)
-        return verdict
+        return decide_after_data(self._all_results([]), self.policy, domain, self._before_data)
 
     def _all_results(self, extra: list[CheckResult]) -> list[CheckResult]:
         out = [r for rs in self.session_results.values() for r in rs]
@@ -1043,13 +1028,15 @@ def common_override_domain(policy: Policy, recipients: Iterable[Recipient]) -> s
     """The recipient domain whose [domains] override judges the message after DATA.
 
     One DATA serves every recipient, so an override applies only when all recipients
-    fall under the same one; otherwise the global policy judges (documented).
+    fall under the same settings; otherwise the global policy judges (documented).
+    Equal tables count as the same: two domains both in monitor mode are judged in
+    monitor mode, not by the global policy.
     """
     domains = [_domain(r.address) for r in recipients]
     if not domains:
         return None
     first = policy.override_for(domains[0])
-    if all(policy.override_for(d) is first for d in domains[1:]):
+    if all(policy.override_for(d) == first for d in domains[1:]):
         return domains[0]
     return None
 

@@ -11,8 +11,8 @@ also score 0 so that trying a check out cannot tip the score).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, replace
 
 from filter import replies
 from filter.model import Stage
@@ -113,6 +113,37 @@ def decide(
         reason = f"{reason}; {note}" if reason else note
         return Verdict(action, score, tuple(symbols), reply, reason, would.action)
     return Verdict(action, score, tuple(symbols), reply, reason)
+
+
+def decide_after_data(
+    results: Iterable[CheckResult], policy: Policy, domain: str | None, judged: Collection[str]
+) -> Verdict:
+    """The verdict after DATA, without enforcing again the refusals each RCPT judged.
+
+    ``judged`` names the checks that run before DATA (connect to RCPT). Every accepted
+    recipient was judged at its RCPT, on those checks' results, under its own domain's
+    override, so a refusal among them that let it in was not meant for it (monitor,
+    ``off``, an allow entry). Enforced again after DATA, under the global policy when
+    the recipients' overrides differ, it refused mail for a domain in monitor mode,
+    and a greylist 451 of a domain with greylisting off refused the message for all.
+    After DATA the content checks' decisions and the score decide; what an earlier
+    refusal would have done in monitor mode is still noted (README, "Monitor mode").
+    """
+    results = list(results)
+
+    def judged_refusal(r: CheckResult) -> bool:
+        return r.check in judged and r.decision is not None and r.decision.action in REFUSING
+
+    if not any(judged_refusal(r) for r in results):
+        return decide(results, policy, Stage.DATA, domain)
+    message_wide = [replace(r, decision=None) if judged_refusal(r) else r for r in results]
+    verdict = decide(message_wide, policy, Stage.DATA, domain)
+    if verdict.would is None and not verdict.refuses:
+        seen = decide(results, policy, Stage.DATA, domain)
+        if seen.would is not None:
+            note = seen.reason if not verdict.reason else f"{verdict.reason}; {seen.reason}"
+            verdict = replace(verdict, would=seen.would, reason=note)
+    return verdict
 
 
 def _still_holds(decision: Decision, scored: dict[str, float], override: DomainOverride) -> bool:

@@ -30,6 +30,7 @@ from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from filter.dnsbl import derived_tag, is_listing_code, symbol_for
+from filter.domains import to_a_label
 from filter.storeurl import url_problem
 from filter.units import (
     Address,
@@ -390,14 +391,30 @@ class DomainMapKind(Kind):
             problems.append((key, f"expected a table, got {show_value(raw)}"))
             return INVALID
         out: dict[str, Any] = {}
+        spelt: dict[str, str] = {}  # A-label -> the key as written, for duplicates
         ok = True
         for domain, table in raw.items():
             item = join_key(key, f'"{domain}"')
-            name = domain.lower().rstrip(".")
+            # Recipient domains are compared as A-labels: "bücher.example" is written
+            # either way, and both spellings of an SMTPUTF8 recipient find it.
+            name = to_a_label(domain) or ""
             if not is_hostname(name):
                 problems.append((item, "expected a domain name like example.com"))
                 ok = False
                 continue
+            if "." not in name:
+                # override_for never applies a top-level domain: it would be dead.
+                message = "expected a domain name like example.com; a single label never applies"
+                problems.append((item, message))
+                ok = False
+                continue
+            if name in spelt:
+                # Otherwise the later table silently replaces the earlier one whole.
+                first = join_key(key, f'"{spelt[name]}"')
+                problems.append((item, f"the same domain as {first}; merge the two tables"))
+                ok = False
+                continue
+            spelt[name] = domain
             value = build_table(DomainOverride, table, item, problems)
             if isinstance(value, _Invalid):
                 ok = False
@@ -1217,9 +1234,10 @@ class Policy:
 
     def override_for(self, domain: str | None) -> DomainOverride | None:
         """The ``[domains]`` entry for ``domain`` or its nearest parent, if any."""
-        if not domain or not self.domains:
+        name = to_a_label(domain) if domain and self.domains else None
+        if not name:
             return None
-        labels = domain.lower().rstrip(".").split(".")
+        labels = name.split(".")
         for i in range(len(labels) - 1):
             found = self.domains.get(".".join(labels[i:]))
             if found is not None:

@@ -105,6 +105,12 @@ def test_address_before_name_and_empty_files() -> None:
         (b"# ok\n\n2001:db8::1/32\n", False, ["c.txt:3: 2001:db8::1/32 has host bits set"]),
         (b"192.0.2.300\n", False, ["c.txt:1: '192.0.2.300' is not an IP address"]),
         (b"1.2.3\n", False, ["c.txt:1: '1.2.3' is not an IP address"]),
+        # A Postfix access-table prefix gets the network it means.
+        (
+            b"192.168\n",
+            False,
+            ["c.txt:1: '192.168' is not an IP address; for a network write 192.168.0.0/16"],
+        ),
         (b"192.0.2.0/33\n", False, ["c.txt:1: '192.0.2.0/33' is not a CIDR network"]),
         (b"192.0.2.0/x\n", False, ["c.txt:1: '192.0.2.0/x': the prefix length"]),
         (b"192.0.2.1 REJECT\n", False, ["c.txt:1: one entry per line, got 2 words"]),
@@ -241,6 +247,14 @@ def test_sender_and_recipient_forms() -> None:
         (b"org\n", True, "a.txt:1: 'org' is a whole top-level domain"),
         (b"@org\n", True, "a.txt:1: 'org' is a whole top-level domain"),
         (b"alice@example.com OK\n", False, "a.txt:1: one entry per line"),
+        # Globs from other systems (SpamAssassin's whitelist_from) would never match.
+        (
+            b"*@example.com\n",
+            True,
+            "a.txt:1: '*@example.com': no wildcards in a local part; write @example.com",
+        ),
+        (b"news*@example.com\n", False, "a.txt:1: 'news*@example.com': no wildcards"),
+        (b"*@\n", False, "a.txt:1: '*@': no wildcards"),
     ],
 )
 def test_address_list_errors(data: bytes, allow: bool, start: str) -> None:

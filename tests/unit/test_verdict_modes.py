@@ -14,7 +14,7 @@ from filter.policy.loader import build_policy
 from filter.policy.schema import DEFAULT_POLICY, Policy
 from filter.results import Action, CheckResult, Decision, Symbol
 from filter.session import common_override_domain
-from filter.verdict import decide
+from filter.verdict import decide, decide_after_data
 
 DNSBL_HIT = CheckResult(
     "dnsbl",
@@ -94,6 +94,37 @@ def test_after_data_an_override_applies_only_if_all_recipients_share_it() -> Non
     assert common_override_domain(p, mixed) is None
 
 
+def test_domains_with_equal_overrides_share_them_after_data() -> None:
+    # Two domains onboarded alike, each with its own table: after DATA their message
+    # is judged in monitor mode too, not refused by the global policy.
+    p = policy({"domains": {"a.example": {"mode": "monitor"}, "b.example": {"mode": "monitor"}}})
+    both = [Recipient("x@a.example"), Recipient("y@b.example")]
+    assert common_override_domain(p, both) == "a.example"
+    stricter = policy({"domains": {"a.example": {"mode": "monitor"}, "b.example": {"reject": 9}}})
+    assert common_override_domain(stricter, both) is None
+
+
+def test_after_data_the_refusals_judged_at_rcpt_are_not_enforced_again() -> None:
+    """Each recipient's RCPT applied DNSBL_HIT under its override; mixed overrides then
+    leave the global policy to judge after DATA, which must not refuse what every
+    accepted recipient's domain let in; a content check's refusal still counts."""
+    p = policy(
+        {"domains": {"a.example": {"mode": "monitor"}, "b.example": {"checks": {"dnsbl": "off"}}}}
+    )
+    assert not decide([DNSBL_HIT], p, Stage.RCPT, "a.example").refuses
+    assert not decide([DNSBL_HIT], p, Stage.RCPT, "b.example").refuses
+    v = decide_after_data([DNSBL_HIT, SPF_FAIL], p, None, {"dnsbl", "spf"})
+    assert (v.action, v.score, v.would) == (Action.ADD_HEADER, 12.0, None)
+    # Under the monitor domain's override the would-have is still noted.
+    v = decide_after_data([DNSBL_HIT], p, "a.example", {"dnsbl"})
+    assert (v.action, v.would) == (Action.ADD_HEADER, Action.REJECT)
+    dmarc = CheckResult(
+        "dmarc", "fail", (), Decision(Action.REJECT, replies.REJECT_DMARC, "p=reject")
+    )
+    v = decide_after_data([DNSBL_HIT, dmarc], p, None, {"dnsbl"})
+    assert (v.action, v.reply) == (Action.REJECT, replies.REJECT_DMARC)
+
+
 @pytest.mark.parametrize(
     ("data", "key"),
     [
@@ -108,6 +139,13 @@ def test_after_data_an_override_applies_only_if_all_recipients_share_it() -> Non
         ({"domains": {"x.example": {"reject": "high"}}}, 'domains."x.example".reject'),
         ({"domains": {"not a domain": {}}}, 'domains."not a domain"'),
         ({"spf": {"mode": "off"}}, "spf.mode"),  # "off" is enabled = false globally
+        # A single label would never apply (override_for stops above the TLD).
+        ({"domains": {"localhost": {"mode": "monitor"}}}, 'domains."localhost"'),
+        # Two spellings of one domain: the later table replaced the earlier one whole.
+        (
+            {"domains": {"Example.COM.": {"reject": 9.0}, "example.com": {"add_header": 3.0}}},
+            'domains."example.com"',
+        ),
     ],
 )
 def test_invalid_overrides_are_reported_by_key(data: dict[str, Any], key: str) -> None:
@@ -116,6 +154,17 @@ def test_invalid_overrides_are_reported_by_key(data: dict[str, Any], key: str) -
     with pytest.raises(PolicyError) as err:
         build_policy(data, {"": "local.d/50.toml"})
     assert any(i.key == key for i in err.value.issues), [str(i) for i in err.value.issues]
+
+
+def test_idn_domains_match_in_either_spelling() -> None:
+    # An SMTPUTF8 recipient's domain arrives as a U-label; the table may be written
+    # either way (before, a U-label key was refused and an A-label key never matched).
+    p = policy({"domains": {"bücher.example": {"mode": "monitor"}, "xn--dmin-5qa.example": {}}})
+    assert list(p.domains) == ["xn--bcher-kva.example", "xn--dmin-5qa.example"]
+    for domain in ("bücher.example", "mx.BÜCHER.example", "xn--bcher-kva.example"):
+        assert p.override_for(domain) is p.domains["xn--bcher-kva.example"], domain
+    assert p.override_for("dömin.example") is p.domains["xn--dmin-5qa.example"]
+    assert p.override_for("[192.0.2.1]") is None and p.override_for("") is None
 
 
 def test_domains_round_trip_through_policy_show() -> None:
