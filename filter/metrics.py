@@ -134,6 +134,14 @@ CHECK_NAMES = (
     "ratelimit_connect",
 )
 
+# Why mail was refused: the check whose own decision it was, "score" (the reject
+# threshold), or "message" (the message itself: a header block past the limit, a
+# line too long, ...), at the stage the client heard it (pre-DATA refusals are all
+# given at RCPT, README "Checks").
+REFUSAL_STAGES = ("rcpt", "data")
+REFUSAL_CAUSES = (*CHECK_NAMES, "score", "message")
+REFUSAL_ACTIONS = WOULD_ACTIONS
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _UPSTREAM_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 _SIZE_BUCKETS = tuple(float(1024 * 4**i) for i in range(9))  # 1 KiB .. 64 MiB
@@ -197,6 +205,13 @@ class Metrics:
             "mailgate_would_action",
             "Monitor mode: actions that would have been taken in enforce mode.",
             ["action"],
+            registry=reg,
+        )
+        self.refusals = Counter(
+            "mailgate_refusals",
+            "Refusals given to clients by stage, cause (the deciding check, score or "
+            "message) and action: why mail is being rejected.",
+            ["stage", "cause", "action"],
             registry=reg,
         )
         self.check_results = Counter(
@@ -325,6 +340,10 @@ class Metrics:
             self.messages.labels(action=action)
         for action in WOULD_ACTIONS:
             self.would_action.labels(action=action)
+        for stage in REFUSAL_STAGES:
+            for cause in REFUSAL_CAUSES:
+                for action in REFUSAL_ACTIONS:
+                    self.refusals.labels(stage=stage, cause=cause, action=action)
         for result in GREYLIST_RESULTS:
             self.greylist.labels(result=result)
         for limit in RATELIMIT_LIMITS:
@@ -354,6 +373,15 @@ class Metrics:
 
     def count_message(self, action: str) -> None:
         self._child(self.messages, bounded(action, MESSAGE_ACTIONS)).inc()
+
+    def count_refusal(self, stage: str, cause: str, action: str) -> None:
+        """One refusal the client heard, and what decided it (``Verdict.decided_by``)."""
+        labels = (
+            bounded(stage, REFUSAL_STAGES),
+            bounded(cause, REFUSAL_CAUSES),
+            bounded(action, REFUSAL_ACTIONS),
+        )
+        self._child(self.refusals, *labels).inc()
 
     def count_would_action(self, action: str) -> None:
         self._child(self.would_action, bounded(action, WOULD_ACTIONS)).inc()

@@ -476,6 +476,7 @@ class Session:
             self._count_would(verdict)
             self._log_refusal(verdict, recipient)
             self.metrics.count_message(verdict.action.value)
+            self.metrics.count_refusal("rcpt", verdict.decided_by, verdict.action.value)
             return self._error(verdict.reply)
         if final:
             self._count_would(verdict)
@@ -552,6 +553,7 @@ class Session:
                 await self._abort_upstream_txn()
                 self._log_message(txn, message, None, refusal, "refused", t_checks)
                 self.metrics.count_message(Action.REJECT.value)
+                self.metrics.count_refusal("data", "message", Action.REJECT.value)
                 return refusal
             arc_result: str | None = None  # the ARC check's word, which may be temperror
             if self.client.trusted:
@@ -576,6 +578,7 @@ class Session:
             if verdict.refuses and verdict.reply is not None:
                 await self._abort_upstream_txn()
                 self.metrics.count_message(verdict.action.value)
+                self.metrics.count_refusal("data", verdict.decided_by, verdict.action.value)
                 self._log_message(txn, message, verdict, verdict.reply, "refused", t_checks)
                 return verdict.reply
             authserv_id = self.policy.authserv_id

@@ -31,6 +31,9 @@ class Verdict:
     reply: Reply | None  # None: let the transaction go on / relay the upstream's answer
     reason: str = ""
     would: Action | None = None  # monitor mode: the refusal that was not applied
+    # What decided the action: a check's name (its own decision), "score" (the
+    # thresholds), "" (nothing did). mailgate_refusals_total{cause} is this.
+    decided_by: str = ""
 
     @property
     def refuses(self) -> bool:
@@ -52,6 +55,7 @@ def decide(
     override = policy.override_for(domain)
     symbols: list[Symbol] = []
     decisions: list[Decision] = []
+    decider: dict[int, str] = {}  # id(decision) -> the check that made it
     would_checks: list[Decision] = []
     results = list(results)
     allow_listed = any(
@@ -82,22 +86,27 @@ def decide(
                 if not _still_holds(r.decision, scored, override):
                     continue
             (would_checks if mode == "monitor" else decisions).append(r.decision)
+            decider[id(r.decision)] = r.check
     score = total_score(symbols)
     reject_at, add_header_at = _thresholds(policy, override)
     hard = _hardest(decisions)
     action: Action = Action.ACCEPT
     reply: Reply | None = None
     reason = ""
+    decided_by = ""
     if stage is Stage.DATA:
         if score >= reject_at:
             action, reply = Action.REJECT, replies.REJECT_SPAM
             reason = f"score {score:g} >= reject {reject_at:g}"
+            decided_by = "score"
         elif score >= add_header_at:
             action = Action.ADD_HEADER
             reason = f"score {score:g} >= add_header {add_header_at:g}"
+            decided_by = "score"
     if hard is not None and (hard.action.severity >= action.severity):
         # A check's own decision wins unless the score asks for something harder.
         action, reply, reason = hard.action, hard.reply, hard.reason
+        decided_by = decider.get(id(hard), "")
     global_mode = policy.server.mode
     if override is not None and override.mode != "inherit":
         global_mode = override.mode
@@ -111,8 +120,8 @@ def decide(
         # A check in monitor mode would have refused: remember it, change nothing.
         note = f"check in monitor mode: would {would.action}: {would.reason}"
         reason = f"{reason}; {note}" if reason else note
-        return Verdict(action, score, tuple(symbols), reply, reason, would.action)
-    return Verdict(action, score, tuple(symbols), reply, reason)
+        return Verdict(action, score, tuple(symbols), reply, reason, would.action, decided_by)
+    return Verdict(action, score, tuple(symbols), reply, reason, decided_by=decided_by)
 
 
 def decide_after_data(

@@ -302,12 +302,14 @@ def test_dashboard_shows_what_an_operator_needs() -> None:
         "mailgate_policy_reloads_total",
         "mailgate_build_info",
         "mailgate_ratelimit_total",
+        "mailgate_refusals_total",
     ):
         assert series in used, series
     # The questions of an on-call engineer, each answered by a panel of its own.
     titles = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in panels}
     why = [e for title, e in titles.items() if title.startswith("Why")]
     assert why and "by (check, result)" in why[0] and "mailgate_check_results_total" in why[0]
+    assert "by (stage, cause, action)" in why[0] and "mailgate_refusals_total" in why[0]
     assert "mailgate_dnsbl_zone_healthy" in titles["DNSBL zones disabled"]
     assert "mailgate_upstream_errors_total" in titles["Upstream (Postfix) errors / s"]
     assert "mailgate_store_errors_total" in titles["Store (Redis) errors / s"]

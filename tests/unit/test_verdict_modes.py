@@ -268,3 +268,19 @@ def test_the_reason_names_the_action_taken_and_what_monitor_would_have_done() ->
     v = decide([DNSBL_HIT, grey], p, Stage.RCPT)
     assert (v.action, v.would) == (Action.GREYLIST, Action.REJECT)
     assert v.reason.startswith("new triplet; check in monitor mode: would reject")
+
+
+def test_the_verdict_names_what_decided_it() -> None:
+    """``decided_by`` feeds mailgate_refusals_total{cause}: the check whose own
+    decision it was, "score" for the thresholds, "" when nothing decided."""
+    assert decide([DNSBL_HIT], DEFAULT_POLICY, Stage.RCPT).decided_by == "dnsbl"
+    assert decide([SPF_FAIL], DEFAULT_POLICY, Stage.RCPT).decided_by == ""
+    spam = CheckResult("spf", "fail", (Symbol("SPF_FAIL", 16.0, "-all"),))
+    v = decide([spam], DEFAULT_POLICY, Stage.DATA)
+    assert (v.action, v.decided_by) == (Action.REJECT, "score")
+    # A check's decision at least as hard as the score's wins, and names itself.
+    v = decide([spam, DNSBL_HIT], DEFAULT_POLICY, Stage.DATA)
+    assert (v.action, v.reply, v.decided_by) == (Action.REJECT, replies.REJECT_DNSBL, "dnsbl")
+    # Monitor mode refuses nothing; the would-be refusal is not a cause.
+    v = decide([DNSBL_HIT], policy({"dnsbl": {"mode": "monitor"}}), Stage.RCPT)
+    assert (v.action, v.would, v.decided_by) == (Action.ACCEPT, Action.REJECT, "")
