@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import gc
 import logging
@@ -592,6 +593,14 @@ class _Current:
     generation: int = 1
 
 
+def _with_listen(loaded: LoadedPolicy, listen: tuple[Address, ...]) -> LoadedPolicy:
+    """``loaded`` with ``server.listen`` as bound: the worker logs and compares what it serves."""
+    if loaded.policy.server.listen == listen:
+        return loaded
+    server = dataclasses.replace(loaded.policy.server, listen=listen)
+    return dataclasses.replace(loaded, policy=dataclasses.replace(loaded.policy, server=server))
+
+
 def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socket.socket) -> int:
     """Parent of ``server.workers`` processes: fork, forward signals, restart, aggregate.
 
@@ -607,6 +616,9 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
     """
     children: dict[int, int] = {}
     current = _Current(loaded)
+    # A restarted worker serves the ports its siblings serve: server.listen changes
+    # take effect when mailgate restarts, not one worker at a time.
+    listen = loaded.policy.server.listen
     # The connection limits hold for the whole server, not per worker.
     counts = SharedCounts(loaded.policy.server.workers)
     restarts = RestartBackoff()
@@ -625,8 +637,8 @@ def _supervise(loaded: LoadedPolicy, config: Path, metrics: Metrics, http: socke
             http.close()  # the parent's: metrics and health are served there
             os.close(watch_write)  # only the supervisor may keep the pipe open
             try:
-                policy = current.loaded
-                sockets = open_listeners(policy.policy.server.listen, reuse_port=True)
+                policy = _with_listen(current.loaded, listen)
+                sockets = open_listeners(listen, reuse_port=True)
                 server = Server(
                     policy,
                     config,

@@ -89,7 +89,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("mailgate check: FILE.eml and --ip are required", file=sys.stderr)
         return 2
     try:
-        normalize_ip(args.ip)
+        # The address a live session would see and log: " 192.0.2.1" or
+        # "::ffff:192.0.2.1" is 192.0.2.1 in the envelope shown too.
+        ip = normalize_ip(args.ip)
     except ValueError:
         print(f"mailgate check: --ip {args.ip!r} is not an IP address", file=sys.stderr)
         return 2
@@ -117,13 +119,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         store = Store.from_policy(policy.redis)  # read-only here: checks see dry_run
         try:
             return await evaluate(
-                policy, pipeline, content, args.ip, args.helo, mail_from, rcpts, resolver, store
+                policy, pipeline, content, ip, args.helo, mail_from, rcpts, resolver, store
             )
         finally:
             await store.aclose()
 
     outcome = asyncio.run(run())
-    envelope = {"ip": args.ip, "helo": args.helo, "mail_from": mail_from, "rcpts": rcpts}
+    envelope = {"ip": ip, "helo": args.helo, "mail_from": mail_from, "rcpts": rcpts}
     if args.json:
         print(json.dumps(_check_json(outcome, envelope), indent=2))
     else:

@@ -21,21 +21,27 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import sys
+from decimal import Decimal, localcontext
 from typing import NamedTuple
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_DURATION_UNITS: dict[str, float] = {
-    "ms": 0.001,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-    "d": 86400.0,
-    "w": 604800.0,
+# Decimal, so that "9ms" is the float nearest 0.009 (9 * 0.001 is 0.009000000000000001)
+# and "2.3d" is 198720 exactly: what ``policy show`` prints is what the admin wrote.
+_DURATION_UNITS: dict[str, Decimal] = {
+    "ms": Decimal("0.001"),
+    "s": Decimal(1),
+    "m": Decimal(60),
+    "h": Decimal(3600),
+    "d": Decimal(86400),
+    "w": Decimal(604800),
 }
 # Units format_duration may pick, largest first. Weeks parse but are not
 # printed: "35d" reads better than "5w" next to Postfix's "5d" style settings.
 _FORMAT_DURATION_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+# Beyond this an int has no float: a duration or a score that large is a typo.
+_MAX_FLOAT_INT = int(sys.float_info.max)
 
 _SIZE_UNITS: dict[str, int] = {
     "b": 1,
@@ -108,7 +114,11 @@ def parse_duration(v: int | float | str) -> float:
             raise ValueError(
                 f"unknown duration unit {unit!r} in {show_value(v)} (use one of {units})"
             )
-        seconds = float(m["num"]) * _DURATION_UNITS[unit]
+        with localcontext(prec=len(m["num"]) + 8):  # the product is exact, then rounded once
+            seconds = float(Decimal(m["num"]) * _DURATION_UNITS[unit])
+    elif isinstance(v, int) and abs(v) > _MAX_FLOAT_INT:
+        # TOML integers are unbounded in tomllib; float() would raise OverflowError.
+        raise ValueError(f"{expected}, got a number too large to be one")
     else:
         seconds = float(v)
     if not math.isfinite(seconds):
@@ -129,9 +139,11 @@ def format_duration(seconds: float) -> str:
         for unit, size in _FORMAT_DURATION_UNITS:
             if whole % size == 0:
                 return f"{whole // size}{unit}"
-    candidates = [f"{seconds!r}s"]
-    millis = seconds * 1000
-    if millis.is_integer() and int(millis) / 1000 == seconds:
+    # Positional digits of the shortest repr: "1e-05s" would not parse back.
+    exact = Decimal(repr(float(seconds)))
+    candidates = [f"{exact:f}s"]
+    millis = exact.scaleb(3)
+    if millis == millis.to_integral_value():
         candidates.append(f"{int(millis)}ms")
     return min(candidates, key=len)
 

@@ -20,6 +20,8 @@ from filter.policy.schema import Policy, policy_from_dict
 
 CONFIG_ENV = "MAILGATE_CONFIG"
 _REPO_POLICY = Path(__file__).resolve().parents[2] / "policies" / "mailgate.toml"
+# No policy key nests more than a few levels; thousands are a broken file, not a traceback.
+_TOO_DEEP = "tables or arrays nested too deeply"
 
 
 @dataclass(frozen=True)
@@ -64,29 +66,63 @@ def default_config_path() -> Path:
     return _REPO_POLICY
 
 
-def dropin_files(main: Path) -> list[Path]:
-    """``<dir of main>/local.d/*.toml`` in file-name order; hidden files are editor leftovers."""
+def dropin_files(main: Path, issues: list[PolicyIssue]) -> list[Path]:
+    """``<dir of main>/local.d/*.toml`` in byte order of their names (``ls`` in the C locale).
+
+    Hidden files are editor leftovers, anything but a file or a symlink is skipped. A
+    dangling symlink is kept, so that reading it reports it, and a ``local.d`` that
+    exists but cannot be listed is an issue: either way the admin's overrides would
+    otherwise silently not apply.
+    """
     directory = main.parent / "local.d"
-    if not directory.is_dir():
+    try:
+        with os.scandir(directory) as entries:
+            found = [Path(e.path) for e in entries if _is_dropin(e)]
+    except FileNotFoundError:
         return []
-    found = [p for p in directory.glob("*.toml") if not p.name.startswith(".") and p.is_file()]
-    return sorted(found, key=lambda p: p.name)
+    except NotADirectoryError:
+        where = f"drop-ins go in {directory}/*.toml"
+        issues.append(PolicyIssue(str(directory), "-", f"not a directory ({where})"))
+        return []
+    except OSError as exc:
+        issues.append(PolicyIssue(str(directory), "-", f"cannot read: {exc.strerror or exc}"))
+        return []
+    return sorted(found, key=lambda p: os.fsencode(p.name))
 
 
-def _read_toml(path: Path, issues: list[PolicyIssue]) -> dict[str, Any] | None:
+def _is_dropin(entry: os.DirEntry[str]) -> bool:
+    if entry.name.startswith(".") or not entry.name.endswith(".toml"):
+        return False
+    try:
+        return entry.is_file() or (entry.is_symlink() and not entry.is_dir())
+    except OSError:  # a symlink loop: reading it reports it
+        return True
+
+
+def _read_toml(path: Path, issues: list[PolicyIssue], main: bool) -> dict[str, Any] | None:
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except OSError as exc:
         message = f"cannot read: {exc.strerror or exc}"
-        if isinstance(exc, FileNotFoundError):
-            message += f" (give --config FILE or set ${CONFIG_ENV})"
+        if main and isinstance(exc, FileNotFoundError):
+            message += _missing_hint(path)
         issues.append(PolicyIssue(str(path), "-", message))
     except tomllib.TOMLDecodeError as exc:
         issues.append(PolicyIssue(str(path), "-", f"TOML syntax error: {exc}"))
+    except RecursionError:  # tomllib recurses per nested array
+        issues.append(PolicyIssue(str(path), "-", _TOO_DEEP))
     except UnicodeDecodeError as exc:
         issues.append(PolicyIssue(str(path), "-", f"not UTF-8: {exc}"))
     return None
+
+
+def _missing_hint(path: Path) -> str:
+    """How to name the main file; "set $MAILGATE_CONFIG" would mislead when it is set."""
+    env = os.environ.get(CONFIG_ENV)
+    if env and Path(env) == path:
+        return f" (the path ${CONFIG_ENV} names)"
+    return f" (give --config FILE or set ${CONFIG_ENV})"
 
 
 def merge_into(
@@ -229,11 +265,14 @@ def load_policy(path: str | Path) -> LoadedPolicy:
     issues: list[PolicyIssue] = []
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {"": str(main)}
-    files = [main, *dropin_files(main)]
+    files = [main, *dropin_files(main, issues)]
     for file in files:
-        data = _read_toml(file, issues)
+        data = _read_toml(file, issues, main=file is main)
         if data is not None:
-            merge_into(merged, data, str(file), origins)
+            try:
+                merge_into(merged, data, str(file), origins)
+            except RecursionError:  # merging recurses per nested table
+                issues.append(PolicyIssue(str(file), "-", _TOO_DEEP))
     if issues:
         raise PolicyError(issues)
     policy = build_policy(merged, origins, main.parent)

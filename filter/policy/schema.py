@@ -52,6 +52,7 @@ TomlValue = bool | int | float | str | list[Any] | dict[str, Any]
 
 T = TypeVar("T")
 KIND = "mailgate.kind"
+_TOML_INT_MIN, _TOML_INT_MAX = -(2**63), 2**63 - 1
 
 
 class _Invalid:
@@ -128,6 +129,9 @@ class IntKind(Kind):
     def convert(self, raw: object) -> int:
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise ValueError(f"expected an integer, got {show_value(raw)}")
+        if not _TOML_INT_MIN <= raw <= _TOML_INT_MAX:
+            # TOML integers are 64-bit; tomllib reads more, which no other tool would.
+            raise ValueError("expected a 64-bit integer, got a number too large to be one")
         _check_range(raw, self.minimum, self.maximum, str)
         return raw
 
@@ -142,7 +146,10 @@ class FloatKind(Kind):
     def convert(self, raw: object) -> float:
         if isinstance(raw, bool) or not isinstance(raw, int | float):
             raise ValueError(f"expected a number, got {show_value(raw)}")
-        value = float(raw)
+        try:
+            value = float(raw)
+        except OverflowError:  # an int beyond any float (tomllib reads unbounded ints)
+            raise ValueError("expected a finite number, got a number too large to be one") from None
         if not math.isfinite(value):
             raise ValueError(f"expected a finite number, got {raw!r}")
         _check_range(value, self.minimum, self.maximum, repr)

@@ -294,6 +294,32 @@ def test_envelope_addresses_are_parsed_like_smtp_commands(
         assert data["envelope"]["mail_from"] == sender.strip("<>")
 
 
+def test_odd_message_files_and_addresses_are_judged_or_refused_never_a_traceback(
+    tmp_path: Path, redis_url: str, dns_zone: ZoneDNSServer
+) -> None:
+    config = write_policy(tmp_path / "p.toml", redis_url, dns_zone)
+    files = {
+        "empty.eml": b"",
+        "lf.eml": MESSAGE.replace(b"\r\n", b"\n"),
+        "binary.eml": bytes(range(256)) * 4,
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        data = check_json(str(tmp_path / name), "--ip", CLIENT, "--config", str(config))
+        assert data["action"] in ("accept", "add_header", "greylist", "tempfail", "reject"), name
+    for spelt in (f" {CLIENT} ", f"::ffff:{CLIENT}"):
+        data = check_json(str(tmp_path / "lf.eml"), "--ip", spelt, "--config", str(config))
+        assert data["envelope"]["ip"] == CLIENT  # as the live session sees and logs it
+    for ip in ("999.1.1.1", "fe80::1%eth0", "example.org"):
+        r = cli("check", str(tmp_path / "lf.eml"), "--ip", ip, "--config", str(config))
+        assert r.returncode == 2 and r.stdout == "", ip
+        assert r.stderr == f"mailgate check: --ip {ip!r} is not an IP address\n"
+    for missing in (tmp_path / "nope.eml", tmp_path):
+        r = cli("check", str(missing), "--ip", CLIENT, "--config", str(config))
+        assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+        assert r.stderr.startswith("mailgate check: ") and r.stderr.count("\n") == 1
+
+
 def test_rcpt_takes_several_addresses_in_any_order(
     tmp_path: Path, redis_url: str, dns_zone: ZoneDNSServer, eml: Path
 ) -> None:

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import AUTH_CHECKS_OFF, BASE_POLICY, StartMailgate, message
 from tests.rig.client import RawSMTP, smtp_client
 from tests.rig.mailgate import REPO, MailgateProcess, deep_merge
+from tests.rig.ports import free_port
 from tests.rig.redisserver import wait_until
 from tests.rig.tlscerts import issue_certificate
 from tests.rig.upstream import ScriptedUpstream
@@ -436,6 +437,26 @@ def test_a_restarted_worker_runs_the_reloaded_policy(
     assert len(_children(mg.proc.pid)) == 2
     # SO_REUSEPORT spreads connections over both workers: all see the reloaded limit.
     assert [_rcpt_limit_reply(mg) for _ in range(12)] == [250] * 12
+
+
+def test_a_restarted_worker_keeps_the_listeners_the_others_serve(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """server.listen changes take effect after a restart of mailgate, not of one worker:
+    a worker restarted after a reload that moved the port listened on the new port
+    alone, so the old port lost a worker and the new one half worked."""
+    mg = mailgate({"server": {"workers": 2}})
+    _wait_for_events(mg, "started", 2)
+    assert mg.proc is not None
+    old_port, new_port = mg.smtp_port, free_port()
+    mg.reload({"server": {"workers": 2, "listen": [f"127.0.0.1:{new_port}"]}})
+    _wait_for_events(mg, "policy_reload", 2)
+    assert "server.listen changed: takes effect after a restart" in mg.logs()
+    os.kill(_children(mg.proc.pid)[0], signal.SIGKILL)
+    _wait_for_events(mg, "started", 3)
+    assert _events(mg, "started")[-1]["listen"] == f"127.0.0.1:{old_port}"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", new_port), timeout=2).close()
 
 
 def test_a_killed_workers_connections_stop_counting(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,73 @@ def test_arrays_and_arrays_of_tables_replace(tmp_path: Path) -> None:
     assert policy.dnsbl.zones == (DNSBLZone("c.example", 2.0, False),)
 
 
+def test_local_d_files_are_read_in_byte_order_of_their_names(tmp_path: Path) -> None:
+    # As `ls` in the C locale lists them. A name that is not UTF-8 (\xff) sorts after
+    # every UTF-8 one in bytes, but before U+E000 as a Python str (surrogate escape).
+    main = _write(tmp_path / "mailgate.toml", "")
+    local = tmp_path / "local.d"
+    _write(local / "\ue000.toml", "[server]\nmax_recipients = 20\n")
+    (local / os.fsdecode(b"\xff.toml")).write_text("[server]\nmax_recipients = 30\n")
+    _write(local / "Z.toml", "[server]\nmax_recipients = 10\n")
+    loaded = load_policy(main)
+    assert [os.fsencode(p.name) for p in loaded.files[1:]] == [
+        b"Z.toml",
+        "\ue000.toml".encode(),
+        b"\xff.toml",
+    ]
+    assert loaded.policy.server.max_recipients == 30
+
+
+def test_empty_and_symlinked_drop_ins(tmp_path: Path) -> None:
+    main = _write(tmp_path / "mailgate.toml", "")
+    target = _write(tmp_path / "shared" / "site.toml", "[server]\nmax_recipients = 7\n")
+    _write(tmp_path / "local.d" / "10-empty.toml", "")
+    (tmp_path / "local.d" / "20-site.toml").symlink_to(target)
+    (tmp_path / "local.d" / "30-dir.toml").mkdir()  # not a file: not a drop-in
+    loaded = load_policy(main)
+    assert loaded.policy.server.max_recipients == 7
+    assert [p.name for p in loaded.files] == ["mailgate.toml", "10-empty.toml", "20-site.toml"]
+
+
+def test_a_dangling_drop_in_symlink_is_an_error_not_skipped(tmp_path: Path) -> None:
+    # The admin's override would silently not apply (a moved target, a typo in ln -s).
+    main = _write(tmp_path / "mailgate.toml", "")
+    link = tmp_path / "local.d" / "50-site.toml"
+    link.parent.mkdir()
+    link.symlink_to(tmp_path / "gone.toml")
+    (issue,) = _issues(main)
+    assert issue == f"{link}: -: cannot read: No such file or directory"
+
+
+def test_an_unreadable_local_d_is_an_error_not_an_empty_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Path.glob swallows PermissionError: mailgate started on the shipped defaults.
+    main = _write(tmp_path / "mailgate.toml", "")
+    local = tmp_path / "local.d"
+    local.mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if Path(path) == local:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(loader.os, "scandir", scandir)
+    assert _issues(main) == [f"{local}: -: cannot read: Permission denied"]
+
+
+def test_a_local_d_that_is_not_a_folder_is_an_error(tmp_path: Path) -> None:
+    main = _write(tmp_path / "mailgate.toml", "")
+    local = _write(tmp_path / "local.d", "[server]\n")
+    assert _issues(main) == [f"{local}: -: not a directory (drop-ins go in {local}/*.toml)"]
+
+
+def test_a_missing_local_d_is_no_drop_ins(tmp_path: Path) -> None:
+    main = _write(tmp_path / "mailgate.toml", "")
+    assert load_policy(main).files == (main,)
+
+
 MERGES: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = [
     ({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}, {"a": {"x": 1, "y": 3}}),
     ({"a": {"x": [1, 2]}}, {"a": {"x": [3]}}, {"a": {"x": [3]}}),
@@ -181,6 +249,13 @@ def test_syntax_errors_in_every_file_are_reported(tmp_path: Path) -> None:
     assert issues[1].startswith(f"{local}: -: TOML syntax error: ")
 
 
+@pytest.mark.parametrize("text", ["a = " + "[" * 5000 + "]" * 5000, "a" + ".a" * 5000 + " = 1"])
+def test_absurd_nesting_is_an_issue_not_a_traceback(tmp_path: Path, text: str) -> None:
+    main = _write(tmp_path / "mailgate.toml", "")
+    local = _write(tmp_path / "local.d" / "deep.toml", text + "\n")
+    assert _issues(main) == [f"{local}: -: tables or arrays nested too deeply"]
+
+
 def test_missing_main_file(tmp_path: Path) -> None:
     main = tmp_path / "nope.toml"
     (issue,) = _issues(main)
@@ -239,6 +314,17 @@ def test_default_config_path_of_an_installed_package(
         load_policy(default_config_path())
     assert str(info.value).startswith("policies/mailgate.toml: -: cannot read: No such file")
     assert "--config FILE or set $MAILGATE_CONFIG" in str(info.value)
+
+
+def test_a_missing_file_named_by_the_environment_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "etc" / "mailgate.toml"
+    monkeypatch.setenv("MAILGATE_CONFIG", str(missing))
+    (issue,) = _issues(default_config_path())
+    assert issue == (
+        f"{missing}: -: cannot read: No such file or directory (the path $MAILGATE_CONFIG names)"
+    )
 
 
 # --- rendering ----------------------------------------------------------------------

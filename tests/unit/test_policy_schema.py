@@ -362,3 +362,43 @@ def test_zone_symbols_may_not_clash_through_code_labels() -> None:
     # An allowlist's symbols are DNSWL_…: no clash with a blocklist of the same tag.
     allow = {"zone": "list.dnswl.example", "name": "ZEN", "allow": True, "score": -1.0}
     _valid({"dnsbl": {"zones": [{"zone": "zen.example"}, allow]}})
+
+
+# --- durations and numbers at their edges ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "field"),
+    [
+        ("command_timeout", "server"),
+        ("max_recipients", "server"),
+        ("reject", "actions"),
+    ],
+)
+def test_a_number_too_large_for_a_float_is_a_problem_not_a_crash(key: str, field: str) -> None:
+    # TOML integers are unbounded for tomllib; float(10**400) raises OverflowError,
+    # which the walker does not catch: `policy check` printed a traceback and a
+    # SIGHUP with such a value escaped the reload handler.
+    problems = _problems({field: {key: 10**400}})
+    assert [k for k, _ in problems] == [f"{field}.{key}"]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("9ms", 0.009), ("13ms", 0.013), ("2.3d", 198720.0), ("0.1s", 0.1), ("1.15s", 1.15)],
+)
+def test_durations_with_units_are_exact(text: str, seconds: float) -> None:
+    # float("9") * 0.001 is 0.009000000000000001: `policy show` then printed
+    # "0.009000000000000001s" and "2.3d" became "198719.99999999997s".
+    policy = _valid({"explain": {"keep": text}})
+    assert policy.explain.keep == seconds
+    assert "e" not in str(to_toml_data(policy.explain)["keep"]).rstrip("s")
+
+
+@pytest.mark.parametrize("seconds", [1e-5, 1e-7, 0.009, 0.0015, 123456.789, 5e-324])
+def test_every_duration_is_shown_as_a_duration_that_reads_back(seconds: float) -> None:
+    from filter.units import format_duration, parse_duration
+
+    shown = format_duration(seconds)
+    assert "e" not in shown.rstrip("s"), shown  # "1e-05s" is not a duration mailgate reads
+    assert parse_duration(shown) == seconds
