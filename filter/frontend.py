@@ -280,13 +280,14 @@ class _Connection:
                     return
                 self._set_idle(idle)
                 try:
-                    line = await self._readline()
+                    line: bytes | None = await self._readline()
                 except LineTooLong:
+                    # An error like any other: it counts toward the limit below.
                     self.send(session._error(replies.LINE_TOO_LONG))
-                    continue
+                    line = None
                 finally:
                     self._set_idle(False)
-                if not await self._dispatch(line):
+                if line is not None and not await self._dispatch(line):
                     return
                 if session.errors >= self.policy.server.max_errors:
                     self.send(replies.TOO_MANY_ERRORS)

@@ -247,7 +247,7 @@ class Session:
         """
         ours = self.policy.server.max_message_size
         theirs = upstream.get("SIZE", "").strip()
-        if theirs.isdigit() and 0 < int(theirs) < ours:
+        if theirs.isascii() and theirs.isdigit() and 0 < int(theirs) < ours:
             return int(theirs)  # "SIZE 0" or a bare "SIZE": the upstream names no limit
         return ours
 
@@ -351,8 +351,7 @@ class Session:
         reply = await self._upstream_call("mail", lambda up: self._send_mail(up, path))
         if reply.code != 250:
             self.txn = None
-            if reply.code >= 400:
-                self.errors += 1
+            self._count_upstream_refusal(reply)
         return reply
 
     async def _send_mail(self, up: UpstreamPort, path: PathArg) -> Reply:
@@ -372,13 +371,16 @@ class Session:
         upstream = self._upstream_extensions()
         for key, value in path.params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit():
+                # ASCII digits only (RFC 1870 size-value): str.isdigit() also takes
+                # "²", which int() refuses, and Arabic-Indic digits, which it reads.
+                if value is None or not (value.isascii() and value.isdigit()):
                     return replies.syntax("SIZE=<number>")
                 if int(value) > self.size_limit(upstream):
                     return replies.MESSAGE_TOO_BIG
             elif key == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
-                    return replies.bad_parameter(f"BODY={value}")
+                    # As Postfix words it: "BODY" alone, not "BODY=None".
+                    return replies.bad_parameter("BODY" if value is None else f"BODY={value}")
             elif key == "SMTPUTF8":
                 if "SMTPUTF8" not in upstream or value is not None:
                     return replies.bad_parameter("SMTPUTF8")
@@ -434,8 +436,7 @@ class Session:
                 return refusal
         reply = await self._upstream_call("rcpt", lambda up: up.rcpt(path.address, path.raw_params))
         if reply.code != 250 and reply.code != 251:
-            if reply.code >= 400:
-                self.errors += 1
+            self._count_upstream_refusal(reply)
             if judged and late_checks:
                 self._count_would(self._rcpt_verdict(early, recipient))
             return reply
@@ -735,6 +736,17 @@ class Session:
         self.errors += 1
         return reply
 
+    def _count_upstream_refusal(self, reply: Reply) -> None:
+        """Count the upstream's 4xx/5xx to MAIL or RCPT as the client's error, once.
+
+        ``UPSTREAM_UNAVAILABLE`` is mailgate's own reply to a failed conversation,
+        already counted where it failed (``_upstream_exchange``); counting it again made
+        a client retrying through an upstream outage hit ``server.max_errors`` at half
+        the configured number of replies.
+        """
+        if reply.code >= 400 and reply is not replies.UPSTREAM_UNAVAILABLE:
+            self.errors += 1
+
     async def _end_transaction(self) -> None:
         self._stop_keepalive()
         if self.txn is not None:
@@ -864,6 +876,7 @@ class Session:
             # The upstream is going away; the client keeps its session and retries later.
             # Its text stays in our log, not in the reply to a stranger.
             log.warning("session=%s upstream closing: %s", self.client.session_id, reply)
+            self.errors += 1  # one error, as for a failure raised above
             return replies.UPSTREAM_UNAVAILABLE
         return reply
 
