@@ -47,6 +47,8 @@ PROXY_TIMEOUT = 10.0
 # sent as commands.
 _HEADER_NAME = re.compile(rb"[!-9;-~]+")
 REFUSED_VERBS = {"VRFY", "EXPN", "TURN", "ETRN", "BDAT"}
+# Commands that move no mail, limited as Postfix's smtpd_junk_command_limit does.
+JUNK_VERBS = frozenset({"EHLO", "HELO", "RSET", "NOOP", "HELP", "VRFY", "ETRN"})
 
 
 class SessionTimeout(Exception):
@@ -406,6 +408,8 @@ class _Connection:
             self.send(s._error(replies.SYNTAX_ERROR.with_text(f"Error: {exc}")))
             return True
         verb, arg = cmd.verb, cmd.arg
+        if verb in JUNK_VERBS:
+            s.count_junk()
         if verb in ("EHLO", "HELO"):
             self.send(await s.helo(verb, arg, self.rt.tls is not None), "helo")
         elif verb == "MAIL":

@@ -54,6 +54,10 @@ from filter.xtext import parse_attributes
 
 log = logging.getLogger("mailgate.session")
 
+#: Commands that move no mail a session may send before each counts as an error
+#: (Postfix's smtpd_junk_command_limit default).
+JUNK_COMMAND_LIMIT = 100
+
 _QUEUE_ID = re.compile(r"queued as ([A-Za-z0-9]+)")
 # Headers mailgate owns on accepted mail; copies arriving from outside are dropped.
 OWN_HEADERS = (b"x-spam-flag", b"x-spam-score", b"x-spam-status", b"x-mailgate-id")
@@ -133,6 +137,7 @@ class Session:
         self.helo_seen = False
         self.esmtp = False
         self.errors = 0
+        self.junk = 0  # commands that move no mail (see count_junk)
         self.messages = 0
         self._identity_dirty = True  # connect/helo checks must (re)run for this identity
         self._peer_allowed_xforward = False  # set by allow_xforward() for xforward_hosts
@@ -609,6 +614,7 @@ class Session:
                 # mail", so a client that delivers starts afresh (a list message with
                 # stale addresses must not end the session for the next one).
                 self.errors = 0
+                self.junk = 0
             self._log_message(txn, message, verdict, reply, outcome, t_checks)
             return reply
         finally:
@@ -735,6 +741,19 @@ class Session:
     def _error(self, reply: Reply) -> Reply:
         self.errors += 1
         return reply
+
+    def count_junk(self) -> None:
+        """One command that moves no mail (EHLO/HELO, RSET, NOOP, HELP, VRFY, ETRN).
+
+        As Postfix's ``smtpd_junk_command_limit`` (100): past the limit each one counts
+        as an error, so a client looping on them meets ``server.max_errors`` and its
+        ``421`` instead of holding a session slot until ``session_timeout``; a loop of
+        EHLOs would also re-run the HELO checks, DNS lookups included, every time.
+        The count starts afresh after a delivered message, as the error count does.
+        """
+        self.junk += 1
+        if self.junk > JUNK_COMMAND_LIMIT:
+            self.errors += 1
 
     def _count_upstream_refusal(self, reply: Reply) -> None:
         """Count the upstream's 4xx/5xx to MAIL or RCPT as the client's error, once.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from tests.integration.conftest import StartMailgate
+from tests.integration.conftest import StartMailgate, message
 from tests.rig.client import RawSMTP
 from tests.rig.upstream import ScriptedUpstream
 
@@ -99,3 +99,36 @@ def test_body_without_a_value_is_named_as_sent(mailgate: StartMailgate) -> None:
     assert (reply.code, reply.text) == (555, "5.5.4 Unsupported option: BODY")
     reply = r.cmd("MAIL FROM:<a@example.org> BODY=BINARYMIME")
     assert (reply.code, reply.text) == (555, "5.5.4 Unsupported option: BODY=BINARYMIME")
+
+
+def test_commands_that_move_no_mail_count_as_errors_past_the_junk_limit(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """Postfix's smtpd_junk_command_limit (100): a client looping on NOOP, RSET or
+    EHLO held its session until session_timeout (each EHLO re-running the HELO
+    checks); past the limit each one is an error, and max_errors ends the session."""
+    mg = mailgate({"server": {"max_errors": 3}})
+    r = _session(mg.smtp_port)
+    verbs = ["NOOP", "RSET", "EHLO client.example.org"]
+    # _session's EHLO was the first; the first 100 are free, as in Postfix.
+    replies = [r.cmd(verbs[i % 3]).code for i in range(99)]
+    assert set(replies) == {250}
+    assert [r.cmd("NOOP").code for _ in range(3)] == [250, 250, 250]
+    reply = r.read_reply(timeout=3)
+    assert (reply.code, reply.text.split()[0]) == (421, "4.7.0")
+    assert r.is_closed()
+
+
+def test_a_delivered_message_starts_the_junk_count_afresh(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    mg = mailgate({"server": {"max_errors": 1}})
+    r = _session(mg.smtp_port)
+    for _ in range(2):
+        assert {r.cmd("NOOP").code for _ in range(99)} == {250}
+        assert r.cmd("MAIL FROM:<a@example.org>").code == 250
+        assert r.cmd("RCPT TO:<bob@example.test>").code == 250
+        assert r.cmd("DATA").code == 354
+        r.send(message() + b".\r\n")
+        assert r.read_reply().code == 250
+    assert r.cmd("QUIT").code == 221
