@@ -460,9 +460,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _print_verdict(rec: dict[str, object]) -> None:
+    """One kept record as text; every value escaped where it is not printable.
+
+    Why: HELO, addresses, replies and symbol details came from a client or its DNS;
+    raw, a terminal escape would act on the admin's terminal, a U+2028 fake a line,
+    and a lone surrogate (bytes a client sent) crash the print.
+    """
+    from filter.logs import printable
+
     def text(key: str) -> str:
         value = rec.get(key)
-        return "" if value is None else str(value)
+        return "" if value is None else printable(str(value))
 
     event = "refused at RCPT" if rec.get("event") == "rcpt_refused" else text("outcome")
     when = rec.get("time")
@@ -471,7 +479,7 @@ def _print_verdict(rec: dict[str, object]) -> None:
     name = f" ({text('client_name')})" if rec.get("client_name") else ""
     print(f"client:   {text('client')}{name}   helo: {text('helo') or '-'}")
     rcpts = rec.get("rcpts")
-    targets = ", ".join(f"<{r}>" for r in rcpts) if isinstance(rcpts, list) else ""
+    targets = ", ".join(f"<{printable(str(r))}>" for r in rcpts) if isinstance(rcpts, list) else ""
     print(f"envelope: <{text('from')}> -> {targets or '-'}")
     score = rec.get("score")
     shown = f"{score:g}" if isinstance(score, int | float) else "-"
@@ -489,7 +497,8 @@ def _print_verdict(rec: dict[str, object]) -> None:
             if isinstance(s, dict):
                 value = s.get("score")
                 num = f"{value:7.2f}" if isinstance(value, int | float) else f"{'-':>7}"
-                print(f"{s.get('name', '')!s:32} {num}  {s.get('detail') or ''}")
+                name, detail = printable(str(s.get("name", ""))), s.get("detail") or ""
+                print(f"{name:32} {num}  {printable(str(detail))}")
 
 
 def cmd_domain(args: argparse.Namespace) -> int:

@@ -20,16 +20,85 @@ EVENT = "mailgate_fields"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NEEDS_QUOTES = re.compile(r'[ "=\\]')
 
+#: Longest value (characters) a line carries; a list is cut between elements.
+MAX_VALUE = 4096
+#: Longest traceback (``exc``) a line carries: its start and its end are kept.
+MAX_TRACEBACK = 32768
 
-def _kv_value(value: Any) -> str:
+
+def _escape_char(char: str) -> str:
+    """``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``: the code point, never the raw character."""
+    n = ord(char)
+    if n < 0x100:
+        return f"\\x{n:02x}"
+    return f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every character ``str.isprintable`` refuses escaped.
+
+    Why: besides C0 controls, a client's HELO, address or header-derived detail may
+    carry characters that readers take for a line end (U+2028, U+2029, NEL U+0085:
+    ``str.splitlines``, many log viewers), that terminals act on (C1 CSI U+009B, bidi
+    overrides) or that cannot be written as UTF-8 (lone surrogates from
+    surrogateescape). Raw, each could forge a log line or corrupt the stream.
+    ``mailgate explain`` shows kept values with it too, on an admin's terminal.
+    """
+    if text.isprintable():  # one C-level scan; the per-character pass is the rare path
+        return text
+    return "".join(c if c.isprintable() else _escape_char(c) for c in text)
+
+
+def _cut(text: str, limit: int = MAX_VALUE) -> str:
+    """``text`` up to ``limit`` characters, then a ``…[+N chars]`` marker."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…[+{len(text) - limit} chars]"
+
+
+def _cut_middle(text: str, limit: int = MAX_TRACEBACK) -> str:
+    """A traceback's first and last ``limit / 2`` characters around a ``…[N chars cut]…``.
+
+    Both ends matter: the frames and the error's type open it, the innermost frames
+    close it, and a huge value in the error's text (a header, say) sits in between.
+    """
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}…[{len(text) - 2 * half} chars cut]…{text[-half:]}"
+
+
+def _cut_list(items: list[str] | tuple[str, ...]) -> list[str]:
+    """As many leading elements as fit in ``MAX_VALUE`` characters, then ``…[+N more]``.
+
+    Why: 1,000 recipients of up to 256 octets each made one line a quarter megabyte
+    (journald and docker split or drop lines far shorter).
+    """
+    kept: list[str] = []
+    room = MAX_VALUE
+    for item in items:
+        room -= len(item) + 1
+        if room < 0:
+            if not kept:  # one huge element: keep its start rather than nothing
+                kept.append(_cut(item))
+            rest = len(items) - len(kept)
+            return [*kept, f"…[+{rest} more]"] if rest else kept
+        kept.append(item)
+    return kept
+
+
+def _kv_value(value: Any, limit: int = MAX_VALUE) -> str:
     if isinstance(value, float):
         text = f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
     elif isinstance(value, list | tuple):
-        text = ",".join(str(v) for v in value)
+        items = [str(v) for v in value]
+        if len(items) > 8 or sum(map(len, items)) > MAX_VALUE:
+            items = _cut_list(items)
+        text = ",".join(items)
     elif value is None:
         text = ""
     else:
-        text = str(value)
+        text = _cut(str(value), limit)
     # One C-level scan decides (a generator per value showed up in profiles).
     if not text or _NEEDS_QUOTES.search(text) or not text.isprintable():
         escaped = text.replace("\\", "\\\\").replace('"', '\\"')
@@ -37,8 +106,14 @@ def _kv_value(value: Any) -> str:
         # Any other control character (NUL, ESC, ...) from a client must not reach a
         # terminal or a log shipper raw.
         escaped = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", escaped)
+        escaped = printable(escaped)
         return f'"{escaped}"'
     return text
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's text, bounded, with unprintable characters escaped (one line)."""
+    return printable(_cut(record.getMessage()))
 
 
 _last_second: tuple[int, str] = (-1, "")
@@ -62,11 +137,12 @@ class KeyValueFormatter(logging.Formatter):
         parts.append(f"logger={record.name}")
         msg = record.getMessage()
         if msg:
-            parts.append(f"msg={_kv_value(msg)}" if fields else msg)
+            parts.append(f"msg={_kv_value(msg)}" if fields else _message(record))
         parts.extend(f"{k}={_kv_value(v)}" for k, v in fields.items())
         out = " ".join(parts)
         if record.exc_info:
-            out += " exc=" + _kv_value(self.formatException(record.exc_info))
+            exc = _cut_middle(self.formatException(record.exc_info))
+            out += " exc=" + _kv_value(exc, len(exc))
         return out
 
 
@@ -74,7 +150,20 @@ class KeyValueFormatter(logging.Formatter):
 _JSON_LINE = json.JSONEncoder(default=str, ensure_ascii=False).encode
 
 
+def _json_value(value: Any) -> Any:
+    """A field value bounded as in the key=value format (strings and lists cut)."""
+    if isinstance(value, str):
+        return _cut(value)
+    if isinstance(value, list | tuple) and (
+        len(value) > 8 or sum(len(str(v)) for v in value) > MAX_VALUE
+    ):
+        return _cut_list([str(v) for v in value])
+    return value
+
+
 class JSONFormatter(logging.Formatter):
+    """One JSON object per line; non-ASCII stays readable, unprintables are ``\\u`` escapes."""
+
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
             "ts": _timestamp(record),
@@ -86,8 +175,29 @@ class JSONFormatter(logging.Formatter):
             data["msg"] = msg
         data.update(getattr(record, EVENT, {}) or {})
         if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return _JSON_LINE(data)
+            data["exc"] = _cut_middle(self.formatException(record.exc_info))
+        line = _JSON_LINE(data)
+        if len(line) > MAX_VALUE:  # only then can a value be too long: bound them all
+            bounded = {k: v if k == "exc" else _json_value(v) for k, v in data.items()}
+            line = _JSON_LINE(bounded)
+        # ensure_ascii=False leaves U+2028/U+2029/NEL, C1 controls and lone surrogates
+        # raw: valid JSON, but a line break to splitlines() readers and no UTF-8. They
+        # can only be inside strings, where a \\uXXXX escape is the same character.
+        return line if line.isprintable() else _json_printable(line)
+
+
+def _json_printable(line: str) -> str:
+    """``line`` (a JSON text) with each unprintable character as a ``\\uXXXX`` escape."""
+    out: list[str] = []
+    for c in line:
+        if c.isprintable():
+            out.append(c)
+        elif ord(c) < 0x10000:
+            out.append(f"\\u{ord(c):04x}")
+        else:  # JSON escapes an astral character as its UTF-16 surrogate pair
+            n = ord(c) - 0x10000
+            out.append(f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}")
+    return "".join(out)
 
 
 class BufferedStreamHandler(logging.Handler):

@@ -146,6 +146,35 @@ async def test_explain_json_and_session_lookup(store: Store, config: Path) -> No
     assert text.returncode == 0 and "queue id: 4XyZ12" in text.stdout
 
 
+async def test_explain_escapes_what_a_client_sent(store: Store, config: Path) -> None:
+    """A kept HELO, address or symbol detail reaches the admin's terminal: a terminal
+    escape (OSC title, C1 CSI), a line separator or a lone surrogate must not act or
+    crash the command, in the text output or in --json."""
+    hostile = {
+        **message_fields(1),
+        "helo": "x\x1b]0;owned\x07",
+        "from": "a\u2028fake line@example.org",
+        "rcpts": ["bob\udcff@example.test"],
+        "reply": "550 5.7.1 \x9b2J",
+    }
+    verdict = Verdict(
+        Action.REJECT, 16.5, (Symbol("SPF_FAIL", 15.0, "d=\u202eevil \x1b[31m"),), None, "r\x85s"
+    )
+    rec = verdictlog.build_record(hostile, verdict, 1_700_000_000.0)
+    assert await verdictlog.record(store, f"{SESSION}.1", rec, 3600)
+    r = await asyncio.to_thread(mailgate, "explain", f"{SESSION}.1", "--config", str(config))
+    assert r.returncode == 0, r.stderr
+    assert all(line.isprintable() for line in r.stdout.split("\n")), repr(r.stdout)
+    assert "helo: x\\x1b]0;owned\\x07" in r.stdout
+    assert "<a\\u2028fake line@example.org> -> <bob\\udcff@example.test>" in r.stdout
+    assert "d=\\u202eevil \\x1b[31m" in r.stdout and "reason:   r\\x85s" in r.stdout
+    j = await asyncio.to_thread(
+        mailgate, "explain", f"{SESSION}.1", "--json", "--config", str(config)
+    )
+    assert j.returncode == 0, j.stderr
+    assert json.loads(j.stdout)["records"][0]["helo"] == "x\x1b]0;owned\x07"
+
+
 async def test_explain_not_found_bad_id_and_store_down(
     config: Path, tmp_path: Path, dns_zone: ZoneDNSServer, free_port: Any
 ) -> None:

@@ -200,10 +200,10 @@ def parse_kv(line: str) -> dict[str, str]:
         value = m.group(2)
         if value.startswith('"'):
             value = re.sub(
-                r"\\(x[0-9a-f]{2}|.)",
+                r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|.)",
                 lambda e: (
                     chr(int(e.group(1)[1:], 16))
-                    if len(e.group(1)) == 3
+                    if len(e.group(1)) > 1
                     else {"n": "\n", "r": "\r", "t": "\t"}.get(e.group(1), e.group(1))
                 ),
                 value[1:-1],
@@ -290,3 +290,89 @@ def test_event_helper_keeps_field_order(caplog: pytest.LogCaptureFixture) -> Non
     out = KeyValueFormatter().format(rec)
     assert out.split(" ", 3)[3] == 'event=session_end session=s1 client=192.0.2.1 reason="quit now"'
     assert json.loads(JSONFormatter().format(rec))["reason"] == "quit now"
+
+
+# Characters a client can get into a logged value (HELO, addresses, header-derived
+# details) that some readers take for a line break (Python's str.splitlines, log
+# viewers), or a terminal acts on (C1 CSI, bidi overrides), or that cannot be encoded
+# (a lone surrogate from surrogateescape-decoded bytes).
+HOSTILE = [
+    "a\u2028ts=1 level=error event=message id=FAKE",
+    "a\u2029b",
+    "a\x85b",
+    "a\x9b31mred",
+    "\u202eevil",
+    "a\x1b[2Jb",
+    "bytes\udcff\udcfe",
+    "nbsp\xa0here",
+    "tag\U000e0041",
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_kv_escapes_every_unprintable_character(value: str) -> None:
+    out = KeyValueFormatter().format(record("m", {"event": "e", "k": value, "n": 1}))
+    assert len(out.splitlines()) == 1
+    assert out.isprintable(), out.encode("unicode_escape")
+    out.encode("utf-8")  # strict: no lone surrogate reaches the stream
+    parsed = parse_kv(out)
+    assert parsed["k"] == value and parsed["n"] == "1"
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_kv_plain_message_cannot_break_the_line(value: str) -> None:
+    out = KeyValueFormatter().format(record(f"upstream said {value}"))
+    assert len(out.splitlines()) == 1
+    assert out.isprintable()
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_json_escapes_every_unprintable_character(value: str) -> None:
+    out = JSONFormatter().format(record(value, {"event": "e", "k": value, "l": [value]}))
+    assert len(out.splitlines()) == 1
+    assert out.isprintable()
+    out.encode("utf-8")
+    data = json.loads(out)
+    assert data["k"] == value and data["l"] == [value] and data["msg"] == value
+
+
+def test_json_keeps_printable_non_ascii_readable() -> None:
+    out = JSONFormatter().format(record("", {"event": "e", "k": "café ü"}))
+    assert '"k": "café ü"' in out
+
+
+def test_huge_values_are_cut_with_a_marker() -> None:
+    subject = "S" * 1_000_000
+    rcpts = [f"user{i}@example.test" for i in range(1000)]
+    fields = {"event": "message", "subject": subject, "rcpts": rcpts, "after": "kept"}
+    kv = KeyValueFormatter().format(record(subject, fields))
+    assert len(kv) < 20_000
+    parsed = parse_kv(kv)
+    assert parsed["after"] == "kept"
+    assert parsed["subject"].startswith("SSS") and parsed["subject"].endswith("[+995904 chars]")
+    assert parsed["rcpts"].startswith("user0@example.test,user1@")
+    assert re.search(r",…\[\+\d+ more\]$", parsed["rcpts"])
+    js = JSONFormatter().format(record(subject, fields))
+    assert len(js) < 20_000
+    data = json.loads(js)
+    assert data["after"] == "kept" and data["subject"].endswith("[+995904 chars]")
+    assert data["rcpts"][0] == "user0@example.test"
+    assert re.fullmatch(r"…\[\+\d+ more\]", data["rcpts"][-1])
+    short = {"event": "message", "rcpts": rcpts[:3], "subject": "hi"}
+    assert json.loads(JSONFormatter().format(record("", short)))["rcpts"] == rcpts[:3]
+
+
+def test_a_huge_traceback_is_cut() -> None:
+    try:
+        raise ValueError("x" * 1_000_000)
+    except ValueError:
+        exc_info = sys.exc_info()
+    rec = logging.LogRecord("mailgate.test", logging.ERROR, __file__, 1, "x=boom", None, exc_info)
+    assert len(KeyValueFormatter().format(rec)) < 40_000
+    assert len(JSONFormatter().format(rec)) < 40_000
+    for exc in (
+        parse_kv(KeyValueFormatter().format(rec))["exc"],
+        json.loads(JSONFormatter().format(rec))["exc"],
+    ):
+        assert exc.startswith("Traceback") and "ValueError: xxx" in exc
+        assert len(exc) > 30_000 and "chars cut]…" in exc and exc.endswith("xxx")
