@@ -111,6 +111,13 @@ def _kv_value(value: Any, limit: int = MAX_VALUE) -> str:
     return text
 
 
+def kv(value: Any) -> str:
+    """``value`` as a logfmt value (quoted and escaped as needed), for the free-text
+    lines that write ``key=%s`` themselves: text from outside (an upstream's reply,
+    an exception) must not add ``key=value`` pairs of its own."""
+    return _kv_value(value)
+
+
 def _message(record: logging.LogRecord) -> str:
     """The record's text, bounded, with unprintable characters escaped (one line)."""
     return printable(_cut(record.getMessage()))

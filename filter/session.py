@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from filter import authresults, dkimkeys, replies, verdictlog
+from filter import authresults, dkimkeys, logs, replies, verdictlog
 from filter.checks import Context
 from filter.checks.arc import ARCSealError, seal_message
 from filter.checks.rdns import xclient_name, xclient_reverse_name
@@ -874,7 +874,7 @@ class Session:
                 "session=%s upstream failure stage=%s detail=%s",
                 self.client.session_id,
                 exc.stage,
-                exc.detail,
+                logs.kv(exc.detail),
             )
             if self.upstream is not None:
                 self.upstream.abort()
@@ -941,7 +941,7 @@ class Session:
             log.warning(
                 "session=%s upstream failure stage=keepalive detail=%s",
                 self.client.session_id,
-                problem,
+                logs.kv(problem),
             )
             self.metrics.count_upstream_error("keepalive")
             up.abort()

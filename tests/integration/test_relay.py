@@ -381,7 +381,7 @@ def test_250_to_data_is_an_upstream_error_not_a_relayed_message(
     after = _upstream_errors(mg)
     assert after["data"] - before["data"] == 1
     logs = mg.logs()
-    assert "upstream failure stage=data detail=DATA answered 250" in logs
+    assert 'upstream failure stage=data detail="DATA answered 250' in logs
     assert "outcome=relayed" not in logs
     # The session goes on: the next message opens a fresh upstream connection.
     upstream.reset_script()
@@ -425,7 +425,7 @@ def test_doubled_reply_to_the_dot_shifts_no_later_reply(
     assert first.accepted  # kept upstream: the client's retry may duplicate it, not lose it
     assert second.rcpts == ["carol@example.test"] and b"Subject: two" in second.message
     assert reply.code == 250 and second.queue_id and second.queue_id in reply.text
-    assert "upstream failure stage=data_end detail=unsolicited input after the reply" in mg.logs()
+    assert 'upstream failure stage=data_end detail="unsolicited input after the reply' in mg.logs()
     r.close()
 
 
@@ -453,7 +453,7 @@ def test_late_unsolicited_reply_is_refused_before_the_next_command(
     reply = r.cmd("MAIL FROM:<b@example.org>")
     assert reply.code == 451 and reply.text.startswith("4.3.0"), reply
     assert _upstream_errors(mg)["mail"] - before["mail"] == 1
-    assert "upstream failure stage=mail detail=unsolicited input before MAIL" in mg.logs()
+    assert 'upstream failure stage=mail detail="unsolicited input before MAIL' in mg.logs()
     _wait_closed(upstream)
     assert r.cmd("MAIL FROM:<b@example.org>").code == 250  # a fresh connection
     assert r.cmd("RCPT TO:<nobody@example.test>").code == 550
@@ -512,7 +512,7 @@ def test_early_reply_while_a_large_body_streams_stops_before_the_dot(
     _wait_closed(upstream)
     assert upstream.transactions == []
     assert _upstream_errors(mg)["data"] - before["data"] == 1
-    assert "upstream failure stage=data detail=unsolicited input" in mg.logs()
+    assert 'upstream failure stage=data detail="unsolicited input' in mg.logs()
     r.close()
 
 
