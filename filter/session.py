@@ -257,9 +257,10 @@ class Session:
         return ours
 
     async def helo(self, verb: str, name: str, tls_available: bool) -> Reply:
-        if not name or any(c.isspace() for c in name):
+        if not name or not name.isprintable() or any(c.isspace() for c in name):
             # One domain or address literal (RFC 5321 4.1.1.1). A tab got 250 here and
             # then 451 at every MAIL: the relay never sends a control character upstream.
+            # Nor an ESC, a C1 control or a bidi override: no host name holds one.
             return self._error(replies.syntax(f"{verb} hostname"))
         if len(name) > 255:
             return self._error(replies.syntax(f"{verb} hostname"))
@@ -1076,7 +1077,8 @@ def common_override_domain(policy: Policy, recipients: Iterable[Recipient]) -> s
     return None
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL, C1 and the Unicode line separators: what relay.py never sends upstream.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def content_refusal(problems: DataProblems) -> Reply | None:

@@ -109,6 +109,10 @@ def test_xforward_values_with_control_characters_are_refused(
     r.cmd("EHLO postfix.example")
     bad = r.cmd("XFORWARD ADDR=203.0.113.9 HELO=helo+0D+0AX-Injected:+20yes")
     assert (bad.code, bad.text.split()[0]) == (501, "5.5.4")
+    # U+2028 (a line break to many log readers) and C1 CSI (U+009B), xtext-encoded.
+    for encoded in ("x+E2+80+A8ts+3D1", "x+C2+9B31m"):
+        bad = r.cmd(f"XFORWARD ADDR=203.0.113.9 HELO={encoded}")
+        assert (bad.code, bad.text.split()[0]) == (501, "5.5.4"), encoded
     assert r.cmd("XFORWARD ADDR=203.0.113.9 HELO=good.example").code == 250
     r.close()
 

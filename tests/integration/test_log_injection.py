@@ -28,11 +28,13 @@ _QUOTED = r'"(?:[^"\\]|\\(?:[\\"nrt]|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}))*"'
 _PAIR = re.compile(rf"([a-z_]+)=({_QUOTED}|{_BARE}|)(?: |$)")
 _ESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|.)")
 
-HELO = 'evil\x9b31m\u202e"a=b\\c'
-# XFORWARD xtext: "+E2+80+A8" is U+2028 in UTF-8, "+20" a space, "+3D" "=".
-XFORWARD_HELO = "x\u2028ts=1 level=error event=message id=FAKE"
-XFORWARD_ARG = "HELO=x+E2+80+A8ts+3D1+20level+3Derror+20event+3Dmessage+20id+3DFAKE"
-SENDER = '"a\u2028ts=1 level=error b=c \\"q\\"\\\\"@example.org'
+# A HELO or XFORWARD value with a control character, C1 or a line separator is
+# refused (501); quotes, "=" and backslashes are what reach the log from there.
+HELO = 'evil"a=b\\c'
+# XFORWARD xtext: "+20" a space, "+3D" "=".
+XFORWARD_HELO = "x ts=1 level=error event=message id=FAKE"
+XFORWARD_ARG = "HELO=x+20ts+3D1+20level+3Derror+20event+3Dmessage+20id+3DFAKE"
+SENDER = '"a\u2028ts=1 level=error\x9b31m\u202e b=c \\"q\\"\\\\"@example.org'
 RCPTS = ['"x\x85y"@example.test', "b\u2029@example.test", "plain@example.test"]
 
 
@@ -105,6 +107,7 @@ def test_hostile_values_stay_one_event_per_line(
     with RawSMTP("127.0.0.1", mg.smtp_port, source_ip="127.0.0.9") as c:
         assert c.banner().code == 220
         assert c.cmd("EHLO relay.example.org").code == 250
+        assert c.cmd("XFORWARD HELO=x+E2+80+A8ts+3D1").code == 501  # U+2028
         assert c.cmd(f"XFORWARD {XFORWARD_ARG}").code == 250
         assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
         assert c.cmd("RCPT TO:<bob@example.test>").code == 250

@@ -820,12 +820,23 @@ def test_helo_name_with_a_tab_is_refused_not_a_dead_session(fuzz_rig: FuzzRig) -
         [
             b"EHLO a\tb.example.org\r\n",
             b"HELO a\tb\r\n",
+            # ESC, a C1 control (CSI) and a bidi override: no host name holds one.
+            b"EHLO a\x1b[31mb.example.org\r\n",
+            "EHLO a\u009b31mb.example.org\r\n".encode(),
+            "EHLO \u202eb.example.org\r\n".encode(),
             b"EHLO client.example.org\r\n",
             b"MAIL FROM:<alice@example.org>\r\n",
         ],
     )
-    assert [(r.code, r.lines[0][:5]) for r in replies_[:2]] == [(501, "5.5.4"), (501, "5.5.4")]
-    assert [r.code for r in replies_[2:]] == [250, 250]
+    # ESC is refused as a command no client sends (500), the others as a bad name.
+    assert [(r.code, r.lines[0][:5]) for r in replies_[:5]] == [
+        (501, "5.5.4"),
+        (501, "5.5.4"),
+        (500, "5.5.2"),
+        (501, "5.5.4"),
+        (501, "5.5.4"),
+    ]
+    assert [r.code for r in replies_[5:]] == [250, 250]
 
 
 def test_replies_echoing_long_parameters_stay_within_512_octets(fuzz_rig: FuzzRig) -> None:
