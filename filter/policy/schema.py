@@ -1239,6 +1239,17 @@ class Policy:
         default_factory=lambda: MappingProxyType({}), metadata={KIND: DomainMapKind()}
     )
 
+    def problems(self) -> Iterable[Problem]:
+        """Rules across tables: settings that could never take effect."""
+        lists = self.lists
+        if lists.allow_senders and lists.allow_senders_require_spf and not self.spf.enabled:
+            # The SPF check is not even built then, so no entry could ever match.
+            yield (
+                "lists.allow_senders",
+                "never matches with [spf] enabled = false (allow_senders_require_spf "
+                "wants an SPF pass); enable SPF or set allow_senders_require_spf = false",
+            )
+
     def override_for(self, domain: str | None) -> DomainOverride | None:
         """The ``[domains]`` entry for ``domain`` or its nearest parent, if any."""
         name = to_a_label(domain) if domain and self.domains else None

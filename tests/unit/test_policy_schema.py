@@ -402,3 +402,14 @@ def test_every_duration_is_shown_as_a_duration_that_reads_back(seconds: float) -
     shown = format_duration(seconds)
     assert "e" not in shown.rstrip("s"), shown  # "1e-05s" is not a duration mailgate reads
     assert parse_duration(shown) == seconds
+
+
+def test_allow_senders_that_could_never_match_are_an_error() -> None:
+    """With SPF off the check is not built, so allow_senders needing an SPF pass was a
+    list that silently never matched."""
+    data = {"spf": {"enabled": False}, "lists": {"allow_senders": "allow-senders.txt"}}
+    problems = _problems(data)
+    assert [key for key, _ in problems] == ["lists.allow_senders"]
+    assert "allow_senders_require_spf = false" in problems[0][1]
+    _valid({**data, "lists": {**data["lists"], "allow_senders_require_spf": False}})
+    _valid({"lists": {"allow_senders": "allow-senders.txt"}})  # SPF on: fine
