@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any
 
 EVENT = "mailgate_fields"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NEEDS_QUOTES = re.compile(r'[ "=\\]')
 
 #: Longest value (characters) a line carries; a list is cut between elements.
@@ -103,9 +102,8 @@ def _kv_value(value: Any, limit: int = MAX_VALUE) -> str:
     if not text or _NEEDS_QUOTES.search(text) or not text.isprintable():
         escaped = text.replace("\\", "\\\\").replace('"', '\\"')
         escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-        # Any other control character (NUL, ESC, ...) from a client must not reach a
-        # terminal or a log shipper raw.
-        escaped = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", escaped)
+        # Any other unprintable character (NUL, ESC, C1, U+2028, ...) from a client must
+        # not reach a terminal or a log shipper raw: printable() writes it as \xNN etc.
         escaped = printable(escaped)
         return f'"{escaped}"'
     return text
