@@ -269,6 +269,10 @@ def _refused(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        # The connect landed in the backlog of a listener closing just then: it is
+        # going, not gone; the caller polls again.
+        return False
     return False
 
 
