@@ -112,7 +112,10 @@ def front_postfix() -> Iterator[PostfixInstance]:
 
 def test_front_snippets_are_what_postfix_reads(front_postfix: PostfixInstance) -> None:
     postconf(front_postfix, "-n")  # no warnings about what the snippets set
-    assert postconf(front_postfix, "-h", "smtpd_authorized_xclient_hosts").strip() == "127.0.0.1"
+    # XCLIENT is believed by the loopback smtpd alone, not by every smtpd of main.cf.
+    assert postconf(front_postfix, "-h", "smtpd_authorized_xclient_hosts").strip() == ""
+    service = f"127.0.0.1:{front_postfix.listen_port}/inet/smtpd_authorized_xclient_hosts"
+    assert postconf(front_postfix, "-P", service).strip() == f"{service} = 127.0.0.1"
     smtpd = inet_services(front_postfix)
     # Only the loopback smtpd: the public "smtp inet" line stays commented out.
     assert len(smtpd) == 1 and smtpd[0].startswith(f"127.0.0.1:{front_postfix.listen_port} ")
@@ -157,7 +160,7 @@ def test_front_mode_delivers_with_the_deploy_files(
         [msg] = front_postfix.wait_for_messages("bob", 1)
         assert f"Subject: deploy front {client}".encode() in msg
         assert b"X-Spam-Status: No" in msg
-        # XCLIENT was believed (smtpd_authorized_xclient_hosts from front-main.cf):
+        # XCLIENT was believed (smtpd_authorized_xclient_hosts from front-master.cf):
         # Postfix logged the real client, not mailgate on 127.0.0.1.
         assert f"client=unknown[{client}]" in front_postfix.maillog()
     finally:

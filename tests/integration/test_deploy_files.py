@@ -615,7 +615,9 @@ def test_postfix_image_configuration_runs_on_debian_postfix(tmp_path: Path) -> N
         line.split()[0] for line in postconf("-M").splitlines() if line.split()[1:2] == ["inet"]
     ]
     assert inet == ["127.0.0.1:10025"]  # port 25 is left to mailgate
-    assert postconf("-h", "smtpd_authorized_xclient_hosts").strip() == "127.0.0.1"
+    assert postconf("-h", "smtpd_authorized_xclient_hosts").strip() == ""
+    service = "127.0.0.1:10025/inet/smtpd_authorized_xclient_hosts"
+    assert postconf("-P", service).strip() == f"{service} = 127.0.0.1"
     # mailgate's 25MiB default must fit, and IPv4 only matches 00-container.toml.
     assert int(postconf("-h", "message_size_limit")) >= ServerPolicy().max_message_size
     assert postconf("-h", "inet_protocols").strip() == "ipv4"

@@ -250,6 +250,11 @@ class PostfixInstance:
         cf.update(self.extra_main)
         for key in self.snippet_main_keys():
             cf.pop(key, None)
+        if not self.own_listeners:
+            # The snippets' services decide whom they believe; a main.cf default from
+            # the rig would let a snippet that forgot its -o pass the tests.
+            cf.pop("smtpd_authorized_xclient_hosts", None)
+            cf.pop("smtpd_authorized_xforward_hosts", None)
         return cf
 
     def snippet_main_keys(self) -> set[str]:
