@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 import weakref
@@ -288,8 +289,21 @@ async def fetch(store: Store, ident: str) -> dict[str, Any] | None:
                 records.append(value)
     if not records:
         return None
-    records.sort(key=lambda r: float(r.get("time") or 0.0))
+    records.sort(key=_record_time)
     return {"id": ident.strip(), "session": session, "messages": found, "records": records}
+
+
+def _record_time(rec: Mapping[str, Any]) -> float:
+    """A record's time for ordering; 0 for one whose time is missing or not a number
+    (a value written by something else must not make ``explain`` fail)."""
+    value = rec.get("time")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return 0.0
+    try:
+        when = float(value)
+    except ValueError:
+        return 0.0
+    return when if math.isfinite(when) else 0.0
 
 
 def _plain(value: object) -> Any:

@@ -175,6 +175,30 @@ async def test_explain_escapes_what_a_client_sent(store: Store, config: Path) ->
     assert json.loads(j.stdout)["records"][0]["helo"] == "x\x1b]0;owned\x07"
 
 
+async def test_explain_survives_records_it_did_not_write(
+    store: Store, config: Path, raw: redis.Redis
+) -> None:
+    """The verdict keys live in a shared Redis: a value written by something else (a
+    time that is no number, fields of the wrong type) must not make explain fail, and
+    must not hide the good record beside it."""
+    await seed(store)
+    key = f"mailgate:v:{SESSION}.1"
+    for odd in (
+        {"time": "yesterday", "action": 7, "symbols": "SPF_FAIL", "score": "high"},
+        {"time": [1], "event": None, "rcpts": {"a": 1}, "reply": 550},
+        {"time": "nan", "symbols": [{"name": None}, 3]},
+        {"time": True},
+    ):
+        raw.rpush(key, json.dumps(odd))
+    for args in (("--json",), ()):
+        r = await asyncio.to_thread(
+            mailgate, "explain", f"{SESSION}.1", *args, "--config", str(config)
+        )
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr
+        assert "score: 16.5" in r.stdout or '"score": 16.5' in r.stdout
+
+
 async def test_explain_not_found_bad_id_and_store_down(
     config: Path, tmp_path: Path, dns_zone: ZoneDNSServer, free_port: Any
 ) -> None:
