@@ -312,6 +312,9 @@ class _Connection:
             self.end_reason = "internal_error"
         finally:
             if self.end_reason == "quit":
+                # The client has its 221 and goes now, as from Postfix; the upstream's
+                # own QUIT exchange (up to its timeout) is no reason to keep it waiting.
+                self.stream.close()
                 await _quietly(session.close())
             else:
                 session.abort()
@@ -430,8 +433,7 @@ class _Connection:
             self.send(replies.OK)
         elif verb == "QUIT":
             self.send(replies.closing(s.hostname))
-            self.end_reason = "quit"
-            await s.quit()
+            self.end_reason = "quit"  # run() closes the client, then the upstream
             return False
         elif verb == "STARTTLS":
             return await self._starttls(arg)

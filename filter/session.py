@@ -711,9 +711,6 @@ class Session:
         await self._end_transaction()
         return replies.RESET_OK
 
-    async def quit(self) -> None:
-        await self.close()
-
     async def close(self) -> None:
         """End of session: nothing unfinished may complete upstream."""
         await self._upstream_quiet()

@@ -64,6 +64,38 @@ def test_half_closed_client_gets_replies_to_simple_commands(mailgate: StartMailg
     assert [c[:3] for c in codes] == ["250", "250", "221"], codes
 
 
+def test_quit_is_answered_and_closed_without_waiting_for_the_upstream(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """After a message, QUIT gets 221 and the close at once, as from Postfix; the
+    upstream's slow QUIT exchange happens after the client has gone."""
+    upstream.script(delay={"quit": 3.0})
+    mg = mailgate()
+    sock = _connect(mg.smtp_port)
+    sock.sendall(
+        b"EHLO client.example.org\r\nMAIL FROM:<alice@example.org>\r\n"
+        b"RCPT TO:<bob@example.test>\r\nDATA\r\n" + message() + b".\r\n"
+    )
+    got = b""
+    while _codes(got)[-1:] != ["250 2.0.0"]:
+        chunk = sock.recv(4096)
+        assert chunk, got
+        got += chunk
+    start = time.monotonic()
+    sock.sendall(b"QUIT\r\n")
+    codes = _codes(read_until_eof(sock))
+    took = time.monotonic() - start
+    sock.close()
+    assert codes == ["221 2.0.0"], codes
+    assert took < 1.5, f"the client waited {took:.1f}s for its 221 and the close"
+    assert len(upstream.wait_for_transactions(1)) == 1
+    # The upstream still hears a QUIT (not a dropped connection) once the client is gone.
+    deadline = time.monotonic() + 5
+    while b"QUIT" not in [c.strip().upper() for c in upstream.commands()]:
+        assert time.monotonic() < deadline, upstream.commands()
+        time.sleep(0.05)
+
+
 def test_half_closed_client_without_quit_gets_its_replies(mailgate: StartMailgate) -> None:
     """No QUIT before the EOF: the replies still go out, then mailgate closes."""
     mg = mailgate()
