@@ -24,8 +24,12 @@ Additions to the contract (keyword-only, all optional):
   has its own socket, so an answer later than one try's share is lost: two tries of
   half the budget each, not three of a third (a resolver answering in 1.1 s of a 3 s
   budget timed out every time). The budget is a hard bound on the whole lookup.
-- ``resolve(name, rtype="A")``: ``rtype`` defaults to A.
-- ``resolver.clear_cache()`` and ``len(resolver.cache)``; ``normalise_name(name)``.
+- ``resolve(name, rtype="A", *, fresh=False)``: ``rtype`` defaults to A. ``fresh=True``
+  skips the cache read and always asks the network (health probes: a cached answer says
+  nothing about the server now); see ``Resolver.resolve`` for why its answer is still
+  cached and may share a query already in flight.
+- ``resolver.clear_cache()``, ``resolver.forget(name, rtype)`` and ``len(resolver.cache)``;
+  ``normalise_name(name)``.
 - ``DNSCache``: the pure TTL + LRU cache the resolver uses.
 
 Behaviours decided here:
@@ -335,6 +339,9 @@ class DNSCache:
     def clear(self) -> None:
         self._data.clear()
 
+    def discard(self, key: _Key) -> None:
+        self._data.pop(key, None)
+
 
 # -- resolver --------------------------------------------------------------------------------
 
@@ -441,12 +448,30 @@ class Resolver:
     def clear_cache(self) -> None:
         self.cache.clear()
 
-    async def resolve(self, name: str, rtype: str = "A") -> DNSResult:
-        """Cached answer for (name, rtype); one shared network query per concurrent miss."""
+    def forget(self, name: str, rtype: str = "A") -> None:
+        """Drop one cached answer: the caller found it says nothing worth keeping."""
+        self.cache.discard((normalise_name(name), _normalise_rtype(rtype)))
+
+    async def resolve(self, name: str, rtype: str = "A", *, fresh: bool = False) -> DNSResult:
+        """Cached answer for (name, rtype); one shared network query per concurrent miss.
+
+        ``fresh``: never answer from the cache, ask the server (DNSBL health probes,
+        whose verdict must be about the zone now, not about an answer up to a day old).
+        A fresh lookup is otherwise an ordinary miss, on purpose:
+
+        - Its answer is cached like any other. Harmless: it is the newest answer there
+          is, so it only replaces an older one, and probe names (RFC 5782 test entries)
+          are asked by client lookups only for a client at 127.0.0.1 or .2, which is
+          better served by the newest answer too. Simpler: a query in flight is shared
+          by fresh and cached callers alike, so it must not cache for some only.
+        - It joins a query for the same key already on the wire: that answer is not
+          from the cache but from the server, asked at most one timeout ago.
+        """
         key = (normalise_name(name), _normalise_rtype(rtype))
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
+        if not fresh:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
         loop = asyncio.get_running_loop()
         task = self._inflight.get(key)
         if task is None or task.get_loop() is not loop:

@@ -23,8 +23,10 @@ once, logs a warning once per transition and sets
 name goes to ``data["skipped"]``) until its RFC 5782 test entries answer right:
 the prober (:func:`run_prober`, started by the app) tests every zone each
 ``dnsbl.probe_interval``, and the checks re-test a disabled zone at most once a
-minute, so a zone also recovers with the prober off. A lookup that fails
-(timeout, SERVFAIL) says nothing about the zone and never disables it.
+minute, so a zone also recovers with the prober off. Probes ask the server
+every time, never the resolver's cache, so a verdict is about the zone now. A
+lookup that fails (timeout, SERVFAIL) says nothing about the zone and never
+disables it.
 
 Result words (RFC 8601 has no DNSBL method, so these are ours to fix): "fail"
 for any blocklist hit, "pass" for allowlist hits only, "temperror" when every
@@ -200,9 +202,14 @@ def _error_reason(exc: DNSTempError) -> str:
 async def _probe_lookup(
     resolver: Resolver, name: str, zone: DNSBLZone, health: ZoneHealth
 ) -> list[str] | None:
-    """A probe's A answer ([] for NXDOMAIN/NODATA), or None when the lookup failed."""
+    """A probe's A answer ([] for NXDOMAIN/NODATA), or None when the lookup failed.
+
+    Always asked of the server (``fresh``): a cached refusal would keep a zone
+    disabled after the resolver was fixed, a cached good answer would hide one
+    that started refusing.
+    """
     try:
-        result = await resolver.resolve(name, "A")
+        result = await resolver.resolve(name, "A", fresh=True)
     except DNSTempError as exc:
         health.count_error(zone, _error_reason(exc))
         return None
@@ -326,6 +333,10 @@ async def _query_zones(
             return
         answer = interpret(zone, result.data, ctx.policy.score, subject)
         if answer.blocked:
+            # A refusal says nothing about this client and may be cached for a day:
+            # kept, it would disable the zone again at this client's next connection,
+            # after the probes found the resolver allowed again.
+            resolver.forget(name, "A")
             if mask_zone(zone.zone) not in out.blocked:  # HELO and sender: one zone, once
                 out.blocked.append(mask_zone(zone.zone))
             health.count_error(zone, "blocked")

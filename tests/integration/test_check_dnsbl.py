@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -452,6 +453,132 @@ async def test_prober_loop_follows_the_policy(dns_zone: ZoneDNSServer, metrics: 
         await asyncio.sleep(0.2)
         assert gauge(metrics, "dead.bl.test") is None
         assert health.state(ZEN).last_probe != first  # still probing, round after round
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+# -- probes ask the server, not the cache -------------------------------------------------
+
+PROBE = "2.0.0.127.zen.bl.test"
+HOUR = 3600
+
+
+def answer_for_an_hour(server: ZoneDNSServer, name: str, address: str) -> None:
+    """Replace the A answer of ``name`` with one a cache would keep for an hour."""
+    server.remove(name, "A")
+    server.add(name, "A", address, ttl=HOUR)
+
+
+async def until(condition: Callable[[], bool], limit: float = 3.0) -> bool:
+    """Poll ``condition`` until it holds or ``limit`` seconds pass (a prober round's wait)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def test_probe_recovers_at_once_although_the_refusal_had_a_long_ttl(
+    dns_zone: ZoneDNSServer, health: ZoneHealth, metrics: Metrics
+) -> None:
+    resolver = resolver_for(dns_zone)
+    answer_for_an_hour(dns_zone, PROBE, "127.255.255.254")
+    assert await probe(resolver, ZEN, health)
+    assert not health.healthy(ZEN) and gauge(metrics, "zen.bl.test") == 0.0
+    # the resolver is allowed again; its refusal would sit in a cache for an hour
+    answer_for_an_hour(dns_zone, PROBE, "127.0.0.2")
+    assert await probe(resolver, ZEN, health) == ""
+    assert health.healthy(ZEN) and gauge(metrics, "zen.bl.test") == 1.0
+    assert dns_zone.count(PROBE, "A") == 2
+
+
+async def test_probe_sees_a_refusing_resolver_behind_a_good_answer_with_a_long_ttl(
+    dns_zone: ZoneDNSServer,
+    health: ZoneHealth,
+    metrics: Metrics,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    resolver = resolver_for(dns_zone, timeout=0.5)
+    answer_for_an_hour(dns_zone, PROBE, "127.0.0.2")
+    assert await probe(resolver, ZEN, health) == ""
+    # the server starts refusing: the probe says "unknown" and counts it, not "fine"
+    dns_zone.set_name_mode(PROBE, "refused")
+    assert await probe(resolver, ZEN, health) is None
+    assert counter(metrics, "errors", zone="zen.bl.test", reason="error") == 1
+    assert health.healthy(ZEN)  # a failed lookup still says nothing about the list
+    # the list refuses this resolver: disabled now, not in an hour, and said loudly
+    dns_zone.set_name_mode(PROBE, None)
+    answer_for_an_hour(dns_zone, PROBE, "127.255.255.254")
+    caplog.set_level(logging.WARNING, "mailgate.dnsbl")
+    assert "blocked answer 127.255.255.254" in (await probe(resolver, ZEN, health) or "")
+    assert not health.healthy(ZEN) and gauge(metrics, "zen.bl.test") == 0.0
+    assert counter(metrics, "errors", zone="zen.bl.test", reason="blocked") == 1
+    disabled = [rec for rec in caplog.records if "dnsbl_zone_disabled" in str(rec.__dict__)]
+    assert len(disabled) == 1
+    assert dns_zone.count(PROBE, "A") == 3
+
+
+async def test_checks_retest_asks_the_server_and_client_lookups_stay_cached(
+    dns_zone: ZoneDNSServer, metrics: Metrics
+) -> None:
+    now = [1000.0]
+    health = ZoneHealth(metrics=metrics, clock=lambda: now[0])
+    resolver = resolver_for(dns_zone)
+    answer_for_an_hour(dns_zone, PROBE, "127.255.255.254")
+    assert await probe(resolver, ZEN, health)
+    answer_for_an_hour(dns_zone, PROBE, "127.0.0.2")
+    list_ip(dns_zone, "zen.bl.test", CLIENT, "127.0.0.2")
+    now[0] += 61  # the re-test is due: the first client's lookup starts it
+    r = await run_ip(dns_zone, policy(ZEN), health, resolver=resolver)
+    assert r.data["skipped"] == ["zen.bl.test"]
+    assert await until(lambda: health.healthy(ZEN))
+    assert dns_zone.count(PROBE, "A") == 2
+    # a client's lookup still goes through the cache: asked once for two connections
+    for _ in range(2):
+        r = await run_ip(dns_zone, policy(ZEN), health, resolver=resolver)
+        assert symbols(r) == {"DNSBL_ZEN_SBL": 10.0}
+    assert dns_zone.count(ip_query_name(CLIENT, "zen.bl.test"), "A") == 1
+
+
+async def test_a_clients_refused_lookup_is_not_kept_to_disable_the_zone_again(
+    dns_zone: ZoneDNSServer, health: ZoneHealth
+) -> None:
+    """A blocked answer to a client's lookup disables the zone but is not cached: once
+    the probes find the resolver allowed again, that client's next connection asks
+    again and gets its real listing, instead of disabling the zone from an old refusal."""
+    resolver = resolver_for(dns_zone)
+    client_name = ip_query_name(CLIENT, "zen.bl.test")
+    answer_for_an_hour(dns_zone, client_name, "127.255.255.254")
+    r = await run_ip(dns_zone, policy(ZEN), health, resolver=resolver)
+    assert r.data["blocked"] == ["zen.bl.test"] and not health.healthy(ZEN)
+    # the resolver is allowed again, and the probe says so
+    answer_for_an_hour(dns_zone, client_name, "127.0.0.2")
+    answer_for_an_hour(dns_zone, PROBE, "127.0.0.2")
+    assert await probe(resolver, ZEN, health) == ""
+    r = await run_ip(dns_zone, policy(ZEN), health, resolver=resolver)
+    assert health.healthy(ZEN), r.data
+    assert symbols(r) == {"DNSBL_ZEN_SBL": 10.0}
+    assert dns_zone.count(client_name, "A") == 2
+
+
+async def test_prober_follows_the_zone_both_ways_despite_long_ttls(
+    dns_zone: ZoneDNSServer, health: ZoneHealth, metrics: Metrics
+) -> None:
+    resolver = resolver_for(dns_zone)
+    answer_for_an_hour(dns_zone, PROBE, "127.0.0.2")
+    task = asyncio.create_task(run_prober(lambda: policy(ZEN), lambda: resolver, 0.05, health))
+    try:
+        assert await until(lambda: health.state(ZEN).last_probe is not None)
+        assert await until(lambda: dns_zone.count(PROBE, "A") >= 2)  # every round asks
+        assert health.healthy(ZEN)
+        answer_for_an_hour(dns_zone, PROBE, "127.255.255.254")
+        assert await until(lambda: not health.healthy(ZEN))
+        answer_for_an_hour(dns_zone, PROBE, "127.0.0.2")
+        assert await until(lambda: health.healthy(ZEN))
+        assert gauge(metrics, "zen.bl.test") == 1.0
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -312,6 +312,35 @@ async def test_peek_answers_only_from_the_cache(dns_zone: ZoneDNSServer) -> None
     assert r.peek("bad name.example.test") is None  # resolve() says why, peek() does not
 
 
+async def test_fresh_lookup_asks_the_server_never_the_cache(dns_zone: ZoneDNSServer) -> None:
+    """``fresh=True`` (DNSBL health probes) skips the cache read, whatever it holds."""
+    dns_zone.add("fr.example.test", "A", "192.0.2.71", ttl=3600)
+    r = make(dns_zone)
+    assert (await r.resolve("fr.example.test")).data == ("192.0.2.71",)
+    dns_zone.remove("fr.example.test", "A")
+    dns_zone.add("fr.example.test", "A", "192.0.2.72", ttl=3600)
+    assert (await r.resolve("fr.example.test")).data == ("192.0.2.71",)  # an hour cached
+    assert dns_zone.count("fr.example.test", "A") == 1
+    got = await r.resolve("FR.example.test.", fresh=True)
+    assert (got.data, got.ttl) == (("192.0.2.72",), 3600)
+    assert dns_zone.count("fr.example.test", "A") == 2
+    # its answer, the newest there is, replaced the stale one for cached lookups
+    assert (await r.resolve("fr.example.test")).data == ("192.0.2.72",)
+    assert dns_zone.count("fr.example.test", "A") == 2
+    # an entry the server never gave is not read either
+    planted = DNSResult("fr.example.test", "A", "ok", ("192.0.2.99",), 3600)
+    r.cache.put(("fr.example.test", "A"), planted)
+    assert (await r.resolve("fr.example.test", fresh=True)).data == ("192.0.2.72",)
+    assert dns_zone.count("fr.example.test", "A") == 3
+    # a server that fails is a failure, not the cached answer; the cache keeps its entry
+    dns_zone.set_name_mode("fr.example.test", "refused")
+    with pytest.raises(DNSTempError) as err:
+        await r.resolve("fr.example.test", fresh=True)
+    assert err.value.reason == "refused"
+    assert (await r.resolve("fr.example.test")).data == ("192.0.2.72",)
+    assert dns_zone.count("fr.example.test", "A") == 4
+
+
 async def test_resolve_many_asks_only_for_what_is_not_cached(dns_zone: ZoneDNSServer) -> None:
     dns_zone.add("m1.example.test", "A", "192.0.2.51")
     dns_zone.add("m2.example.test", "TXT", "two")
