@@ -428,6 +428,9 @@ class _Connection:
             if reply.code == 354:
                 return await self._receive_data()
         elif verb == "RSET":
+            if arg:  # RFC 5321 4.1.1.5: RSET takes no argument; Postfix answers 501 too
+                self.send(s._error(replies.syntax("RSET")))
+                return True
             self.send(await s.rset())
         elif verb == "NOOP":
             self.send(replies.OK)

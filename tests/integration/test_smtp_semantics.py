@@ -41,6 +41,23 @@ def test_size_with_non_ascii_digits_is_a_syntax_error(
     assert "internal error" not in mg.logs()
 
 
+def test_rset_with_an_argument_is_a_syntax_error_and_resets_nothing(
+    mailgate: StartMailgate, upstream: ScriptedUpstream
+) -> None:
+    """RFC 5321 4.1.1.5: ``rset = "RSET" CRLF``. Postfix answers "RSET x" with
+    "501 5.5.4 Syntax: RSET" and keeps the transaction; so does mailgate now (it
+    reset the transaction and said 250)."""
+    mg = mailgate()
+    r = _session(mg.smtp_port)
+    assert r.cmd("MAIL FROM:<alice@example.org>").code == 250
+    reply = r.cmd("RSET now")
+    assert (reply.code, reply.text) == (501, "5.5.4 Syntax: RSET"), reply
+    assert r.cmd("RCPT TO:<bob@example.test>").code == 250  # still in the transaction
+    assert r.cmd("RSET").code == 250
+    assert r.cmd("RCPT TO:<bob@example.test>").code == 503  # now it is gone
+    r.cmd("QUIT")
+
+
 def test_overlong_command_lines_count_toward_the_error_limit(mailgate: StartMailgate) -> None:
     """Each over-long line is an error (500), and the error limit must end the session
     as for any other error (Postfix: smtpd_hard_error_limit). The limit was only
