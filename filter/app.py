@@ -29,9 +29,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from filter import __version__
+from filter.checks.dnsbl import HEALTH as DNSBL_HEALTH
 from filter.checks.dnsbl import bind_metrics as bind_dnsbl_metrics
 from filter.checks.dnsbl import run_prober
 from filter.checks.registry import build_checks
+from filter.dnsbl import mask_zone
 from filter.frontend import Frontend, Runtime
 from filter.httpapi import start_http_api
 from filter.limits import ConnectionLimiter, SharedColumn, SharedCounts
@@ -89,6 +91,28 @@ def build_runtime(
             _close_later(store)
         store = Store.from_policy(policy.redis, metrics)
     return Runtime(policy, pipeline, tls_context(policy), generation, resolver, store)
+
+
+def prepare_metrics(metrics: Metrics, runtime: Runtime) -> None:
+    """Create at 0 the series ``runtime``'s policy can move: its checks' results, its zones'.
+
+    Prometheus sees a labelled series only once it exists, so without this rate() and
+    the dashboard read "no data" after a start or restart, and the first count was lost
+    to rate(). Called at start and after each good reload (new checks, new zones) by
+    each serving process: the single one, or every worker (the supervisor's /metrics
+    sums their files). A series of a check or zone the reload dropped stays until the
+    restart.
+    """
+    policy = runtime.policy
+    metrics.prepare_checks(c.name for c in runtime.pipeline.checks)
+    zones = policy.dnsbl.zones if policy.dnsbl.enabled else ()
+    labels: dict[str, set[str]] = {}
+    for zone in zones:  # one masked name may stand for an ip and a domain zone
+        labels.setdefault(mask_zone(zone.zone), set()).update(c.label for c in zone.codes)
+        # The health gauge as the checks would set it at first sight: 1 (a process
+        # starts with every zone healthy) until a probe or an answer says otherwise.
+        DNSBL_HEALTH.state(zone)
+    metrics.prepare_dnsbl_zones(labels)
 
 
 def check_runtime(policy: Policy) -> None:
@@ -260,6 +284,7 @@ class Server:
         self.stopping = asyncio.Event()
         self.background: list[asyncio.Task[None]] = []
         bind_dnsbl_metrics(metrics)
+        prepare_metrics(metrics, self.runtime)  # after the binding: it sets zone health
 
     @property
     def policy(self) -> Policy:
@@ -316,6 +341,7 @@ class Server:
             log.warning("metrics.listen changed: takes effect after a restart")
         self.limiter.resize(*worker_limits(runtime.policy))
         self.runtime = runtime
+        prepare_metrics(self.metrics, runtime)
         if self.worker is None:
             self.metrics.count_reload(True, runtime.generation)
         event(

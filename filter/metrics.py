@@ -17,7 +17,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -41,8 +41,10 @@ log = logging.getLogger("mailgate.metrics")
 
 __all__ = [
     "CHECK_RESULTS",
+    "CHECK_RESULT_WORDS",
     "CONNECTION_RESULTS",
     "DNSBL_ERROR_REASONS",
+    "DNSBL_UNLABELLED",
     "DNS_OUTCOMES",
     "DNS_RTYPES",
     "GREYLIST_RESULTS",
@@ -133,6 +135,30 @@ CHECK_NAMES = (
     "ratelimit",
     "ratelimit_connect",
 )
+
+# The result words each check can report (read off filter/checks/*.py), so that the
+# series created at 0 for an enabled check (Metrics.prepare_checks) are the ones it can
+# move, not every word for every check. "temperror" for all: the pipeline reports a
+# check that timed out or raised as one. Keep in step when a check learns a new word.
+_DNSBL_WORDS = ("pass", "fail", "none", "temperror")  # pass: allowlist hits only
+_RATELIMIT_WORDS = ("pass", "none", "policy", "temperror")  # policy: over a limit
+CHECK_RESULT_WORDS: dict[str, tuple[str, ...]] = {
+    "spf": ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"),
+    "dkim": ("pass", "fail", "none", "temperror", "permerror"),
+    "dmarc": ("pass", "fail", "none", "temperror", "permerror"),
+    "arc": ("pass", "fail", "none", "temperror"),
+    "dnsbl": _DNSBL_WORDS,
+    "dnsbl_domain": _DNSBL_WORDS,
+    "greylist": ("pass", "none", "policy", "temperror"),  # policy: greylisted
+    "rdns": ("pass", "fail", "temperror", "permerror"),  # "none" only when disabled
+    "helo": ("pass", "fail", "none", "temperror"),
+    "lists": ("pass", "fail", "none", "temperror"),
+    "lists_rcpt": ("fail", "none", "temperror"),
+    "ratelimit": _RATELIMIT_WORDS,
+    "ratelimit_connect": _RATELIMIT_WORDS,
+}
+# A code's label in mailgate_dnsbl_hits_total for a listing without a configured label.
+DNSBL_UNLABELLED = "LISTED"
 
 # Why mail was refused: the check whose own decision it was, "score" (the reject
 # threshold), or "message" (the message itself: a header block past the limit, a
@@ -357,6 +383,33 @@ class Metrics:
             for cls in CODE_CLASSES:
                 self.smtp_replies.labels(stage=stage, code_class=cls)
 
+    def prepare_checks(self, checks: Iterable[str]) -> None:
+        """Create at 0 each result series the enabled ``checks`` can move.
+
+        Why: a labelled series exists only once touched, so after a start or restart
+        rate() and the dashboard saw no data instead of 0 and lost the first count.
+        Only enabled checks (the live pipeline's), so a disabled one shows no series;
+        call again after a reload, a check it enables gets its series then.
+        """
+        for name in checks:
+            if name not in CHECK_NAMES:  # count_check files these under "other"
+                continue
+            for word in CHECK_RESULT_WORDS.get(name, ()):
+                self._child(self.check_results, name, word)
+
+    def prepare_dnsbl_zones(self, zones: Mapping[str, Iterable[str]]) -> None:
+        """Create at 0 the per-zone counters of the configured zones, as ``prepare_checks``.
+
+        ``zones``: masked zone name (``filter.dnsbl.mask_zone``) -> the labels of its
+        ``codes``; each zone gets its error reasons, its labels and ``LISTED``. The
+        health gauge is not set here: 0 would say "disabled" (``filter.checks.dnsbl``).
+        """
+        for zone, labels in zones.items():
+            for reason in DNSBL_ERROR_REASONS:
+                self._child(self.dnsbl_errors, zone, reason)
+            for label in sorted({*labels, DNSBL_UNLABELLED}):
+                self._child(self.dnsbl_hits, zone, label)
+
     # Helpers for labels computed at run time: clamp, never trust.
 
     def _child(self, metric: Any, *values: str) -> Any:
@@ -432,7 +485,7 @@ class Metrics:
             self.dnsbl_zone_healthy.remove(zone)
 
     def count_dnsbl_hit(self, zone: str, label: str) -> None:
-        self._child(self.dnsbl_hits, zone, label or "LISTED").inc()
+        self._child(self.dnsbl_hits, zone, label or DNSBL_UNLABELLED).inc()
 
     def count_dnsbl_error(self, zone: str, reason: str) -> None:
         self._child(self.dnsbl_errors, zone, bounded(reason, DNSBL_ERROR_REASONS)).inc()

@@ -14,7 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from filter import __version__
 from filter.metrics import (
+    CHECK_NAMES,
+    CHECK_RESULT_WORDS,
+    CHECK_RESULTS,
     CONNECTION_RESULTS,
+    DNSBL_ERROR_REASONS,
     GREYLIST_RESULTS,
     MESSAGE_ACTIONS,
     MULTIPROC_ENV,
@@ -118,6 +122,73 @@ def test_labels_preinitialised_to_zero(metrics: Metrics) -> None:
     assert samples["mailgate_store_errors_total"] == {(): 0.0}
     assert samples["mailgate_active_sessions"] == {(): 0.0}
     assert (("code_class", "5xx"), ("stage", "rcpt")) in samples["mailgate_smtp_replies_total"]
+
+
+def test_prepare_checks_creates_the_words_of_enabled_checks_only(metrics: Metrics) -> None:
+    """Before the first message, an enabled check's result series read 0 (rate() sees
+    them); a check not passed in (disabled) has none, and no word a check cannot give."""
+    assert "mailgate_check_results_total" not in scrape(metrics)  # policy-dependent
+    metrics.prepare_checks(["spf", "greylist", "evil.example"])
+    samples = scrape(metrics)["mailgate_check_results_total"]
+    spf = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+    expected = {(("check", "spf"), ("result", w)): 0.0 for w in spf}
+    expected |= {
+        (("check", "greylist"), ("result", w)): 0.0 for w in ("pass", "none", "policy", "temperror")
+    }
+    assert samples == expected
+    # Preparing again (a reload) keeps counts; a newly enabled check gets its series.
+    metrics.count_check("spf", "pass")
+    metrics.prepare_checks(["spf", "greylist", "dkim"])
+    samples = scrape(metrics)["mailgate_check_results_total"]
+    assert samples[(("check", "spf"), ("result", "pass"))] == 1.0
+    assert samples[(("check", "dkim"), ("result", "permerror"))] == 0.0
+    assert (("check", "dkim"), ("result", "softfail")) not in samples  # not a DKIM word
+
+
+def test_every_check_has_its_result_words() -> None:
+    """The table ``prepare_checks`` reads covers every check name with real words;
+    "temperror" for all, since the pipeline reports a timed-out or crashed check so."""
+    from filter.checks.arc import ARCCheck
+    from filter.checks.dkim import DKIMCheck
+    from filter.checks.dmarc import DMARCCheck
+    from filter.checks.dnsbl import DNSBLCheck, DNSBLDomainCheck
+    from filter.checks.greylist import GreylistCheck
+    from filter.checks.helo import HeloCheck
+    from filter.checks.lists import ListsCheck, RecipientListsCheck
+    from filter.checks.ratelimit import RateLimitCheck, RateLimitConnectCheck
+    from filter.checks.rdns import RDNSCheck
+    from filter.checks.spf import SPF_WORDS, SPFCheck
+
+    classes = (ARCCheck, DKIMCheck, DMARCCheck, DNSBLCheck, DNSBLDomainCheck, GreylistCheck)
+    classes += (HeloCheck, ListsCheck, RecipientListsCheck, RateLimitCheck)
+    classes += (RateLimitConnectCheck, RDNSCheck, SPFCheck)
+    assert {c.name for c in classes} == set(CHECK_NAMES) == set(CHECK_RESULT_WORDS)
+    for name, words in CHECK_RESULT_WORDS.items():
+        assert "temperror" in words, name
+        assert set(words) <= set(CHECK_RESULTS), name
+        assert len(set(words)) == len(words), name
+    assert set(CHECK_RESULT_WORDS["spf"]) == set(SPF_WORDS)
+
+
+def test_prepare_dnsbl_zones_creates_each_zones_counters(metrics: Metrics) -> None:
+    metrics.prepare_dnsbl_zones({"zen.spamhaus.org": ["SBL", "PBL", "PBL"], "***.dbl.test": []})
+    s = scrape(metrics)
+    assert s["mailgate_dnsbl_errors_total"] == {
+        (("reason", r), ("zone", z)): 0.0
+        for r in DNSBL_ERROR_REASONS
+        for z in ("zen.spamhaus.org", "***.dbl.test")
+    }
+    assert s["mailgate_dnsbl_hits_total"] == {
+        (("label", "LISTED"), ("zone", "zen.spamhaus.org")): 0.0,
+        (("label", "PBL"), ("zone", "zen.spamhaus.org")): 0.0,
+        (("label", "SBL"), ("zone", "zen.spamhaus.org")): 0.0,
+        (("label", "LISTED"), ("zone", "***.dbl.test")): 0.0,
+    }
+    # The health gauge is left alone: 0 would read as "zone disabled".
+    assert "mailgate_dnsbl_zone_healthy" not in s
+    metrics.count_dnsbl_hit("zen.spamhaus.org", "")  # no label: LISTED, the same series
+    hits = scrape(metrics)["mailgate_dnsbl_hits_total"]
+    assert hits[(("label", "LISTED"), ("zone", "zen.spamhaus.org"))] == 1.0
 
 
 def test_build_info_is_one_with_version(metrics: Metrics) -> None:
@@ -226,6 +297,33 @@ def test_multiprocess_exposition(tmp_path: Path) -> None:
         ]
     )
     assert list(tmp_path.iterdir())  # values went to the shared directory
+
+
+PREPARED_SCRIPT = """
+from prometheus_client import CollectorRegistry
+from filter.metrics import Metrics, exposition
+m = Metrics(CollectorRegistry())
+m.prepare_checks(["spf"])
+m.prepare_dnsbl_zones({"bl.example": ["SBL"]})
+print(exposition(m.registry)[0].decode())
+"""
+
+
+def test_multiprocess_exposition_lists_prepared_series(tmp_path: Path) -> None:
+    """With workers, series created without a count reach the merged /metrics too
+    (each worker's file holds them at 0)."""
+    env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", PREPARED_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.splitlines()
+    assert 'mailgate_check_results_total{check="spf",result="pass"} 0.0' in out
+    assert 'mailgate_dnsbl_hits_total{label="SBL",zone="bl.example"} 0.0' in out
+    assert 'mailgate_dnsbl_errors_total{reason="timeout",zone="bl.example"} 0.0' in out
 
 
 def test_multiprocess_exposition_survives_empty_and_broken_worker_files(tmp_path: Path) -> None:
