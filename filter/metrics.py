@@ -71,7 +71,8 @@ OTHER = "other"
 CONNECTION_RESULTS = ("accepted", "refused_limit", "refused_per_ip", "pregreet", "proxy_error")
 MESSAGE_ACTIONS = ("accept", "add_header", "greylist", "tempfail", "reject")
 WOULD_ACTIONS = ("greylist", "tempfail", "reject")
-# RFC 8601 result words, plus "skipped" for a check that did not run.
+# RFC 8601 result words: the checks report nothing else (a check that did not run
+# reports no result at all).
 CHECK_RESULTS = (
     "pass",
     "fail",
@@ -81,7 +82,6 @@ CHECK_RESULTS = (
     "temperror",
     "permerror",
     "policy",
-    "skipped",
 )
 # new: first sighting, tempfailed; early: retried before the delay;
 # passed: retried in the window; allowlisted: exempt; error: store failed.
