@@ -50,6 +50,8 @@ def _triplet_rcpts(redis_url: str) -> list[str]:
 
 
 def _session_verbs(upstream: ScriptedUpstream) -> list[bytes]:
+    """Every upstream command verb, once mailgate has ended its upstream sessions."""
+    upstream.wait_until_closed()
     return [c.split(b" ", 1)[0].split(b":", 1)[0].strip().upper() for c in upstream.commands()]
 
 

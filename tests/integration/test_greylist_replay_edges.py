@@ -58,7 +58,8 @@ def _triplet_rcpts(redis_url: str) -> list[str]:
 
 
 def _verbs(upstream: ScriptedUpstream) -> list[str]:
-    return [v for s in upstream.sessions for v in s.verbs()]
+    """Every upstream command verb, once mailgate has ended its upstream sessions."""
+    return [v for s in upstream.wait_until_closed() for v in s.verbs()]
 
 
 def _seed(mg: MailgateProcess, ip: str, *rcpts: str, sender: str = "alice@example.org") -> None:

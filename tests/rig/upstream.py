@@ -297,6 +297,20 @@ class ScriptedUpstream:
             time.sleep(0.02)
         return self.transactions
 
+    def wait_until_closed(self, timeout: float = 10.0) -> list[Session]:
+        """Blocking wait until every session so far has ended (thread mode).
+
+        mailgate ends its upstream session after the client's has ended (QUIT is
+        answered first): a test that reads a session's last commands waits here.
+        """
+        deadline = time.monotonic() + timeout
+        while not all(s.closed for s in self.sessions):
+            if time.monotonic() > deadline:
+                open_ = [s.id for s in self.sessions if not s.closed]
+                raise AssertionError(f"upstream sessions {open_} still open")
+            time.sleep(0.02)
+        return self.sessions
+
     async def await_transactions(self, n: int = 1, within: float = 10.0) -> list[Transaction]:
         """Async wait (same-loop mode) for at least n transactions, up to ``within`` s."""
         deadline = time.monotonic() + within
