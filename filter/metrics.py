@@ -479,8 +479,15 @@ class Metrics:
         self._child(self.dnsbl_zone_healthy, zone).set(1 if healthy else 0)
 
     def forget_dnsbl_zone(self, zone: str) -> None:
-        """Drop a zone's health series once the policy no longer has it."""
+        """Drop a zone's health series once the policy no longer has it.
+
+        With workers (multiprocess mode) it cannot go: prometheus_client keeps every
+        series in the workers' files and its remove() only warns (a Python warning on
+        stderr at each reload). There the series keeps its last value until a restart.
+        """
         self._children.pop((id(self.dnsbl_zone_healthy), (zone,)), None)
+        if multiprocess_enabled():
+            return
         if (zone,) in self.dnsbl_zone_healthy._metrics:  # remove() raises for an unknown one
             self.dnsbl_zone_healthy.remove(zone)
 

@@ -326,6 +326,29 @@ def test_multiprocess_exposition_lists_prepared_series(tmp_path: Path) -> None:
     assert 'mailgate_dnsbl_errors_total{reason="timeout",zone="bl.example"} 0.0' in out
 
 
+def test_forgetting_a_zone_with_workers_warns_nothing(tmp_path: Path) -> None:
+    """prometheus_client cannot remove a series in multiprocess mode and says so with
+    a UserWarning; a reload that drops a zone must not print one to the log (here an
+    error, as -W makes it)."""
+    script = (
+        "from prometheus_client import CollectorRegistry\n"
+        "from filter.metrics import Metrics\n"
+        "m = Metrics(CollectorRegistry())\n"
+        "m.set_dnsbl_zone_health('bl.example', True)\n"
+        "m.forget_dnsbl_zone('bl.example')\n"
+        "m.forget_dnsbl_zone('never.example')\n"
+    )
+    env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_multiprocess_exposition_survives_empty_and_broken_worker_files(tmp_path: Path) -> None:
     """A worker killed between creating its file and sizing it leaves an empty file
     for good (client_python #1199), and a torn file may not parse: either used to
