@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -277,17 +278,23 @@ for fam in text_string_to_metric_families(body.decode()):
 """
 
 
-def test_multiprocess_exposition(tmp_path: Path) -> None:
-    # prometheus_client picks its value store at import, so run a fresh interpreter.
-    env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
-    out = subprocess.run(
-        [sys.executable, "-c", MULTIPROC_SCRIPT],
-        env=env,
+def run_multiprocess(directory: Path, script: str, *python_args: str) -> CompletedProcess[str]:
+    """``script`` in a fresh interpreter with ``directory`` as the workers' metrics
+    directory: prometheus_client picks its value store at import."""
+    return subprocess.run(
+        [sys.executable, *python_args, "-c", script],
+        env={**os.environ, MULTIPROC_ENV: str(directory)},
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
         timeout=60,
-    ).stdout
+    )
+
+
+def test_multiprocess_exposition(tmp_path: Path) -> None:
+    done = run_multiprocess(tmp_path, MULTIPROC_SCRIPT)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
     assert sorted(out.split("\n")) == sorted(
         [
             "mailgate_active_sessions 2.0",
@@ -312,15 +319,9 @@ print(exposition(m.registry)[0].decode())
 def test_multiprocess_exposition_lists_prepared_series(tmp_path: Path) -> None:
     """With workers, series created without a count reach the merged /metrics too
     (each worker's file holds them at 0)."""
-    env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
-    out = subprocess.run(
-        [sys.executable, "-c", PREPARED_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.splitlines()
+    done = run_multiprocess(tmp_path, PREPARED_SCRIPT)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
     assert 'mailgate_check_results_total{check="spf",result="pass"} 0.0' in out
     assert 'mailgate_dnsbl_hits_total{label="SBL",zone="bl.example"} 0.0' in out
     assert 'mailgate_dnsbl_errors_total{reason="timeout",zone="bl.example"} 0.0' in out
@@ -338,14 +339,7 @@ def test_forgetting_a_zone_with_workers_warns_nothing(tmp_path: Path) -> None:
         "m.forget_dnsbl_zone('bl.example')\n"
         "m.forget_dnsbl_zone('never.example')\n"
     )
-    env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-W", "error::UserWarning", "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_multiprocess(tmp_path, script, "-W", "error::UserWarning")
     assert done.returncode == 0, done.stderr
 
 
@@ -356,15 +350,7 @@ def test_multiprocess_exposition_survives_empty_and_broken_worker_files(tmp_path
     (tmp_path / "counter_99999.db").write_bytes(b"")
     # a header claiming 1000 bytes used in a 16-byte file: "read beyond file size"
     (tmp_path / "gauge_livesum_99998.db").write_bytes(struct.pack("i", 1000) + bytes(12))
-    env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-c", MULTIPROC_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    done = run_multiprocess(tmp_path, MULTIPROC_SCRIPT)
     assert done.returncode == 0, done.stderr
     assert "mailgate_messages_total 1.0" in done.stdout.split("\n")
     assert "mailgate_active_sessions 2.0" in done.stdout.split("\n")
