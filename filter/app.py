@@ -29,11 +29,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from filter import __version__
-from filter.checks.dnsbl import HEALTH as DNSBL_HEALTH
 from filter.checks.dnsbl import bind_metrics as bind_dnsbl_metrics
+from filter.checks.dnsbl import prepare_metrics as prepare_dnsbl_metrics
 from filter.checks.dnsbl import run_prober
 from filter.checks.registry import build_checks
-from filter.dnsbl import mask_zone
 from filter.frontend import Frontend, Runtime
 from filter.httpapi import start_http_api
 from filter.limits import ConnectionLimiter, SharedColumn, SharedCounts
@@ -105,14 +104,7 @@ def prepare_metrics(metrics: Metrics, runtime: Runtime) -> None:
     """
     policy = runtime.policy
     metrics.prepare_checks(c.name for c in runtime.pipeline.checks)
-    zones = policy.dnsbl.zones if policy.dnsbl.enabled else ()
-    labels: dict[str, set[str]] = {}
-    for zone in zones:  # one masked name may stand for an ip and a domain zone
-        labels.setdefault(mask_zone(zone.zone), set()).update(c.label for c in zone.codes)
-        # The health gauge as the checks would set it at first sight: 1 (a process
-        # starts with every zone healthy) until a probe or an answer says otherwise.
-        DNSBL_HEALTH.state(zone)
-    metrics.prepare_dnsbl_zones(labels)
+    prepare_dnsbl_metrics(policy.dnsbl.zones if policy.dnsbl.enabled else ())
 
 
 def check_runtime(policy: Policy) -> None:

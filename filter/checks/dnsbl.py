@@ -71,6 +71,7 @@ __all__ = [
     "DNSBLDomainCheck",
     "ZoneHealth",
     "bind_metrics",
+    "prepare_metrics",
     "probe",
     "probe_all",
     "run_prober",
@@ -193,6 +194,18 @@ HEALTH = ZoneHealth()
 def bind_metrics(metrics: Metrics, health: ZoneHealth = HEALTH) -> None:
     """Let zone health, hits and errors reach ``metrics`` (the app calls this once)."""
     health.metrics = metrics
+
+
+def prepare_metrics(zones: Iterable[DNSBLZone], health: ZoneHealth = HEALTH) -> None:
+    """Create the series of ``zones`` before any lookup: hits (each code's label and
+    ``LISTED``) and errors at 0, health at 1 as at first sight (a zone already known,
+    a disabled one too, keeps what it has). After ``bind_metrics``."""
+    labels: dict[str, set[str]] = {}
+    for zone in zones:  # one masked name may stand for an ip and a domain zone
+        health.state(zone)
+        labels.setdefault(mask_zone(zone.zone), set()).update(c.label for c in zone.codes)
+    if health.metrics is not None:
+        health.metrics.prepare_dnsbl_zones(labels)
 
 
 def _error_reason(exc: DNSTempError) -> str:
