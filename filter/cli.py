@@ -9,22 +9,20 @@ output is the errors).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from filter import __version__
-from filter.policy import PolicyError, default_config_path, load_policy, render_toml
-from filter.smtpsyntax import SyntaxProblem, parse_path
 
+# Each command imports what it uses when it runs (the policy, asyncio, json, the store):
+# `--help` and usage errors import next to nothing, and short-lived commands (the test
+# suite runs hundreds) do not pay for what they never touch.
 if TYPE_CHECKING:  # the store pulls in redis: imported only by the commands that use it
     from filter.dryrun import DryRun
     from filter.results import CheckResult
@@ -32,10 +30,16 @@ if TYPE_CHECKING:  # the store pulls in redis: imported only by the commands tha
 
 
 def _config(args: argparse.Namespace) -> Path:
+    from filter.policy import default_config_path
+
     return Path(args.config) if args.config else default_config_path()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from filter.policy import PolicyError, load_policy
+
     config = _config(args)
     try:
         loaded = load_policy(config)
@@ -51,6 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
+    from filter.policy import PolicyError, load_policy, render_toml
+
     config = _config(args)
     try:
         loaded = load_policy(config)
@@ -75,10 +81,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     Exit 0 whatever the verdict, 2 bad input (missing FILE or --ip, an address the
     live session would refuse as a command argument, an unreadable file, a bad policy).
     """
+    import asyncio
+    import json
+
     from filter.checks.registry import build_checks
     from filter.dryrun import evaluate
     from filter.netaddr import normalize_ip
     from filter.pipeline import Pipeline
+    from filter.policy import PolicyError, load_policy
     from filter.resolver import Resolver
     from filter.store import Store
 
@@ -146,6 +156,8 @@ def _smtp_path(option: str, value: str, keyword: str) -> str:
     ``check`` judges what a real client could send, so it refuses what the session
     would answer with a 501; <brackets> are optional. ValueError names the option.
     """
+    from filter.smtpsyntax import SyntaxProblem, parse_path
+
     inner = value[1:-1] if value.startswith("<") and value.endswith(">") else value
     try:
         address = parse_path(f"{keyword}:<{inner}>", keyword).address
@@ -259,7 +271,10 @@ def cmd_greylist(args: argparse.Namespace) -> int:
 
     Exit 0 done, 1 the store failed (message on stderr), 2 bad input or policy.
     """
+    import asyncio
+
     from filter.greylist import parse_allow_target, parse_forget_target
+    from filter.policy import PolicyError, load_policy
     from filter.store import StoreError, open_store
     from filter.units import format_duration, parse_duration
 
@@ -367,6 +382,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     OLD defaults to the running configuration (``--config``), the usual question
     being "what would this change do to the mail we get?". Exit 0 done, 2 bad input.
     """
+    import asyncio
+    import json
+
+    from filter.policy import PolicyError, load_policy
     from filter.replay import (
         Progress,
         ReplayReport,
@@ -415,7 +434,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     Exit 0 found, 1 not found or the store failed, 2 bad input or policy.
     """
+    import asyncio
+    import json
+
     from filter import verdictlog
+    from filter.policy import PolicyError, load_policy
     from filter.store import StoreError, open_store
     from filter.units import format_duration
 
@@ -506,7 +529,10 @@ def cmd_domain(args: argparse.Namespace) -> int:
 
     Exit 0 no errors found (warnings allowed), 1 errors found, 2 bad input or policy.
     """
+    import json
+
     from filter.domaincheck import audit
+    from filter.policy import PolicyError, load_policy
 
     try:
         policy = load_policy(_config(args)).policy

@@ -45,7 +45,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -55,11 +55,13 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from filter.greylist import AllowTarget, Triplet, allow_argument
-from filter.metrics import Metrics
 from filter.policy.schema import GreylistPolicy, RedisPolicy
 from filter.redisscripts import ConnectParams, ScriptRunner
 from filter.storeurl import StoreURL, parse_store_url
 from filter.units import Network
+
+if TYPE_CHECKING:  # annotations only: `greylist` and `explain` need no prometheus_client
+    from filter.metrics import Metrics
 
 __all__ = [
     "KEYS",

@@ -14,8 +14,6 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import redis.asyncio as aioredis
-
 __all__ = ["StoreURL", "parse_store_url", "url_problem"]
 
 # Query options of the URL forms that redis-py does not parse (its own forms take
@@ -153,6 +151,10 @@ def url_problem(url: str) -> str | None:
         db = unquote(parts.path).strip("/")
         if db and not db.isdigit():
             return f"database {db!r} is not a number (redis://host:port/DB)"
+    # Here, not at the top: redis-py takes longer to import than the rest of the policy
+    # code, and only a standalone URL that passed the checks above needs it.
+    import redis.asyncio as aioredis
+
     try:
         aioredis.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
     except TypeError as exc:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filter.lists import ListFileError, load_list
 from filter.policy.schema import Policy, policy_from_dict
 
 CONFIG_ENV = "MAILGATE_CONFIG"
@@ -246,6 +245,9 @@ def _list_issues(policy: Policy, origins: Mapping[str, str]) -> list[PolicyIssue
     """
     if not policy.lists.enabled:
         return []
+    # Here, not at the top: a policy without lists (and `--help`) need not import them.
+    from filter.lists import ListFileError, load_list
+
     issues = []
     for name, path in policy.lists.files():
         key = f"lists.{name}"

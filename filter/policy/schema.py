@@ -17,10 +17,8 @@ files are readable).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
-import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -622,6 +620,8 @@ class ServerPolicy:
 @cache
 def _machine_fqdn() -> str:
     """Looked up once per process: ``getfqdn`` may wait on DNS."""
+    import socket
+
     return socket.getfqdn()
 
 
@@ -1300,6 +1300,8 @@ def _check_range(value: Any, minimum: Any, maximum: Any, show: Callable[[Any], s
 
 
 def _did_you_mean(word: str, options: Iterable[str]) -> str:
+    import difflib  # only a policy with a mistake in it needs it
+
     close = difflib.get_close_matches(word, list(options), n=1)
     return f' (did you mean "{close[0]}"?)' if close else ""
 

@@ -449,3 +449,23 @@ def test_well_formed_dsn_parameters(key: str, value: str, smtputf8: bool) -> Non
 def test_malformed_dsn_parameters_are_named(key: str, value: str, smtputf8: bool) -> None:
     problem = dsn_problem(key, value, smtputf8)
     assert problem is not None and key in problem
+
+
+# -- the character classes written as complements (cheap to compile) ----------------------------
+@pytest.mark.parametrize(
+    ("name", "spelled_out"),
+    [
+        ("_LETDIG", r"[A-Za-z0-9\u0080-\U0010ffff]"),
+        ("_LETDIG_HYPHEN", r"[A-Za-z0-9\u0080-\U0010ffff-]"),
+        ("_VALUE", r"[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]"),
+    ],
+)
+def test_complement_classes_match_the_same_characters(name: str, spelled_out: str) -> None:
+    import re
+
+    from filter import smtpsyntax
+
+    value = getattr(smtpsyntax, name)
+    cls = value.pattern[1:-2] if isinstance(value, re.Pattern) else value  # ^[...]+$
+    every_character = "".join(map(chr, range(0x110000)))
+    assert re.sub(cls, "", every_character) == re.sub(spelled_out, "", every_character)
