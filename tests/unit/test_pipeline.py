@@ -258,6 +258,76 @@ async def test_a_settled_path_that_raises_becomes_temperror() -> None:
     assert "RuntimeError" in results[0].symbols[0].detail
 
 
+class ImmediateCheck:
+    """A check that never waits: its result is ready at its first step."""
+
+    name = "spf"
+    stage = Stage.CONNECT
+    needs: tuple[str, ...] = ()
+
+    async def run(self, ctx: Context) -> CheckResult:
+        return CheckResult("spf", "pass", (Symbol("SPF_PASS", -1.0, "cached"),))
+
+
+class AwaitingCheck:
+    """A check that waits several times: for a value, then for a failure it handles."""
+
+    name = "dkim"
+    stage = Stage.CONNECT
+    needs: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.value: asyncio.Future[str] = loop.create_future()
+        self.failure: asyncio.Future[str] = loop.create_future()
+        loop.call_later(0.01, self.value.set_result, "key")
+        loop.call_later(0.02, self.failure.set_exception, LookupError("no key"))
+
+    async def run(self, ctx: Context) -> CheckResult:
+        got = await self.value
+        await asyncio.sleep(0)  # a bare yield on the way
+        try:
+            await self.failure
+        except LookupError as e:
+            return CheckResult("dkim", "temperror", (), data={"got": got, "error": str(e)})
+        return CheckResult("dkim", "pass", ())
+
+
+async def test_the_timeout_is_armed_only_for_a_check_that_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A check that finishes at its first step costs no timer; one that waits gets
+    the values and the failures it waits for, through the timeout, in order."""
+    armed: list[float | None] = []
+    real_timeout = asyncio.timeout
+
+    def counting_timeout(delay: float | None) -> asyncio.Timeout:
+        armed.append(delay)
+        return real_timeout(delay)
+
+    monkeypatch.setattr(asyncio, "timeout", counting_timeout)
+    [quick] = await Pipeline([ImmediateCheck()], timeout=3).run(Stage.CONNECT, context())
+    assert (quick.result, armed) == ("pass", [])
+    [waited] = await Pipeline([AwaitingCheck()], timeout=3).run(Stage.CONNECT, context())
+    assert waited.result == "temperror"
+    assert waited.data == {"got": "key", "error": "no key"}
+    assert armed == [3]
+
+
+async def test_a_check_slow_before_its_first_wait_still_times_out_after_it() -> None:
+    """The first step runs before the timer; a hang after it is still bounded."""
+
+    class SlowStart(FakeCheck):
+        async def run(self, ctx: Context) -> CheckResult:
+            time.sleep(0.05)  # noqa: ASYNC251  # synchronous work, as a CPU-bound check does
+            return await super().run(ctx)
+
+    t0 = time.monotonic()
+    [r] = await Pipeline([SlowStart("rdns", delay=10.0)], timeout=0.2).run(Stage.CONNECT, context())
+    assert r.result == "temperror" and "timed out" in r.symbols[0].detail
+    assert time.monotonic() - t0 < 1.0
+
+
 async def test_elapsed_is_set_on_a_copy() -> None:
     """The pipeline times every check without touching the check's own result."""
     original = CheckResult("spf", "pass", (Symbol("SPF_PASS", -1.0, "x"),), data={"a": 1})
