@@ -25,6 +25,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import filter.dnsfeatures  # noqa: F401  # before dns.query loads: no DoH (see there)
+
+# isort: split
 import checkdmarc.dmarc
 import checkdmarc.smtp
 import checkdmarc.spf

@@ -84,6 +84,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import filter.dnsfeatures  # noqa: F401  # before dns.query loads: no DoH (see there)
+
+# isort: split
 import dns.asyncresolver
 import dns.exception
 import dns.flags

@@ -46,6 +46,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import filter.dnsfeatures  # noqa: F401  # before dns.query loads: no DoH (see there)
+
+# isort: split
 import spf
 
 from filter import replies
