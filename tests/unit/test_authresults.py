@@ -301,3 +301,20 @@ def test_internationalised_domains_are_written_as_a_labels() -> None:
     helo = {"identity": "helo", "smtp.helo": "\u00fc\u00fc..x"}
     field = build({"spf": CheckResult("spf", "none", data=helo)}, "mx")
     assert field.isascii() and b'smtp.helo="??..x"' in field
+
+
+# -- the character classes written as ASCII complements (cheap to compile) ----------------
+@pytest.mark.parametrize(
+    ("name", "spelled_out"),
+    [
+        ("_ATEXT", r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]"),
+        ("_LETDIG", r"[A-Za-z0-9\x80-\U0010ffff]"),
+        ("_LETDIG_DOT_HYPHEN", r"[A-Za-z0-9\x80-\U0010ffff.-]"),
+    ],
+)
+def test_complement_classes_match_the_same_characters(name: str, spelled_out: str) -> None:
+    from filter import authresults
+
+    every_character = "".join(map(chr, range(0x110000)))
+    written = getattr(authresults, name)
+    assert re.sub(written, "", every_character) == re.sub(spelled_out, "", every_character)
