@@ -42,7 +42,7 @@ fi
 [ "$workers" -gt 4 ] && workers=4
 parallel=()
 [ "$workers" -gt 1 ] && parallel=(-n "$workers")
-run pytest .venv/bin/python -m pytest tests -q -p no:cacheprovider "${parallel[@]}"
+run pytest .venv/bin/python -m pytest tests -q -p no:cacheprovider --durations=15 "${parallel[@]}"
 
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "test.sh: FAILED: ${failed[*]}" >&2

@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "logs": 2,
     "smtpstream": 2,
     "httpapi": 2,
+    "dnsfeatures": 2,  # a dnspython switch, set before the resolver loads
     "resolver": 2,
     "resolver.*": 2,
     "dkimkeys": 2,
