@@ -48,9 +48,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
@@ -65,10 +64,11 @@ from filter.dkimkeys import (
     TagListError,
     fetch_keys,
     field_name,
+    header_fields,
     key_name,
     make_dnsfunc,
     parse_key_record,
-    parse_tags,
+    parse_signature_tags,
 )
 from filter.headers import split_fields
 from filter.model import Stage
@@ -111,6 +111,12 @@ class SignatureResult:
     # internal: tags for the crypto step, absent once a result is known
     tags: dict[str, bytes] | None = field(default=None, repr=False)
     index: int = 0
+    # internal: the whole b= without whitespace (``_b_value``'s answer), for b_prefixes
+    b_value: bytes = field(default=b"", repr=False, compare=False)
+    # internal: (field value, dkimpy's parse of it) for the verifier, see _Verifier
+    dkimpy_tags: tuple[bytes, dict[bytes, bytes]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def as_data(self) -> dict[str, object]:
         return {
@@ -135,13 +141,16 @@ def _identity_domain(i: bytes) -> bytes:
     return i.rpartition(b"@")[2].lower().rstrip(b".")
 
 
-def parse_header(header_block: bytes) -> list[list[bytes]]:
+def parse_header(
+    header_block: bytes, fields: Iterable[tuple[bytes, bytes]] | None = None
+) -> list[list[bytes]]:
     """The header fields as dkimpy's parser sees them: [name, value] pairs.
 
+    ``fields`` is ``split_fields(header_block)`` when the caller has it (the message's
+    ``headers()``); it is reused when that is certainly the same (``header_fields``).
     Raises ``dkim.MessageFormatError`` when dkimpy could not parse the header at all.
     """
-    headers, _ = dkim.rfc822_parse(header_block + b"\r\n")
-    return cast("list[list[bytes]]", headers)
+    return header_fields(header_block, fields)
 
 
 def signature_fields(header_block: bytes, headers: list[list[bytes]] | None = None) -> list[bytes]:
@@ -203,6 +212,8 @@ def b_prefixes(values: Sequence[bytes], minimum: int = B_PREFIX_MIN) -> list[str
     the longest prefix a value shares is with a neighbour, so this is n log n even for
     a hostile number of signatures.
     """
+    if len(values) == 1:  # the usual case; the loop below would say the same
+        return [values[0][:minimum].decode("ascii", "replace")]
     distinct = sorted(set(values))
     named: dict[bytes, bytes] = {}
     for k, value in enumerate(distinct):
@@ -220,7 +231,7 @@ def _describe(index: int, value: bytes) -> SignatureResult:
     ``b`` is the whole b= here; ``DKIMCheck.run`` shortens it with ``b_prefixes``.
     """
     try:
-        tags = parse_tags(value)
+        tags, folded = parse_signature_tags(value)
     except TagListError as e:
         return SignatureResult("permerror", reason=f"signature {e}", index=index)
     b = b"".join(tags.get("b", b"").split())
@@ -230,9 +241,11 @@ def _describe(index: int, value: bytes) -> SignatureResult:
         s=_text(tags.get("s")),
         a=_text(tags.get("a")).lower(),
         b=b.decode("ascii", "replace"),
+        b_value=b,
         i=_text(tags.get("i")),
         tags=tags,
         index=index,
+        dkimpy_tags=None if folded is None else (value, folded),
     )
     if _decimal(tags.get("l", b""), _MAX_DIGITS["l"]):  # a bad l= is check_signature_tags'
         res.l = int(tags["l"])
@@ -358,16 +371,27 @@ class _Verifier(dkim.DKIM):  # type: ignore[misc]  # dkimpy is untyped
       it is a permerror.
     """
 
+    #: (field value, dkimpy's parse of it) for the next ``verify`` call, set by
+    #: ``_verify_all`` from ``SignatureResult.dkimpy_tags``; used once, and only if
+    #: the value is that of the signature ``verify`` is asked about.
+    prepared: tuple[bytes, dict[bytes, bytes]] | None = None
+
     def verify_headerprep(
         self, idx: int = 0
     ) -> tuple[dict[bytes, bytes], list[bytes], list[tuple[bytes, bytes]]]:
         sigheaders = [(n, v) for n, v in self.headers if field_name(n) == b"dkim-signature"]
         if idx >= len(sigheaders):
             raise dkim.MessageFormatError(f"no DKIM-Signature number {idx + 1}")
-        try:
-            sig = dkim.parse_tag_value(sigheaders[idx][1])
-        except dkim.util.InvalidTagValueList as e:
-            raise dkim.MessageFormatError(e) from None
+        prepared, self.prepared = self.prepared, None
+        if prepared is not None and prepared[0] == sigheaders[idx][1]:
+            # The check parsed this field already (``parse_signature_tags``): the
+            # same dict dkimpy's ``parse_tag_value`` gives, without parsing again.
+            sig = prepared[1]
+        else:
+            try:
+                sig = dkim.parse_tag_value(sigheaders[idx][1])
+            except dkim.util.InvalidTagValueList as e:
+                raise dkim.MessageFormatError(e) from None
         self.signature_fields = sig
         checked = dict(sig)
         if b"q" in sig and b"dns/txt" in (m.strip() for m in sig[b"q"].split(b":")):
@@ -431,6 +455,7 @@ def _verify_all(
             if why is not None:
                 sig.result, sig.reason, sig.tags = "permerror", why, None
                 continue
+        verifier.prepared = sig.dkimpy_tags
         try:
             ok = verifier.verify(idx=sig.index, dnsfunc=dnsfunc)
         except KeyTempError as e:
@@ -449,7 +474,7 @@ def _verify_all(
         else:
             sig.result = "pass" if ok else "fail"
             sig.reason = "signature verified" if ok else "signature did not verify"
-        sig.tags = None
+        sig.tags = sig.dkimpy_tags = None
 
 
 @dataclass
@@ -468,7 +493,8 @@ class DKIMCheck:
             return self._result(ctx, [], 0, False, start, "no message")
         header_block = msg.header_block
         try:
-            headers = parse_header(header_block)
+            fields = msg.headers() if msg.header_complete else None
+            headers = parse_header(header_block, fields)
             values = signature_fields(header_block, headers)
         except dkim.DKIMException as e:
             values = [
@@ -483,7 +509,12 @@ class DKIMCheck:
         sigs = [_describe(i, v) for i, v in enumerate(values[:limit])]
         if sigs:
             # Unique among all the message's signatures, even those past the limit.
-            named = b_prefixes([_b_value(v) for v in values])
+            # A parsed signature's b= is _b_value's answer (a test keeps them equal).
+            b_values = [
+                sigs[i].b_value if i < len(sigs) and sigs[i].tags is not None else _b_value(v)
+                for i, v in enumerate(values)
+            ]
+            named = b_prefixes(b_values)
             for sig in sigs:
                 if sig.b:
                     sig.b = named[sig.index]
