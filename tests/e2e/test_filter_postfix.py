@@ -9,7 +9,12 @@ import re
 import time
 from pathlib import Path
 
-from tests.e2e.conftest import message
+from tests.e2e.conftest import (
+    filter_mailgate,
+    load_while_killing_a_worker,
+    message,
+    wait_for_delivery,
+)
 from tests.rig.client import smtp_client
 from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.mailgate import MailgateProcess
@@ -128,3 +133,32 @@ def test_greylisting_through_the_proxy_filter_delivers_only_to_recipients_told_2
         assert "event=upstream_replay" in mg.logs()
     finally:
         mg.stop()
+
+
+def test_a_worker_killed_under_load_behind_postfix_loses_no_message_told_250(
+    tmp_path: Path,
+    postfix_filter: PostfixInstance,
+    dns_server: ZoneDNSServer,
+) -> None:
+    """Filter mode, SIGKILL of one of two workers under load: Postfix turns the sessions
+    it lost into 4xx (its before-queue proxy never queues on its own), and every message
+    a client was told 250 for is delivered, whole. A message the after-filter smtpd
+    queued just before the kill may arrive although its client heard 451: that is the
+    before-queue duplicate window, and the sender's retry makes at most one copy more."""
+    postfix_filter.clear_mail()
+    mg = filter_mailgate(
+        tmp_path / "mg-kill",
+        postfix_filter,
+        dns_server,
+        {"server": {"workers": 2, "max_connections_per_ip": 200}},
+    )
+    mg.start()
+    try:
+        load = load_while_killing_a_worker(mg, postfix_filter.listen_port)
+    finally:
+        mg.stop()
+    assert load.refused or load.cut_off, "the kill interrupted no session: nothing was tested"
+    assert len(load.told_250) > 20
+    delivered = wait_for_delivery(postfix_filter, "bob", load.told_250)
+    unannounced = set(delivered) - load.told_250
+    assert unannounced <= set(load.refused) | set(load.cut_off)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import re
-import signal
-import smtplib
-import threading
-import time
 
-from tests.e2e.conftest import StartMailgate, message
+from tests.e2e.conftest import (
+    StartMailgate,
+    load_while_killing_a_worker,
+    message,
+    wait_for_delivery,
+)
 from tests.rig.client import RawSMTP, smtp_client
 from tests.rig.dnsserver import ZoneDNSServer
 from tests.rig.postfix import PostfixInstance
@@ -104,30 +104,6 @@ def test_hundred_concurrent_sessions_nothing_lost_or_duplicated(
     assert ids == list(range(100))
 
 
-def _workers(pid: int) -> set[int]:
-    """The pids whose parent is ``pid`` (mailgate's supervisor: its workers)."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.add(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
-
-
-def _wait_workers(pid: int, n: int, other_than: set[int], within: float = 15.0) -> set[int]:
-    deadline = time.monotonic() + within
-    while True:
-        now = _workers(pid)
-        if len(now) == n and not now & other_than:
-            return now
-        assert time.monotonic() < deadline, f"workers of {pid}: {now}"
-        time.sleep(0.05)
-
-
 def test_a_worker_killed_under_load_loses_no_message_it_answered_250(
     front: StartMailgate, mailbox_reset: PostfixInstance
 ) -> None:
@@ -136,64 +112,13 @@ def test_a_worker_killed_under_load_loses_no_message_it_answered_250(
     a client was told 250 for is in the mailbox, whole. Nothing half-received reaches
     Postfix: it queues only at the final dot, which mailgate sends last."""
     mg = front({"server": {"workers": 2, "max_connections_per_ip": 200}})
-    assert mg.proc is not None
-    first = _wait_workers(mg.proc.pid, 2, set())
-    told_250: set[str] = set()
-    cut_off: list[str] = []
-    refused: list[str] = []  # any other reply: the message must not be delivered
-    stop = threading.Event()
-
-    def sender(t: int) -> None:
-        n = 0
-        while not stop.is_set():
-            mid = f"k{t}x{n}"
-            n += 1
-            body = "".join(f"line {i} of {mid}\r\n" for i in range(40)) + f"end of {mid}\r\n"
-            try:
-                with smtp_client(
-                    "127.0.0.1", mg.smtp_port, source_ip=f"127.0.2.{t + 1}", timeout=30
-                ) as c:
-                    c.ehlo(f"host{t}.sender.example")
-                    c.mail(f"sender{t}@example.org")
-                    c.rcpt("bob@example.test")
-                    code, _ = c.data(message(f"kill {mid}", body=body, msgid=mid))
-            except (OSError, smtplib.SMTPException):
-                cut_off.append(mid)  # the killed worker's sessions: no 250 heard
-                continue
-            (told_250.add if code == 250 else refused.append)(mid)
-
-    threads = [threading.Thread(target=sender, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    try:
-        time.sleep(0.5)
-        victim = min(first)
-        os.kill(victim, signal.SIGKILL)
-        _wait_workers(mg.proc.pid, 2, {victim})  # restarted; the other one served on
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        for th in threads:
-            th.join(60)
-    assert cut_off, "the kill interrupted no session: nothing was tested"
-    assert len(told_250) > 20
-    deadline = time.monotonic() + 60
-    while True:
-        delivered = {
-            m.group(1).decode(): msg
-            for msg in mailbox_reset.messages("bob")
-            if (m := re.search(rb"Message-ID: <(k\d+x\d+)@", msg))
-        }
-        missing = told_250 - set(delivered)
-        if not missing or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert not missing, f"told 250 but not delivered: {sorted(missing)[:10]}"
-    for mid, msg in delivered.items():
-        assert f"end of {mid}".encode() in msg, f"{mid} delivered cut short"
+    load = load_while_killing_a_worker(mg, mg.smtp_port)
+    assert load.cut_off, "the kill interrupted no session: nothing was tested"
+    assert len(load.told_250) > 20
+    delivered = wait_for_delivery(mailbox_reset, "bob", load.told_250)
     # Delivered without a 250 only when the worker died between Postfix's 250 and ours.
-    assert not set(refused) & set(delivered)
-    assert set(delivered) <= told_250 | set(cut_off)
+    assert not set(load.refused) & set(delivered)
+    assert set(delivered) <= load.told_250 | set(load.cut_off)
 
 
 def test_upstream_down_never_250(front: StartMailgate, mailbox_reset: PostfixInstance) -> None:
