@@ -9,13 +9,10 @@ already has; each shortcut beside the slower path it replaces, compared on many 
 
 from __future__ import annotations
 
-import base64
 import random
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from filter.checks.dkim import _b_value, _describe, _Verifier, _verify_all, signature_fields
 from filter.dkimkeys import (
@@ -32,6 +29,7 @@ from filter.dkimkeys import (
     rfc822_parse,
 )
 from filter.headers import split_fields
+from tests.rig.dkimkeys import rsa_dkim_key
 
 
 def _reference_parse_tags(value: bytes) -> dict[str, bytes]:
@@ -129,16 +127,8 @@ _MESSAGE = (
 
 @pytest.fixture(scope="module")
 def signed() -> tuple[bytes, dict[bytes, KeyLookup]]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    pem, text_record = rsa_dkim_key(1024)
+    record = text_record.encode()
     message = bytes(dkim.sign(_MESSAGE, b"sel", b"example.test", pem)) + _MESSAGE
     return message, {b"sel._domainkey.example.test": KeyLookup("ok", record)}
 
