@@ -386,10 +386,7 @@ def _parsed_tags(value: bytes) -> _Parsed:
     except InvalidTagValueList:
         folded = None
     if folded is not None and b"\n" not in b"".join(folded):  # names unchanged: no duplicate
-        tags = tuple(
-            (k.decode("ascii", "replace"), _unfold(v) if b"\n" in v else v)
-            for k, v in folded.items()
-        )
+        tags = tuple((k.decode("ascii", "replace"), _unfold(v)) for k, v in folded.items())
         return tags, tuple(folded.items())
     try:
         raw = parse_tag_list(_unfold(value))
